@@ -1,0 +1,5 @@
+"""Client-side trainers."""
+
+from fedfleet.client.torch_trainer import OPTIMIZERS, TorchTrainer
+
+__all__ = ["OPTIMIZERS", "TorchTrainer"]

@@ -1,0 +1,211 @@
+"""A plain PyTorch trainer: your ``nn.Module``, a loss, and data as tensors.
+
+One instance serves every simulated client: the model's exchanged params are views into a flat buffer
+(:func:`bind_module`), so loading the global model is one copy, plain SGD is one fused op per dtype on the
+flat grad buffer, and the delta is one subtraction into a reused buffer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fedfleet.core.fit_config import FitConfig
+from fedfleet.core.params import FlatParams, Selector, bind_grads, bind_module
+from fedfleet.core.update import Update
+from fedfleet.errors import ConfigError, TrainingDivergedError
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "adagrad": torch.optim.Adagrad,
+    "rmsprop": torch.optim.RMSprop,
+}
+
+
+class TorchTrainer:
+    """Local training of ``model`` with ``loss`` on a party's ``(x, y)`` tensors.
+
+    ``optimizer``: a name in ``OPTIMIZERS``; it is created afresh for each ``fit`` (clients of a
+    simulation do not share optimizer state). Plain SGD (with momentum / weight decay) runs on the flat
+    buffers directly when every trainable parameter is exchanged.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: nn.Module | Callable[[Tensor, Tensor], Tensor] | None = None,
+        *,
+        optimizer: str = "sgd",
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        exchange: Selector = "all",
+        device: str | torch.device = "cpu",
+        data: Any = None,
+        eval_batch_size: int = 1024,
+    ) -> None:
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+        if momentum < 0 or weight_decay < 0:
+            raise ConfigError("momentum and weight_decay must be >= 0")
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.loss = loss if loss is not None else nn.CrossEntropyLoss()
+        self.optimizer = optimizer
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.data = data
+        self.eval_batch_size = eval_batch_size
+        self.params = bind_module(self.model, exchange)
+        self.grads = bind_grads(self.model, self.params)
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        self._flat_sgd = optimizer == "sgd" and trainable <= set(self.params.spec.names)
+        self._delta = self.params.zeros_like()
+
+    # -- Trainer protocol ---------------------------------------------------------------------
+    def fit(self, params: FlatParams, config: FitConfig, data: Any = None) -> Update:
+        data = self._data(data)
+        n = len(data.y)
+        if n == 0:
+            raise ValueError("cannot train on a client with no examples")
+        self.params.copy_(params)  # load the global model: one copy per dtype
+        metrics: dict[str, float] = {}
+        if config.report_initial_loss:
+            metrics["initial_loss"] = self._mean_loss(data)
+        self.model.train()
+        step = self._make_step(params, config)
+        gen = torch.Generator().manual_seed(config.seed)
+        total_loss = torch.zeros((), device=self.device)
+        steps = 0
+        samples = 0
+        for xb, yb in iterate_batches(data, config, gen):
+            self.grads.zero_()
+            loss = self.loss(self.model(xb), yb)
+            loss.backward()
+            step()
+            total_loss += loss.detach() * len(yb)
+            samples += len(yb)
+            steps += 1
+        mean_loss = float(total_loss) / max(samples, 1)  # one sync per fit, not per step
+        check_finite_loss(mean_loss, config)
+        for d, buf in self._delta.buffers.items():
+            torch.sub(self.params.buffers[d], params.buffers[d], out=buf)
+        metrics.update(train_loss=mean_loss, samples=float(samples), steps=float(steps))
+        return Update(self._delta, weight=float(n), metrics=metrics)
+
+    @torch.no_grad()
+    def evaluate(self, params: FlatParams, data: Any = None) -> dict[str, float]:
+        data = self._data(data)
+        self.params.copy_(params)
+        self.model.eval()
+        loss_sum, correct, count = 0.0, 0, 0
+        for start in range(0, len(data.y), self.eval_batch_size):
+            xb = data.x[start : start + self.eval_batch_size]
+            yb = data.y[start : start + self.eval_batch_size]
+            out = self.model(xb)
+            loss_sum += float(self.loss(out, yb)) * len(yb)
+            if out.dim() == 2 and not yb.is_floating_point():
+                correct += int((out.argmax(dim=1) == yb).sum())
+            count += len(yb)
+        metrics = {"loss": loss_sum / max(count, 1), "examples": float(count)}
+        if correct or (out.dim() == 2 and not yb.is_floating_point()):
+            metrics["accuracy"] = correct / max(count, 1)
+        return metrics
+
+    # -- internals ----------------------------------------------------------------------------
+    def _data(self, data: Any) -> Any:
+        data = data if data is not None else self.data
+        if data is None:
+            raise ValueError("no data: pass data= to the trainer or to fit()/evaluate()")
+        return data
+
+    @torch.no_grad()
+    def _mean_loss(self, data: Any) -> float:
+        self.model.eval()
+        total = 0.0
+        for start in range(0, len(data.y), self.eval_batch_size):
+            xb, yb = data.x[start : start + self.eval_batch_size], data.y[start : start + self.eval_batch_size]
+            total += float(self.loss(self.model(xb), yb)) * len(yb)
+        return total / len(data.y)
+
+    def _make_step(self, global_params: FlatParams, config: FitConfig) -> Callable[[], None]:
+        """The optimizer step for one fit, with FedProx's proximal gradient mu * (w - w_global) folded in."""
+        mu = config.proximal_mu
+        pairs = [(self.params.buffers[d], self.grads.buffers[d], global_params.buffers[d]) for d in self.params.buffers]
+
+        def add_proximal() -> None:
+            for w, g, w0 in pairs:
+                g.add_(w - w0, alpha=mu)
+
+        if self._flat_sgd:
+            lr, wd, beta = config.lr, self.weight_decay, self.momentum
+            moms = [torch.zeros_like(w) for w, _, _ in pairs] if beta else []
+
+            @torch.no_grad()
+            def flat_step() -> None:
+                if mu:
+                    add_proximal()
+                for i, (w, g, _) in enumerate(pairs):
+                    if wd:
+                        g.add_(w, alpha=wd)
+                    if beta:
+                        g = moms[i].mul_(beta).add_(g)
+                    w.add_(g, alpha=-lr)
+
+            return flat_step
+
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        kwargs: dict[str, float] = {"lr": config.lr, "weight_decay": self.weight_decay}
+        if self.optimizer in ("sgd", "rmsprop"):
+            kwargs["momentum"] = self.momentum
+        opt = OPTIMIZERS[self.optimizer](trainable, **kwargs)
+
+        def torch_step() -> None:
+            if mu:
+                with torch.no_grad():
+                    add_proximal()
+            opt.step()
+            for p in trainable:  # params outside the flat buffer keep ordinary grads
+                if p.grad is not None and not _is_view_of(p.grad, self.grads):
+                    p.grad = None
+
+        return torch_step
+
+
+def check_finite_loss(mean_loss: float, config: FitConfig) -> None:
+    if not math.isfinite(mean_loss):
+        raise TrainingDivergedError(
+            f"the local loss became {mean_loss} in round {config.round + 1} (client.lr={config.lr}): training "
+            f"diverged; lower the learning rate (client.lr) or check the data for NaN/inf values"
+        )
+
+
+def _is_view_of(t: Tensor, flat: FlatParams) -> bool:
+    return any(t.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() for b in flat.buffers.values())
+
+
+def iterate_batches(data: Any, config: FitConfig, gen: torch.Generator):
+    """Shuffled mini-batches: ``epochs`` passes, or exactly ``steps`` batches when ``steps`` is set.
+
+    The permutation comes from ``gen`` alone, so the cohort-vectorised runtime can reproduce it exactly.
+    """
+    for idx in batch_indices(len(data.y), config, gen, data.y.device):
+        yield data.x[idx], data.y[idx]
+
+
+def batch_indices(n: int, config: FitConfig, gen: torch.Generator, device: torch.device):
+    """Index tensors of the shuffled batches. ``gen`` is a CPU generator so every device draws the same order."""
+    bs = config.batch_size
+    left = config.steps if config.steps is not None else config.epochs * -(-n // bs)
+    while left > 0:
+        perm = torch.randperm(n, generator=gen).to(device, non_blocking=True)
+        for start in range(0, n, bs):
+            if left == 0:
+                return
+            left -= 1
+            yield perm[start : start + bs]

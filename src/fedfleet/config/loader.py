@@ -1,0 +1,167 @@
+"""Parse plain dicts (from YAML) into frozen dataclasses, once, at the edge.
+
+Every problem becomes a :class:`ConfigError` that names the full key path (``client.lr``), what is wrong and
+the fix, before any work starts: unknown keys (with a did-you-mean), wrong types, values a dataclass's
+``__post_init__`` rejects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import yaml
+
+from fedfleet.errors import ConfigError
+from fedfleet.registry import did_you_mean
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Named:
+    """A ``{name: ..., <params>}`` section: an entry of a registry plus its keyword parameters.
+
+    The params are checked against the registered entry's signature by the code that builds it.
+    """
+
+    name: str
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def parse(cls: type[T], data: Any, where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data`` (a dict), recursively, with precise errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'the job'}: expected a mapping of keys, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(
+                f"{_join(where, str(key))}: unknown key{did_you_mean(str(key), list(fields))}; "
+                f"valid keys here: {', '.join(fields)}"
+            )
+    kwargs = {key: _convert(hints[key], value, _join(where, key)) for key, value in data.items()}
+    missing = [n for n, f in fields.items() if n not in kwargs and _required(f)]
+    if missing:
+        raise ConfigError(f"{where or 'the job'}: missing required key {missing[0]!r}")
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"{where or 'the job'}: {exc}") from None
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _convert(option, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if hint is Named:
+        return _named(value, where)
+    if dataclasses.is_dataclass(hint):
+        return parse(hint, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return origin(_convert(args[0] if args else Any, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    return _scalar(hint, value, where)
+
+
+def _scalar(hint: Any, value: Any, where: str) -> Any:
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if typing.get_origin(hint) is typing.Literal:
+        if value not in typing.get_args(hint):
+            choices = ", ".join(repr(a) for a in typing.get_args(hint))
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}")
+        return value
+    return value
+
+
+def _named(value: Any, where: str) -> Named:
+    if isinstance(value, str):
+        return Named(value)
+    if not isinstance(value, dict) or "name" not in value:
+        raise ConfigError(f"{where}: expected a name or a mapping with a 'name' key, got {value!r}")
+    params = {k: v for k, v in value.items() if k != "name"}
+    if not isinstance(value["name"], str):
+        raise ConfigError(f"{where}.name: expected a string, got {value['name']!r}")
+    return Named(value["name"], params)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``--set client.lr=0.05 --set strategy.name=fedyogi``: dotted keys, values parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set client.lr=0.05")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif isinstance(child, str):  # a short-form named section such as `strategy: fedavg`
+                child = node[part] = {"name": child}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"job file {str(path)!r} does not exist; see examples/ for job files to start from")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the job must be a mapping of keys (name:, data:, model:, ...)")
+    return data

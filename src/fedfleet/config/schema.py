@@ -1,0 +1,112 @@
+"""The typed job configuration (one YAML file per job). Defaults are the embedded demo.
+
+Values are checked here (ranges, choices); names of registered things (datasets, models, strategies) and
+their parameters are checked when the job is built, still before any work starts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fedfleet.config.loader import Named
+
+
+def _positive(name: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Named = field(default_factory=lambda: Named("digits"))  # digits | mnist5k | csv | npz | synthetic
+    test_fraction: float = 0.2  # held out for central evaluation (stratified, seeded)
+    clients: int | None = 100  # virtual clients; None with the `natural` partition (one per user key)
+    # iid | dirichlet (alpha) | shards (shards_per_client) | natural (by the dataset's user keys)
+    partition: Named = field(default_factory=lambda: Named("dirichlet", {"alpha": 0.5}))
+
+    def __post_init__(self) -> None:
+        _positive("data.clients", self.clients)
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ValueError(f"data.test_fraction must be in [0, 1), got {self.test_fraction}")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Local training on each selected client."""
+
+    epochs: int = 1
+    steps: int | None = None  # exactly this many SGD steps instead of epochs
+    batch_size: int = 10
+    lr: float = 0.05
+    optimizer: str = "sgd"  # sgd | adam | adamw | adagrad | rmsprop
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("client.epochs", self.epochs)
+        _positive("client.steps", self.steps)
+        _positive("client.batch_size", self.batch_size)
+        if self.lr <= 0:
+            raise ValueError(f"client.lr must be > 0, got {self.lr}; a typical value is 0.01 to 0.1 for SGD")
+        _positive("client.momentum", self.momentum, allow_zero=True)
+        _positive("client.weight_decay", self.weight_decay, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    kind: Literal["simulation"] = "simulation"
+    vectorize: Literal["auto", "on", "off"] = "auto"  # train the whole cohort at once with torch.func.vmap
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ValueError(f"runtime.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    metric: str = "test_accuracy"
+    mode: Literal["max", "min"] = "max"
+    patience: int = 10  # evaluations without improvement
+    min_delta: float = 0.0
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs"  # the run lands in <dir>/<name>/
+    checkpoint_every: int = 10  # rounds; the last round is always saved
+    tensorboard: bool = True
+    progress: bool = True
+    early_stopping: EarlyStoppingConfig | None = None
+
+    def __post_init__(self) -> None:
+        _positive("output.checkpoint_every", self.checkpoint_every)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str = "digits-fedavg"
+    seed: int = 0
+    rounds: int = 60
+    cohort: int = 10  # clients selected per round
+    eval_every: int = 5  # central evaluation every k rounds and after the last; 0 = never
+    selector: Named = field(default_factory=lambda: Named("uniform"))
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Named = field(default_factory=lambda: Named("simple_cnn", {"padding": 1}))
+    strategy: Named = field(default_factory=lambda: Named("fedavg"))
+    client: ClientConfig = field(default_factory=ClientConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise ValueError(f"name {self.name!r} must be letters, digits, '.', '_' or '-' (it names the run folder)")
+        _positive("rounds", self.rounds)
+        _positive("cohort", self.cohort)
+        _positive("eval_every", self.eval_every, allow_zero=True)
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")

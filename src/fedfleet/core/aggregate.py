@@ -1,0 +1,54 @@
+"""Streaming aggregation: a running weighted sum, so server memory is O(model) for any number of updates."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from fedfleet.core.params import FlatParams
+from fedfleet.core.update import Aggregate, Update
+
+
+class Aggregator(Protocol):
+    def add(self, update: Update) -> None: ...
+
+    def finish(self) -> Aggregate: ...
+
+
+class MetricMean:
+    """Weighted running means of the scalar metrics clients report."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._weights: dict[str, float] = {}
+
+    def add(self, metrics: dict[str, float], weight: float) -> None:
+        for key, value in metrics.items():
+            self._sums[key] = self._sums.get(key, 0.0) + weight * float(value)
+            self._weights[key] = self._weights.get(key, 0.0) + weight
+
+    def means(self) -> dict[str, float]:
+        return {k: s / self._weights[k] for k, s in self._sums.items() if self._weights[k] > 0}
+
+
+class WeightedMean:
+    """sum_k w_k * x_k / sum_k w_k, folded one update at a time (one fused multiply-add per dtype)."""
+
+    def __init__(self, like: FlatParams) -> None:
+        self._sum = like.zeros_like()
+        self._weight = 0.0
+        self._count = 0
+        self._metrics = MetricMean()
+
+    def add(self, update: Update) -> None:
+        if update.weight < 0:
+            raise ValueError(f"update weight must be >= 0, got {update.weight}")
+        self._sum.add_(update.params, alpha=float(update.weight))
+        self._weight += float(update.weight)
+        self._count += 1
+        self._metrics.add(update.metrics, float(update.weight))
+
+    def finish(self) -> Aggregate:
+        if self._count == 0 or self._weight <= 0:
+            raise ValueError("no update with positive weight to aggregate")
+        self._sum.mul_(1.0 / self._weight)
+        return Aggregate(self._sum, self._weight, self._count, self._metrics.means())

@@ -1,0 +1,63 @@
+"""The run folder ``<output.dir>/<name>/``: config, metrics, TensorBoard events, checkpoint, status.
+
+``status.json`` says what the folder holds (running, finished, interrupted, failed), so a crashed or
+interrupted run never looks like a finished one, and re-running a name never silently overwrites results.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from fedfleet.core.serialize import fsync_replace
+from fedfleet.errors import ConfigError
+
+STATUS = "status.json"
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def prepare(cls, base: str | Path, name: str, *, resume: bool = False, overwrite: bool = False) -> RunDir:
+        path = Path(base) / name
+        run = cls(path)
+        status = run.status()
+        if resume:
+            if not (path / CHECKPOINT).is_file():
+                raise ConfigError(f"--resume: {path} holds no checkpoint to resume from; run without --resume")
+            return run
+        if path.exists() and any(path.iterdir()):
+            if not overwrite:
+                state = status.get("state", "unknown")
+                hint = "--resume to continue it, " if (path / CHECKPOINT).is_file() and state != "finished" else ""
+                raise ConfigError(
+                    f"{path} already holds a run ({state}); pass {hint}--overwrite to replace it, "
+                    f"or --set name=<another name>"
+                )
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        return run
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / STATUS).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write_status(self, state: str, **info: Any) -> None:
+        self.write_json(STATUS, {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
+
+    def write_json(self, name: str, data: dict[str, Any]) -> None:
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
+        fsync_replace(tmp, self.path / name)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT

@@ -43,12 +43,13 @@ class Registry(Generic[T]):
         self._entries[key] = entry
 
     def get(self, name: str) -> T:
+        """An entry by name, or by import path ``package.module:attribute`` for users' own code."""
+        if ":" in name:
+            return _import_entry(name, self.kind)
         key = name.lower()
         if key not in self._entries:
             known = sorted(self._entries)
-            raise ConfigError(
-                f"unknown {self.kind} {name!r}{did_you_mean(key, known)}; known: {', '.join(known)}"
-            )
+            raise ConfigError(f"unknown {self.kind} {name!r}{did_you_mean(key, known)}; known: {', '.join(known)}")
         return self._entries[key]
 
     def names(self) -> list[str]:
@@ -59,6 +60,21 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def _import_entry(path: str, kind: str):
+    import importlib
+
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"{kind} {path!r}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?"
+        ) from None
+    if not hasattr(module, attr):
+        raise ConfigError(f"{kind} {path!r}: module {module_name!r} has no attribute {attr!r}")
+    return getattr(module, attr)
 
 
 def construct(factory: Callable[..., T], params: dict, what: str) -> T:

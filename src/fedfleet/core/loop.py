@@ -22,6 +22,7 @@ from fedfleet.core.clock import VirtualClock
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
 from fedfleet.core.seeding import SELECT
+from fedfleet.core.signals import deferred_interrupt
 from fedfleet.core.update import Aggregate, Update
 
 
@@ -128,8 +129,6 @@ class RoundLoop:
         try:
             while self.round < self.config.rounds and not self._stop:
                 record = self.run_round(self.round)
-                self.round += 1
-                self.history.append(record)
                 for cb in self.callbacks:
                     cb.on_round_end(self, record)
             status = "stopped" if self._stop and self.round < self.config.rounds else "finished"
@@ -142,6 +141,7 @@ class RoundLoop:
         return self.history
 
     def run_round(self, rnd: int) -> RoundRecord:
+        """Train, fold and commit round ``rnd``; afterwards ``self.round == rnd + 1``."""
         wall = time.perf_counter()
         clients = self.selector.select(self.runtime.population, self.config.cohort, rnd, self.config.seed + SELECT)
         config = self.strategy.configure_fit(dataclasses.replace(self.fit_config, round=rnd, seed=self.config.seed))
@@ -154,13 +154,18 @@ class RoundLoop:
             slowest = max(slowest, latency)
             aggregator.add(update)
         aggregate = aggregator.finish()
-        self.strategy.server_step(self.global_params, aggregate, self.state)
-        if not self.global_params.isfinite():
-            raise FloatingPointError(f"round {rnd}: the global params became NaN/inf after the server step")
         metrics = {f"train_{k}" if not k.startswith("train_") else k: v for k, v in aggregate.metrics.items()}
-        metrics.update(clients=float(aggregate.count), sim_round_s=slowest, sim_time_s=self.clock.advance(slowest))
-        last = rnd == self.config.rounds - 1
-        if self.config.eval_every and ((rnd + 1) % self.config.eval_every == 0 or last):
-            metrics.update({f"test_{k}": v for k, v in self.runtime.evaluate(self.global_params).items()})
-        metrics["wall_s"] = time.perf_counter() - wall
-        return RoundRecord(rnd, metrics)
+        metrics.update(clients=float(aggregate.count), sim_round_s=slowest)
+        with deferred_interrupt():  # the commit: a Ctrl-C here waits, so no round is ever half-applied
+            self.strategy.server_step(self.global_params, aggregate, self.state)
+            if not self.global_params.isfinite():
+                raise FloatingPointError(f"round {rnd}: the global params became NaN/inf after the server step")
+            metrics["sim_time_s"] = self.clock.advance(slowest)
+            last = rnd == self.config.rounds - 1
+            if self.config.eval_every and ((rnd + 1) % self.config.eval_every == 0 or last):
+                metrics.update({f"test_{k}": v for k, v in self.runtime.evaluate(self.global_params).items()})
+            metrics["wall_s"] = time.perf_counter() - wall
+            record = RoundRecord(rnd, metrics)
+            self.round = rnd + 1
+            self.history.append(record)
+        return record

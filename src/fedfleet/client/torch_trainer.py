@@ -103,18 +103,19 @@ class TorchTrainer:
         data = self._data(data)
         self.params.copy_(params)
         self.model.eval()
-        loss_sum, correct, count = 0.0, 0, 0
+        loss_sum, correct, count, classification = 0.0, 0, 0, False
         for start in range(0, len(data.y), self.eval_batch_size):
             xb = data.x[start : start + self.eval_batch_size]
             yb = data.y[start : start + self.eval_batch_size]
             out = self.model(xb)
             loss_sum += float(self.loss(out, yb)) * len(yb)
-            if out.dim() == 2 and not yb.is_floating_point():
+            classification = out.dim() == 2 and not yb.is_floating_point()
+            if classification:
                 correct += int((out.argmax(dim=1) == yb).sum())
             count += len(yb)
         metrics = {"loss": loss_sum / max(count, 1), "examples": float(count)}
-        if correct or (out.dim() == 2 and not yb.is_floating_point()):
-            metrics["accuracy"] = correct / max(count, 1)
+        if classification:
+            metrics["accuracy"] = correct / count
         return metrics
 
     # -- internals ----------------------------------------------------------------------------

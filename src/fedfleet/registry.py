@@ -77,17 +77,20 @@ def _import_entry(path: str, kind: str):
     return getattr(module, attr)
 
 
-def construct(factory: Callable[..., T], params: dict, what: str) -> T:
+def construct(
+    factory: Callable[..., T], params: dict, what: str, signature_of: Callable | None = None, skip: int = 0
+) -> T:
     """Call ``factory(**params)``, turning an unknown or missing keyword into a ConfigError that names it.
 
     Works for dataclasses and plain functions alike (it reads the signature), so every registry entry gets
-    the same "unknown key 'lrr' for strategy fedavg (did you mean 'lr'?)" message.
+    the same "unknown key 'lrr' for strategy fedavg (did you mean 'lr'?)" message. ``signature_of`` and
+    ``skip`` describe a wrapped function whose first ``skip`` parameters the caller supplies itself.
     """
     import inspect
 
-    sig = inspect.signature(factory)
+    sig = inspect.signature(signature_of or factory)
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    known = [n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    known = [n for n, p in list(sig.parameters.items())[skip:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     if not accepts_any:
         for key in params:
             if key not in known:

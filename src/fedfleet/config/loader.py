@@ -113,6 +113,8 @@ def _scalar(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     if typing.get_origin(hint) is typing.Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(hint)):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in typing.get_args(hint):
             choices = ", ".join(repr(a) for a in typing.get_args(hint))
             raise ConfigError(f"{where}: {value!r} is not one of {choices}")

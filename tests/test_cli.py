@@ -52,8 +52,12 @@ def test_help_explains_every_command(tmp_path):
         ("client: {lr: -0.1}\n", [], "client.lr must be > 0"),
         ("", ["--set", "cohort=500"], "cohort 500 is larger than the 100 clients"),
         ("data: {dataset: {name: csv, path: /nonexistent/x.csv}}\n", [], "/nonexistent/x.csv"),
-        ("strategy: {name: fedavg, server_lrr: 1}\n", [], "did you mean 'server_lr'"),
-        ("model: {name: tests.wrong_model:five_outputs}\n", [], "outputs shape (5,) per example but the dataset has 10"),
+        ("strategy: {name: fedyogi, server_lrr: 1}\n", [], "did you mean 'server_lr'"),
+        (
+            "model: {name: tests.wrong_model:five_outputs}\n",
+            [],
+            "outputs shape (5,) per example but the dataset has 10",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, text, overrides, message):
@@ -101,9 +105,21 @@ def test_ctrl_c_saves_the_last_round_and_resume_gives_the_same_model(tmp_path):
     path = job(tmp_path)
     run = tmp_path / "runs" / "t"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedfleet.cli.main", "simulate", str(path), *rounds, "--quiet",
-         "--set", "output.checkpoint_every=1000"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fedfleet.cli.main",
+            "simulate",
+            str(path),
+            *rounds,
+            "--quiet",
+            "--set",
+            "output.checkpoint_every=1000",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -57,7 +57,7 @@ def test_zero_deltas_leave_the_model_unchanged(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_layout_dtypes_and_finiteness_are_kept(name):
-    w, state = run(name, updates())
+    w, _ = run(name, updates())
     assert w.spec == params(0).spec
     assert {d: b.dtype for d, b in w.buffers.items()} == {torch.float32: torch.float32, torch.float64: torch.float64}
     assert w.isfinite()

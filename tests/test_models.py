@@ -24,7 +24,7 @@ def test_simple_cnn_has_pfl_research_parameter_count_on_cifar():
 
 
 def test_errors_for_unknown_kwargs_and_small_inputs():
-    with pytest.raises(ConfigError, match="unknown key 'paddin'.*did you mean 'padding'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'paddin'.*did you mean 'padding'"):
         build_model("simple_cnn", (1, 8, 8), 10, paddin=1)
     with pytest.raises(ConfigError, match="too small for padding 0; use padding: 1"):
         build_model("simple_cnn", (1, 8, 8), 10)

@@ -73,7 +73,10 @@ def main() -> None:
     p99_ms = 1e3 * float(np.percentile(times, 99))
 
     print(f"{federation.num_clients:,} clients registered in {register_s:.2f} s")
-    print(f"memory beyond the data: {beyond_data / 2**20:.0f} MiB ({after_free / 2**20:.0f} MiB once the caller drops its copy)")
+    print(
+        f"memory beyond the data: {beyond_data / 2**20:.0f} MiB "
+        f"({after_free / 2**20:.0f} MiB once the caller drops its copy)"
+    )
     print(f"selection + configuration of {args.cohort}: median {per_round_ms:.2f} ms, p99 {p99_ms:.2f} ms per round")
     print(
         json.dumps(

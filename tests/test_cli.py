@@ -143,3 +143,19 @@ def test_ctrl_c_saves_the_last_round_and_resume_gives_the_same_model(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == list(range(1, 31))
+
+
+def test_the_demo_job_reaches_90_percent(tmp_path):
+    root = Path(__file__).parent.parent
+    out = fedfleet(
+        "simulate",
+        str(root / "examples" / "digits_fedavg.yaml"),
+        "--set",
+        f"output.dir={tmp_path}",
+        "--quiet",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    accuracy = float(last.split(": ")[1].split("%")[0]) / 100
+    assert accuracy >= 0.90, last

@@ -80,9 +80,21 @@ def main() -> None:
     extrapolated = "" if seq_rounds == rounds else f" (timed on {seq_rounds} rounds, extrapolated)"
     print(f"sequential : {t_seq:8.2f} s{extrapolated}")
     print(f"speed-up   : {t_seq / t_vec:8.2f}x; max |w_vec - w_seq| = {diff:.2e}")
-    print(json.dumps({"benchmark": "vectorized", "device": str(device), "clients": clients, "cohort": cohort,
-                      "rounds": rounds, "vectorized_s": round(t_vec, 3), "sequential_s": round(t_seq, 3),
-                      "speedup": round(t_seq / t_vec, 3), "max_abs_diff": diff}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "vectorized",
+                "device": str(device),
+                "clients": clients,
+                "cohort": cohort,
+                "rounds": rounds,
+                "vectorized_s": round(t_vec, 3),
+                "sequential_s": round(t_seq, 3),
+                "speedup": round(t_seq / t_vec, 3),
+                "max_abs_diff": diff,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

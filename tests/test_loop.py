@@ -25,6 +25,9 @@ class ScriptedRuntime:
             delta = FlatParams.from_tensors({"w": torch.full((2,), float(c))})
             yield Update(delta, weight=c + 1.0, metrics={"loss": float(c)}, client_id=int(c))
 
+    def round_metrics(self):
+        return {}
+
     def evaluate(self, global_params):
         return {"sum": float(global_params.buffers[torch.float32].sum())}
 

@@ -11,43 +11,18 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
+from fedfleet.assemble import build_parts, fit_config, resolve_device
 from fedfleet.client import TorchTrainer
 from fedfleet.config.schema import JobConfig
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.loop import Callback, LoopConfig, RoundLoop, RoundRecord
-from fedfleet.data import FederatedDataset, load_dataset, partition, train_test_split
-from fedfleet.errors import ConfigError, DataError
-from fedfleet.models import build_model
-from fedfleet.registry import construct
+from fedfleet.data import FederatedDataset
+from fedfleet.errors import ConfigError
 from fedfleet.runtime.sim import make_runtime
 from fedfleet.select import build_selector
 from fedfleet.strategy import Strategy, build_strategy
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"runtime.device is {name!r} but no CUDA device is available; use runtime.device: cpu")
-    return device
-
-
-def check_model_output(model: nn.Module, x: torch.Tensor, num_classes: int, model_name: str) -> None:
-    """One forward pass on two examples, so a mismatch is an error now, not a crash in round 1."""
-    with torch.no_grad():
-        try:
-            out = model(x[:2])
-        except RuntimeError as exc:
-            raise DataError(f"model {model_name!r} cannot take inputs of shape {tuple(x.shape[1:])}: {exc}") from None
-    if out.dim() != 2 or out.shape[1] != num_classes:
-        raise DataError(
-            f"model {model_name!r} outputs shape {tuple(out.shape[1:])} per example but the dataset has "
-            f"{num_classes} classes; make its last layer output {num_classes} values"
-        )
 
 
 @dataclasses.dataclass
@@ -100,41 +75,16 @@ class Simulation:
     def from_config(cls, job: JobConfig, callbacks: list[Callback] | tuple[Callback, ...] = ()) -> Simulation:
         strategy = build_strategy(job.strategy.name, **job.strategy.params)
         selector = build_selector(job.selector.name, **job.selector.params)
-        device = resolve_device(job.runtime.device)
-        dataset = load_dataset(job.data.dataset.name, **job.data.dataset.params)
-        train, test = train_test_split(dataset, job.data.test_fraction, job.seed)
-        parts = partition(
-            job.data.partition.name,
-            train.keys if job.data.partition.name == "natural" else train.y.numpy(),
-            job.data.clients,
-            job.seed,
-            **job.data.partition.params,
-        )
-        federation = FederatedDataset.from_partition(train.x, train.y, parts, dataset.num_classes).to(device)
+        parts = build_parts(job)
+        federation, trainer = parts.federation, parts.trainer
         if job.cohort > federation.num_clients:
             raise ConfigError(
                 f"cohort {job.cohort} is larger than the {federation.num_clients} clients; "
                 f"lower cohort or raise data.clients"
             )
-        torch.manual_seed(job.seed)  # the initial global model is part of the seeded run
-        model = build_model(job.model.name, dataset.input_shape, dataset.num_classes, **job.model.params)
-        check_model_output(model, train.x, dataset.num_classes, job.model.name)
-        trainer = construct(
-            TorchTrainer,
-            {
-                "model": model,
-                "optimizer": job.client.optimizer,
-                "momentum": job.client.momentum,
-                "weight_decay": job.client.weight_decay,
-                "device": device,
-            },
-            "client",
-        )
-        test_data = test.to(device) if len(test.y) else None
+        test_data = parts.test.to(parts.device) if len(parts.test.y) else None
         runtime = make_runtime(trainer, federation, test_data, job.runtime.vectorize)
-        fit = FitConfig(
-            epochs=job.client.epochs, steps=job.client.steps, batch_size=job.client.batch_size, lr=job.client.lr
-        )
+        fit = fit_config(job)
         loop = RoundLoop(
             strategy,
             runtime,

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from fedfleet import __version__
+from fedfleet.cli.certs import add_certs_parser
+from fedfleet.cli.local import add_local_parser
 from fedfleet.errors import UserError
 
 EPILOG = """\
@@ -16,6 +18,29 @@ examples:
   fedfleet simulate examples/digits_fedavg.yaml --set client.lr=0.1 --set strategy.name=fedyogi
   fedfleet simulate job.yaml --resume            # continue an interrupted run from its last checkpoint
   fedfleet list                                  # registered strategies, models, datasets, ...
+
+deployed (one arbiter and data-owner parties over gRPC with mutual TLS):
+  fedfleet certs init certs && fedfleet certs issue certs arbiter
+  fedfleet certs issue certs guest-9999 && fedfleet certs issue certs host-10000
+  fedfleet arbiter examples/digits_grpc.yaml                              # terminal 1
+  fedfleet party examples/digits_grpc.yaml --role guest --party-id 9999   # terminal 2
+  fedfleet party examples/digits_grpc.yaml --role host --party-id 10000   # terminal 3
+  fedfleet local examples/digits_grpc.yaml       # all of the above in one command, for a quick try
+"""
+
+ARBITER_HELP = """\
+Run the arbiter (coordinator) of a deployed federation. It listens on network.address, waits for the
+parties in network.parties to dial in, and drives the job's rounds: it selects parties, sends them the
+global model and the training config, validates and folds their updates, and checkpoints every round
+in <output.dir>/<name>/ (resume after a crash with --resume). Parties authenticate with certificates
+from network.certs (see `fedfleet certs`); plaintext needs an explicit --insecure.
+"""
+
+PARTY_HELP = """\
+Run one data-owner party. It dials the arbiter (no inbound port needed), joins the session with its
+certificate, and trains on its own data whenever the arbiter asks; it reconnects with backoff if the
+arbiter or the network goes away, and exits when the session is done. The party's name (e.g.
+guest-9999) must be in network.parties and is the common name of its certificate.
 """
 
 SIMULATE_HELP = """\
@@ -29,7 +54,8 @@ overridden with --set; a typo'd key or a bad value is reported before any work s
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedfleet",
-        description="Federated learning of deep models: simulate thousands of clients on one machine.",
+        description="Federated learning of deep models: simulate thousands of clients on one machine, or deploy "
+        "an arbiter and data-owner parties over gRPC with mutual TLS.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -59,10 +85,89 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--quiet", action="store_true", help="no progress bar or per-round table")
     sim.set_defaults(func=_simulate)
 
+    _add_deploy_parsers(sub)
+    add_certs_parser(sub)
+    add_local_parser(sub)
+
     lst = sub.add_parser("list", help="list registered strategies, models, datasets, partitioners, selectors")
     lst.add_argument("kind", nargs="?", help="only this kind (e.g. strategies)")
     lst.set_defaults(func=_list)
     return parser
+
+
+def _add_job_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", help="the YAML job file; its network: section describes the deployment")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the job file (repeatable): --set network.round_timeout=120",
+    )
+    parser.add_argument(
+        "--insecure", action="store_true", help="plaintext gRPC, identities taken on trust (trusted networks only)"
+    )
+    parser.add_argument("--certs", metavar="DIR", help="certificate folder (default: network.certs)")
+
+
+def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
+    arb = sub.add_parser(
+        "arbiter",
+        help="run the arbiter of a deployed federation",
+        description=ARBITER_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_job_args(arb)
+    arb.add_argument("--address", metavar="HOST:PORT", help="listen here (default: network.address)")
+    mode = arb.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from the last committed round")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    arb.add_argument("--quiet", action="store_true", help="no progress bar or per-round table")
+    arb.set_defaults(func=_arbiter)
+
+    party = sub.add_parser(
+        "party",
+        help="run one data-owner party (guest or host) of a deployed federation",
+        description=PARTY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_job_args(party)
+    party.add_argument("--name", help="the party's name, e.g. guest-9999 (or give --role and --party-id)")
+    party.add_argument("--role", choices=("guest", "host"), help="the party's role; with --party-id names it")
+    party.add_argument("--party-id", help="the party's id within its role, e.g. 9999")
+    party.add_argument("--arbiter", metavar="HOST:PORT", help="the arbiter's address (default: network.address)")
+    party.set_defaults(func=_party)
+
+
+def _arbiter(args: argparse.Namespace) -> int:
+    from fedfleet.cli.deploy import arbiter_command
+
+    return arbiter_command(
+        args.job,
+        args.overrides,
+        insecure=args.insecure,
+        certs=args.certs,
+        address=args.address,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
+
+
+def _party(args: argparse.Namespace) -> int:
+    from fedfleet.cli.deploy import party_command
+
+    return party_command(
+        args.job,
+        args.overrides,
+        name=args.name,
+        role=args.role,
+        party_id=args.party_id,
+        insecure=args.insecure,
+        certs=args.certs,
+        arbiter=args.arbiter,
+    )
 
 
 def _simulate(args: argparse.Namespace) -> int:

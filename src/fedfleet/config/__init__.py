@@ -12,6 +12,7 @@ from fedfleet.config.schema import (
     DataConfig,
     EarlyStoppingConfig,
     JobConfig,
+    NetworkConfig,
     OutputConfig,
     RuntimeConfig,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "EarlyStoppingConfig",
     "JobConfig",
     "Named",
+    "NetworkConfig",
     "OutputConfig",
     "RuntimeConfig",
     "load_job",

@@ -88,6 +88,40 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    """A deployed federation: ``fedfleet arbiter`` and ``fedfleet party`` (ignored by ``simulate``)."""
+
+    address: str = "127.0.0.1:50051"  # where the arbiter listens and parties dial (host:port)
+    session: str = "fedfleet"  # every party must join with the same session id
+    parties: tuple[str, ...] = ()  # the allowed parties (certificate names, e.g. guest-9999); order = client ids
+    min_parties: int | None = None  # answers a round needs to commit (default: the cohort)
+    round_timeout: float = 600.0  # seconds a round waits for the selected parties' updates
+    join_timeout: float = 30.0  # seconds a round waits for selected parties that are not connected
+    wait_timeout: float = 3600.0  # seconds the arbiter waits for min_parties before it gives up
+    certs: str = "certs"  # folder from `fedfleet certs`: ca.crt, <name>.crt, <name>.key
+    insecure: bool = False  # plaintext, identities taken on trust; for a trusted network only
+    max_weight: float = 1.0e9  # an update claiming more examples than this is rejected
+    chunk_mib: float = 4.0  # params travel in chunks of this size
+    party_data: Literal["shard", "whole"] = "shard"  # shard: party k takes client k of data.partition
+    heartbeat_s: float = 5.0
+    reconnect_max_s: float = 30.0  # a party retries a lost arbiter with backoff up to this delay
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"\[?[A-Za-z0-9.:_-]*\]?:\d+", self.address):
+            raise ValueError(f"network.address must be host:port, got {self.address!r}")
+        if len(set(self.parties)) != len(self.parties):
+            raise ValueError("network.parties lists a party twice")
+        for name in self.parties:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+                raise ValueError(f"network.parties: {name!r} is not a valid party name (e.g. guest-9999)")
+        _positive("network.min_parties", self.min_parties)
+        for key in ("round_timeout", "join_timeout", "wait_timeout", "max_weight", "heartbeat_s", "reconnect_max_s"):
+            _positive(f"network.{key}", getattr(self, key))
+        if not 0.0625 <= self.chunk_mib <= 16:
+            raise ValueError(f"network.chunk_mib must be in [0.0625, 16], got {self.chunk_mib}")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str = "digits-fedavg"
     seed: int = 0
@@ -101,6 +135,7 @@ class JobConfig:
     client: ClientConfig = field(default_factory=ClientConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):

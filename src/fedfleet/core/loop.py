@@ -10,6 +10,7 @@ the maths is the strategy's, the transport is the runtime's, side effects are ca
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,12 @@ from fedfleet.core.params import FlatParams
 from fedfleet.core.seeding import SELECT
 from fedfleet.core.signals import deferred_interrupt
 from fedfleet.core.update import Aggregate, Update
+
+log = logging.getLogger(__name__)
+
+
+class RoundIncomplete(RuntimeError):
+    """The runtime could not collect enough updates for a round; the loop runs the round again."""
 
 
 class StrategyLike(Protocol):
@@ -46,6 +53,10 @@ class Runtime(Protocol):
     def fit(self, global_params: FlatParams, clients: Sequence[int], config: FitConfig) -> Iterator[Update]: ...
 
     def evaluate(self, global_params: FlatParams) -> dict[str, float]: ...
+
+    def round_metrics(self) -> dict[str, float]:
+        """Counters of the last ``fit`` (rejected updates, lost parties, ...), merged into the round's metrics."""
+        ...
 
 
 class Callback:
@@ -70,6 +81,7 @@ class LoopConfig:
     cohort: int
     seed: int = 0
     eval_every: int = 1  # central evaluation every k rounds (and after the last round); 0 = never
+    max_attempts: int = 3  # a round the runtime reports incomplete is run again, at most this many times
 
 
 class RoundLoop:
@@ -128,7 +140,7 @@ class RoundLoop:
             cb.on_run_start(self)
         try:
             while self.round < self.config.rounds and not self._stop:
-                record = self.run_round(self.round)
+                record = self._run_round_with_retries(self.round)
                 for cb in self.callbacks:
                     cb.on_round_end(self, record)
             status = "stopped" if self._stop and self.round < self.config.rounds else "finished"
@@ -139,6 +151,18 @@ class RoundLoop:
             for cb in self.callbacks:
                 cb.on_run_end(self, status)
         return self.history
+
+    def _run_round_with_retries(self, rnd: int) -> RoundRecord:
+        for attempt in range(1, self.config.max_attempts + 1):
+            try:
+                return self.run_round(rnd)
+            except RoundIncomplete as exc:
+                if attempt == self.config.max_attempts:
+                    raise
+                log.warning(
+                    "%s; running round %d again (attempt %d of %d)", exc, rnd + 1, attempt + 1, self.config.max_attempts
+                )
+        raise AssertionError("unreachable")
 
     def run_round(self, rnd: int) -> RoundRecord:
         """Train, fold and commit round ``rnd``; afterwards ``self.round == rnd + 1``."""
@@ -156,6 +180,7 @@ class RoundLoop:
         aggregate = aggregator.finish()
         metrics = {f"train_{k}" if not k.startswith("train_") else k: v for k, v in aggregate.metrics.items()}
         metrics.update(clients=float(aggregate.count), sim_round_s=slowest)
+        metrics.update(self.runtime.round_metrics())
         with deferred_interrupt():  # the commit: a Ctrl-C here waits, so no round is ever half-applied
             self.strategy.server_step(self.global_params, aggregate, self.state)
             if not self.global_params.isfinite():

@@ -8,6 +8,7 @@ loading the model, and training the model writes the buffer.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -69,6 +70,12 @@ class ParamSpec:
     @property
     def nbytes(self) -> int:
         return sum(n * torch.empty((), dtype=d).element_size() for d, n in self.sizes.items())
+
+    @property
+    def digest(self) -> str:
+        """A short hash of names, shapes and dtypes: two parties agree on a layout by comparing it."""
+        text = ";".join(f"{e.name}:{list(e.shape)}:{e.dtype}" for e in self.entries)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def __getitem__(self, name: str) -> TensorSpec:
         return self._by_name[name]

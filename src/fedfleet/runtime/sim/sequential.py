@@ -40,6 +40,9 @@ class SequentialRuntime:
             update.client_id = cid
             yield update
 
+    def round_metrics(self) -> dict[str, float]:
+        return {}
+
     def evaluate(self, global_params: FlatParams) -> dict[str, float]:
         if self.test_data is None:
             return {}

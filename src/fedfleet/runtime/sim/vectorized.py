@@ -115,6 +115,9 @@ class VectorizedRuntime:
             n = len(fed.client(cid).y)
             yield Update(FlatParams(self.spec, {self.dtype: w[c]}), weight=float(n), metrics=metrics, client_id=cid)
 
+    def round_metrics(self) -> dict[str, float]:
+        return {}
+
     def evaluate(self, global_params: FlatParams) -> dict[str, float]:
         if self.test_data is None:
             return {}

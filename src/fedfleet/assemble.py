@@ -1,0 +1,89 @@
+"""The parts every job is built from, the same way in simulation and deployment: data, model, trainer.
+
+Simulation and a deployed party must build bit-identical models and client shards from one job file, so
+a deployed run can be checked against its simulation; this module is the one place that builds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedfleet.client import TorchTrainer
+from fedfleet.config.schema import JobConfig
+from fedfleet.core.fit_config import FitConfig
+from fedfleet.data import FederatedDataset, load_dataset, partition, train_test_split
+from fedfleet.data.datasets import Dataset
+from fedfleet.errors import ConfigError, DataError
+from fedfleet.models import build_model
+from fedfleet.registry import construct
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device is {name!r} but no CUDA device is available; use runtime.device: cpu")
+    return device
+
+
+def check_model_output(model: nn.Module, x: torch.Tensor, num_classes: int, model_name: str) -> None:
+    """One forward pass on two examples, so a mismatch is an error now, not a crash in round 1."""
+    with torch.no_grad():
+        try:
+            out = model(x[:2])
+        except RuntimeError as exc:
+            raise DataError(f"model {model_name!r} cannot take inputs of shape {tuple(x.shape[1:])}: {exc}") from None
+    if out.dim() != 2 or out.shape[1] != num_classes:
+        raise DataError(
+            f"model {model_name!r} outputs shape {tuple(out.shape[1:])} per example but the dataset has "
+            f"{num_classes} classes; make its last layer output {num_classes} values"
+        )
+
+
+@dataclass
+class JobParts:
+    dataset: Dataset
+    train: Dataset
+    test: Dataset
+    federation: FederatedDataset  # the train split dealt out to the clients
+    trainer: TorchTrainer
+    device: torch.device
+
+
+def build_parts(job: JobConfig, clients: int | None = None) -> JobParts:
+    """Data split, partition over ``clients`` (default ``data.clients``), seeded initial model, trainer."""
+    device = resolve_device(job.runtime.device)
+    dataset = load_dataset(job.data.dataset.name, **job.data.dataset.params)
+    train, test = train_test_split(dataset, job.data.test_fraction, job.seed)
+    parts = partition(
+        job.data.partition.name,
+        train.keys if job.data.partition.name == "natural" else train.y.numpy(),
+        clients if clients is not None else job.data.clients,
+        job.seed,
+        **job.data.partition.params,
+    )
+    federation = FederatedDataset.from_partition(train.x, train.y, parts, dataset.num_classes).to(device)
+    torch.manual_seed(job.seed)  # the initial global model is part of the seeded run
+    model = build_model(job.model.name, dataset.input_shape, dataset.num_classes, **job.model.params)
+    check_model_output(model, train.x, dataset.num_classes, job.model.name)
+    trainer = construct(
+        TorchTrainer,
+        {
+            "model": model,
+            "optimizer": job.client.optimizer,
+            "momentum": job.client.momentum,
+            "weight_decay": job.client.weight_decay,
+            "device": device,
+        },
+        "client",
+    )
+    return JobParts(dataset, train, test, federation, trainer, device)
+
+
+def fit_config(job: JobConfig) -> FitConfig:
+    c = job.client
+    return FitConfig(epochs=c.epochs, steps=c.steps, batch_size=c.batch_size, lr=c.lr)

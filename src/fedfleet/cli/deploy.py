@@ -1,0 +1,91 @@
+"""``fedfleet arbiter`` and ``fedfleet party``: the two sides of a deployed federation."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from fedfleet.cli.run_job import run_loop_in_folder
+from fedfleet.config import load_job
+from fedfleet.deploy import access_of, build_arbiter, build_party
+from fedfleet.errors import ConfigError
+
+
+def arbiter_command(
+    job_path: str,
+    overrides: list[str],
+    *,
+    insecure: bool,
+    certs: str | None,
+    address: str | None,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+) -> int:
+    job = load_job(job_path, overrides)
+    access = access_of(job, insecure, certs, address)
+    arbiter = build_arbiter(job, access)  # all checks, before the run folder exists or the port opens
+    _exit_cleanly_on_sigterm()
+    arbiter.server.start()
+
+    def announce() -> None:
+        mode = "plaintext (--insecure)" if access.insecure else f"mTLS with certificates from {access.certs}/"
+        print(
+            f"arbiter of session {job.network.session!r} listening on {access.address} ({mode}); "
+            f"parties: {', '.join(job.network.parties)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        code = run_loop_in_folder(
+            arbiter.loop,
+            job,
+            resume_command=f"fedfleet arbiter {job_path}",
+            resume=resume,
+            overwrite=overwrite,
+            quiet=quiet,
+            checkpoint_every=1,  # a deployed arbiter commits every round, so a crash loses at most one
+            on_ready=announce,
+        )
+        if code == 0:
+            arbiter.runtime.finish()
+        return code
+    finally:
+        arbiter.server.stop(grace=2.0)
+
+
+def party_command(
+    job_path: str,
+    overrides: list[str],
+    *,
+    name: str | None,
+    role: str | None,
+    party_id: str | None,
+    insecure: bool,
+    certs: str | None,
+    arbiter: str | None,
+) -> int:
+    job = load_job(job_path, overrides)
+    party_name = name or (f"{role}-{party_id}" if role and party_id else None)
+    if party_name is None:
+        raise ConfigError("say which party this is: --name guest-9999, or --role guest --party-id 9999")
+    party = build_party(job, party_name, access_of(job, insecure, certs, arbiter))
+    _exit_cleanly_on_sigterm()
+    print(f"{party_name}: dialing the arbiter at {party.conn.address}", file=sys.stderr, flush=True)
+    try:
+        reason = party.run()
+    except KeyboardInterrupt:
+        print(f"\n{party_name}: stopped", file=sys.stderr)
+        return 130
+    print(f"{party_name}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (e.g. from a scheduler) takes the Ctrl-C path: the arbiter saves its last round."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,94 @@
+"""Running a round loop inside a run folder, the same for ``simulate`` and ``arbiter``.
+
+The folder gets the config, metrics, TensorBoard events, checkpoints and a status that tells a crashed or
+interrupted run from a finished one; Ctrl-C saves the last completed round and prints how to resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+
+import yaml
+
+from fedfleet.callbacks import (
+    CheckpointCallback,
+    EarlyStopping,
+    MetricsFileCallback,
+    ProgressCallback,
+    TensorBoardCallback,
+)
+from fedfleet.callbacks import resume as resume_from_checkpoint
+from fedfleet.config import JobConfig, to_dict
+from fedfleet.core.loop import Callback, RoundLoop, RoundRecord
+from fedfleet.core.serialize import save_params
+from fedfleet.errors import UserError
+from fedfleet.run_dir import RunDir
+
+
+def run_loop_in_folder(
+    loop: RoundLoop,
+    job: JobConfig,
+    *,
+    resume_command: str,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    checkpoint_every: int | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    run = RunDir.prepare(job.output.dir, job.name, resume=resume, overwrite=overwrite)
+    (run.path / "config.yaml").write_text(yaml.safe_dump(to_dict(job), sort_keys=False))
+    loop.callbacks.extend(_callbacks(job, run, quiet, checkpoint_every or job.output.checkpoint_every))
+    if resume and resume_from_checkpoint(loop, run.path):
+        print(f"resuming {run.path} after round {loop.round}", file=sys.stderr)
+    run.write_status("running", round=loop.round)
+    if on_ready is not None:
+        on_ready()
+    try:
+        history = loop.run()
+    except KeyboardInterrupt:
+        run.write_status("interrupted", round=loop.round)
+        print(
+            f"\ninterrupted: rounds 1-{loop.round} are saved in {run.path}; continue with: {resume_command} --resume",
+            file=sys.stderr,
+        )
+        return 130
+    except UserError as exc:
+        run.write_status("failed", round=loop.round, error=str(exc))
+        raise
+    except BaseException as exc:
+        run.write_status("failed", round=loop.round, error=repr(exc))
+        raise
+    save_params(loop.global_params, run.path / "model.safetensors")
+    final = _last_metrics(history)
+    state = "finished" if loop.round == job.rounds else "stopped early"
+    run.write_json("result.json", {"rounds": loop.round, "final": final})
+    run.write_status(state, round=loop.round)
+    accuracy = final.get("test_accuracy", final.get("test_party_accuracy"))
+    if accuracy is not None:
+        print(f"final test accuracy: {accuracy:.2%} after {loop.round} rounds ({run.path})")
+    else:
+        print(f"done: {loop.round} rounds ({run.path})")
+    return 0
+
+
+def _callbacks(job: JobConfig, run: RunDir, quiet: bool, checkpoint_every: int) -> list[Callback]:
+    callbacks: list[Callback] = [MetricsFileCallback(run.path)]
+    if job.output.tensorboard:
+        callbacks.append(TensorBoardCallback(run.path / "tb"))
+    if job.output.early_stopping is not None:
+        callbacks.append(EarlyStopping(**dataclasses.asdict(job.output.early_stopping)))
+    callbacks.append(CheckpointCallback(run.path, every=checkpoint_every))
+    if job.output.progress and not quiet:
+        callbacks.append(ProgressCallback())
+    return callbacks
+
+
+def _last_metrics(history: list[RoundRecord]) -> dict[str, float]:
+    """The latest value of every metric (test metrics come from the last evaluated round)."""
+    final: dict[str, float] = {}
+    for record in history:
+        final.update(record.metrics)
+    return final

@@ -1,0 +1,7 @@
+"""Deployed federation over gRPC: an arbiter server, parties that dial in, and the runtime the loop drives."""
+
+from fedfleet.runtime.grpc.arbiter import ArbiterServer
+from fedfleet.runtime.grpc.party import Connection, Party, PartyRejected
+from fedfleet.runtime.grpc.runtime import GrpcRuntime, PartiesMissingError
+
+__all__ = ["ArbiterServer", "Connection", "GrpcRuntime", "PartiesMissingError", "Party", "PartyRejected"]

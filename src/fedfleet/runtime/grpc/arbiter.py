@@ -1,0 +1,274 @@
+"""The arbiter's gRPC server: who is connected, and what arrives from each party.
+
+Each party holds one bidirectional stream. Its incoming messages are read on a thread of their own, the
+outgoing ones are yielded by the gRPC handler from the party's outbox. Results pass the round gate
+(``gate.py``) before any buffer is given to them; their params are received into one of a small pool of
+preallocated receive buffers (so server memory is the global model, the running sum and ``inflight``
+receive buffers, whatever the number of parties), checked, and handed to the round loop as events.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+
+from fedfleet.core.params import FlatParams, ParamSpec
+from fedfleet.runtime.grpc.chunks import ParamsReceiver
+from fedfleet.runtime.grpc.gate import RoundGate, check_values
+from fedfleet.runtime.grpc.links import PartyLink
+from fedfleet.runtime.grpc.service import add_handler, server_options
+from fedfleet.runtime.grpc.tls import peer_identity
+from fedfleet.runtime.grpc.wire import (
+    PROTOCOL,
+    Chunk,
+    Failure,
+    Heartbeat,
+    Join,
+    Message,
+    Reject,
+    Result,
+    Welcome,
+    WireError,
+)
+
+log = logging.getLogger("fedfleet.arbiter")
+
+# reasons that mean "this party's answer for the round is bad": stop waiting for it
+FINAL_REJECTIONS = ("layout", "weight", "values", "chunks")
+
+
+@dataclass
+class Event:
+    kind: str  # update | evaluated | rejected | failure | gone
+    party: str
+    round: int
+    result: Result | None = None
+    params: FlatParams | None = None  # a receive buffer from the pool: give it back with release()
+    reason: str = ""
+
+
+class ArbiterServer:
+    def __init__(
+        self,
+        *,
+        session: str,
+        parties: list[str],
+        spec: ParamSpec,
+        address: str,
+        credentials: grpc.ServerCredentials | None,
+        max_weight: float = 1e9,
+        inflight: int = 1,
+    ) -> None:
+        self.session = session
+        self.parties = list(parties)
+        self.index = {name: i for i, name in enumerate(self.parties)}
+        self.spec = spec
+        self.secure = credentials is not None
+        self.gate = RoundGate(spec, max_weight)
+        self.events: queue.Queue[Event] = queue.Queue()
+        self._pool: queue.Queue[FlatParams] = queue.Queue()
+        for _ in range(inflight):
+            self._pool.put(FlatParams.zeros(spec))
+        self._links: dict[str, PartyLink] = {}
+        self._readers: list[threading.Thread] = []
+        self._generation = 0
+        self.changed = threading.Condition()  # notified when a party joins or leaves
+        self.current_round = 0
+        workers = len(self.parties) + 8  # one blocked handler per connected party, plus rejected callers
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=workers), options=server_options())
+        add_handler(self._server, self._connect)
+        try:
+            if credentials is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {address}: {exc} (is another arbiter running there?)") from None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._server.start()
+        mode = "mTLS" if self.secure else "insecure"
+        log.info("listening on port %d (session %s, %s)", self.port, self.session, mode)
+
+    def stop(self, grace: float = 2.0) -> None:
+        with self.changed:
+            links = list(self._links.values())
+        for link in links:
+            link.outbox.close()
+        self._server.stop(grace).wait()
+        for reader in self._readers:  # let them leave gRPC before the interpreter shuts down
+            reader.join(timeout=2.0)
+
+    def connected(self) -> list[str]:
+        with self.changed:
+            return [name for name in self.parties if name in self._links]
+
+    def link(self, name: str) -> PartyLink | None:
+        with self.changed:
+            return self._links.get(name)
+
+    def release(self, params: FlatParams | None) -> None:
+        """Give a receive buffer back once its update is folded (or discarded)."""
+        if params is not None:
+            self._pool.put(params)
+
+    def broadcast(self, msg: Message) -> None:
+        with self.changed:
+            links = list(self._links.values())
+        for link in links:
+            link.outbox.send(msg)
+
+    # -- one party's stream -------------------------------------------------------------------------
+    def _connect(self, requests: Iterator[Message], context: grpc.ServicerContext) -> Iterator[Message]:
+        try:
+            join = next(requests)
+        except (StopIteration, grpc.RpcError, WireError):
+            return
+        name, reason = self._identify(join, peer_identity(context))
+        if reason:
+            log.warning("refused a party (%s): %s", context.peer(), reason)
+            yield Reject(reason=reason)
+            return
+        link = self._attach(name)
+        context.add_callback(link.outbox.close)
+        reader = threading.Thread(target=self._read, args=(link, requests), name=f"read-{name}", daemon=True)
+        self._readers = [t for t in self._readers if t.is_alive()] + [reader]
+        reader.start()
+        yield Welcome(name=name, index=link.index, round=self.current_round)
+        yield from link.outbox.frames()
+
+    def _identify(self, join: Message, certified: str | None) -> tuple[str, str]:
+        if not isinstance(join, Join):
+            return "", f"the first message must be a join, got {join.kind}"
+        if join.protocol != PROTOCOL:
+            return "", f"protocol {join.protocol} is not this arbiter's {PROTOCOL}; use the same fedfleet version"
+        if self.secure:
+            if certified is None:
+                return "", "no client certificate"
+            if join.name and join.name != certified:
+                return "", f"the certificate is for {certified!r} but the party says it is {join.name!r}"
+            name = certified
+        else:
+            name = join.name
+        if name not in self.index:
+            return "", f"{name!r} is not a party of session {self.session!r} (parties: {', '.join(self.parties)})"
+        if join.session != self.session:
+            return "", f"{name} asked for session {join.session!r}; this arbiter runs session {self.session!r}"
+        if join.spec_digest != self.spec.digest:
+            return "", f"{name}'s model has another param layout (digest {join.spec_digest}, job {self.spec.digest})"
+        return name, ""
+
+    def _attach(self, name: str) -> PartyLink:
+        with self.changed:
+            old = self._links.get(name)
+            if old is not None:  # a restarted party: the new stream replaces the old one
+                old.outbox.close()
+            self._generation += 1
+            link = PartyLink(name, self.index[name], self._generation)
+            self._links[name] = link
+            self.changed.notify_all()
+        log.info("%s joined%s", name, " (replacing its previous connection)" if old else "")
+        return link
+
+    def _detach(self, link: PartyLink) -> None:
+        with self.changed:
+            if self._links.get(link.name) is link:
+                del self._links[link.name]
+                self.events.put(Event("gone", link.name, self.gate.round))
+                log.info("%s left", link.name)
+            self.changed.notify_all()
+        link.outbox.close()
+
+    def _read(self, link: PartyLink, requests: Iterator[Message]) -> None:
+        state = _Receiving()
+        try:
+            for msg in requests:
+                link.touch()
+                self._on_message(link, msg, state)
+        except grpc.RpcError:
+            pass  # the stream ended: the party left or was killed
+        except WireError as exc:
+            log.warning("%s sent an undecodable frame (%s); closing its stream", link.name, exc)
+        finally:
+            if state.buffer is not None:
+                self.release(state.buffer)
+            self._detach(link)
+
+    def _on_message(self, link: PartyLink, msg: Message, state: _Receiving) -> None:
+        if isinstance(msg, Heartbeat):
+            return
+        if isinstance(msg, Chunk):
+            self._on_chunk(link, msg, state)
+            return
+        if state.receiver is not None:  # a new message before the last params were complete
+            self._refuse(link, state.result, "chunks: params ended before every byte arrived", state)
+        state.discarding = False
+        if isinstance(msg, Result):
+            reason = self.gate.admit(link.name, msg)
+            if reason:
+                self._refuse(link, msg, reason, state, counted=True)
+                state.discarding = msg.has_params
+            elif msg.has_params:
+                state.result, state.buffer = msg, self._pool.get()  # blocks while the pool is in use
+                state.receiver = ParamsReceiver(state.buffer)
+            else:
+                self.events.put(Event("evaluated", link.name, msg.round, msg))
+        elif isinstance(msg, Failure):
+            log.warning("%s could not finish round %d: %s", link.name, msg.round + 1, msg.reason)
+            self.gate.reject("failure")
+            self.events.put(Event("failure", link.name, msg.round, reason=msg.reason))
+        else:
+            log.warning("%s sent an unexpected %s message; ignored", link.name, msg.kind)
+
+    def _on_chunk(self, link: PartyLink, chunk: Chunk, state: _Receiving) -> None:
+        if state.discarding:
+            return
+        if state.receiver is None:
+            log.warning("%s sent params without a result header; ignored", link.name)
+            return
+        try:
+            state.receiver.add(chunk)
+        except WireError as exc:
+            self._refuse(link, state.result, f"chunks: {exc}", state)
+            state.discarding = True
+            return
+        if not state.receiver.complete:
+            return
+        result, buffer = state.result, state.buffer
+        state.receiver = state.result = state.buffer = None
+        reason = check_values(buffer)
+        if reason:
+            self.release(buffer)
+            self._refuse(link, result, reason, None)
+        else:
+            self.events.put(Event("update", link.name, result.round, result, buffer))
+
+    def _refuse(
+        self, link: PartyLink, result: Result | None, reason: str, state: _Receiving | None, counted: bool = False
+    ) -> None:
+        if not counted:
+            self.gate.reject(reason)
+        if state is not None and state.buffer is not None:
+            self.release(state.buffer)
+            state.receiver = state.result = state.buffer = None
+        rnd = result.round if result is not None else -1
+        log.warning("rejected an update from %s for round %d: %s", link.name, rnd + 1, reason)
+        if reason.split(":")[0] in FINAL_REJECTIONS:
+            self.events.put(Event("rejected", link.name, rnd, result, reason=reason))
+
+
+class _Receiving:
+    """Per-stream state of the params being received."""
+
+    def __init__(self) -> None:
+        self.result: Result | None = None
+        self.buffer: FlatParams | None = None
+        self.receiver: ParamsReceiver | None = None
+        self.discarding = False

@@ -1,0 +1,172 @@
+"""A data-owner party: dials the arbiter, runs the tasks it is sent, reconnects after any failure.
+
+The party opens the stream (it needs no inbound port), joins the session, and then answers tasks:
+``fit`` trains its trainer from the params that follow and sends back the update in chunks; ``evaluate``
+sends back metrics. A broken stream (the arbiter restarted, the network dropped) is retried with
+exponential backoff and jitter, forever by default; a refusal (wrong session, unknown certificate) is not.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from fedfleet.core.fit_config import FitConfig
+from fedfleet.core.params import FlatParams
+from fedfleet.errors import TrainingDivergedError, UserError
+from fedfleet.runtime.grpc.backoff import backoff_delays
+from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES, ParamsReceiver, dtype_name, iter_chunks
+from fedfleet.runtime.grpc.links import Outbox
+from fedfleet.runtime.grpc.service import channel_options, connect_stub
+from fedfleet.runtime.grpc.wire import (
+    Chunk,
+    Done,
+    Failure,
+    Heartbeat,
+    Join,
+    Reject,
+    Result,
+    Task,
+    Welcome,
+    WireError,
+)
+
+log = logging.getLogger("fedfleet.party")
+
+
+class PartyRejected(UserError):
+    """The arbiter refused this party; retrying would not help."""
+
+
+@dataclass
+class Connection:
+    """Where and as whom a party connects."""
+
+    address: str
+    session: str
+    name: str
+    credentials: grpc.ChannelCredentials | None  # None: plaintext (--insecure)
+    heartbeat_s: float = 5.0
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_attempts: int | None = None  # consecutive failed connection attempts before giving up; None = forever
+    reconnect_max_s: float = 30.0
+
+    def channel(self) -> grpc.Channel:
+        if self.credentials is None:
+            return grpc.insecure_channel(self.address, options=channel_options())
+        return grpc.secure_channel(self.address, self.credentials, options=channel_options())
+
+
+class Party:
+    """Runs ``trainer`` for the arbiter. ``train_data`` / ``eval_data`` are the party's own data."""
+
+    def __init__(self, trainer: Any, train_data: Any, eval_data: Any, connection: Connection) -> None:
+        self.trainer = trainer
+        self.train_data = train_data
+        self.eval_data = eval_data if eval_data is not None else train_data
+        self.conn = connection
+        self.spec = trainer.params.spec
+        self.inbox = FlatParams.zeros(self.spec)  # the global params arrive here, one buffer for every task
+        self.index = -1
+        self.on_task: Callable[[Task], None] | None = None  # test hook: see a task before it runs
+
+    def run(self) -> str:
+        """Serve until the arbiter says the session is done; returns its reason."""
+        delays = backoff_delays(cap=self.conn.reconnect_max_s)
+        failures = 0
+        while True:
+            try:
+                return self._serve()
+            except _StreamBroken as exc:
+                if exc.welcomed:  # it was up: start the backoff from the bottom
+                    delays, failures = backoff_delays(cap=self.conn.reconnect_max_s), 0
+                failures += 1
+                if self.conn.max_attempts is not None and failures >= self.conn.max_attempts:
+                    raise ConnectionError(f"cannot reach the arbiter at {self.conn.address}: {exc}") from None
+                delay = next(delays)
+                log.warning("%s: %s; reconnecting in %.1f s", self.conn.name, exc, delay)
+                threading.Event().wait(delay)
+
+    def _serve(self) -> str:
+        outbox = Outbox()
+        outbox.send(Join(session=self.conn.session, spec_digest=self.spec.digest, name=self.conn.name))
+        beat = threading.Thread(target=self._heartbeat, args=(outbox,), daemon=True)
+        welcomed = False
+        channel = self.conn.channel()
+        try:
+            stream = connect_stub(channel)(outbox.frames())
+            beat.start()
+            receiver: ParamsReceiver | None = None
+            task: Task | None = None
+            for msg in stream:
+                if isinstance(msg, Welcome):
+                    welcomed, self.index = True, msg.index
+                    log.info("%s joined session %s as party %d", self.conn.name, self.conn.session, msg.index)
+                elif isinstance(msg, Reject):
+                    raise PartyRejected(f"the arbiter refused {self.conn.name}: {msg.reason}")
+                elif isinstance(msg, Done):
+                    log.info("%s: %s", self.conn.name, msg.reason)
+                    return msg.reason
+                elif isinstance(msg, Task):
+                    task, receiver = msg, ParamsReceiver(self.inbox)
+                elif isinstance(msg, Chunk) and receiver is not None and task is not None:
+                    receiver.add(msg)
+                    if receiver.complete:
+                        self._run(task, outbox)
+                        task = receiver = None
+            raise _StreamBroken("the arbiter closed the stream", welcomed)
+        except grpc.RpcError as exc:
+            raise _StreamBroken(f"connection lost ({exc.code().name}: {exc.details()})", welcomed) from None
+        except WireError as exc:
+            raise _StreamBroken(f"garbled message from the arbiter ({exc})", welcomed) from None
+        finally:
+            outbox.close()
+            channel.close()
+            if beat.is_alive():
+                beat.join(timeout=2.0)
+
+    def _run(self, task: Task, outbox: Outbox) -> None:
+        if self.on_task is not None:
+            self.on_task(task)
+        if task.task == "evaluate":
+            metrics = self.trainer.evaluate(self.inbox, self.eval_data)
+            weight = metrics.get("examples", 1.0)
+            outbox.send(Result(task_id=task.task_id, round=task.round, task="evaluate", weight=weight, metrics=metrics))
+            return
+        config = FitConfig(**task.config)
+        try:
+            update = self.trainer.fit(self.inbox, config, self.train_data)
+        except TrainingDivergedError as exc:
+            outbox.send(Failure(task_id=task.task_id, round=task.round, reason=str(exc)))
+            return
+        outbox.send(self.result_header(task, update.weight, update.metrics, update.params, update.is_delta))
+        outbox.send(iter_chunks(update.params, self.conn.chunk_bytes))
+
+    @staticmethod
+    def result_header(task: Task, weight: float, metrics: dict, params: FlatParams, is_delta: bool = True) -> Result:
+        return Result(
+            task_id=task.task_id,
+            round=task.round,
+            task=task.task,
+            weight=float(weight),
+            metrics={k: float(v) for k, v in metrics.items()},
+            has_params=True,
+            is_delta=is_delta,
+            spec_digest=params.spec.digest,
+            sizes={dtype_name(d): b.numel() for d, b in params.buffers.items()},
+        )
+
+    def _heartbeat(self, outbox: Outbox) -> None:
+        while not outbox.closed.wait(self.conn.heartbeat_s):
+            outbox.send(Heartbeat())
+
+
+class _StreamBroken(Exception):
+    def __init__(self, message: str, welcomed: bool) -> None:
+        super().__init__(message)
+        self.welcomed = welcomed

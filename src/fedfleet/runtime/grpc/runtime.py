@@ -1,0 +1,198 @@
+"""The gRPC runtime: the round loop's ``fit`` and ``evaluate`` executed by parties over the network.
+
+Server-driven: for each round the arbiter sends every selected, connected party a task (the training
+config with the party's seed) followed by the global params in chunks, then yields the updates as they
+pass validation. The round ends when every selected party has answered, failed, been rejected or left,
+or at ``round_timeout``; with fewer than ``min_parties`` good updates it is retried from scratch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from fedfleet.core.aggregate import MetricMean
+from fedfleet.core.fit_config import FitConfig
+from fedfleet.core.loop import RoundIncomplete
+from fedfleet.core.params import FlatParams
+from fedfleet.core.update import Update
+from fedfleet.errors import UserError
+from fedfleet.runtime.grpc.arbiter import ArbiterServer, Event
+from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES, iter_chunks
+from fedfleet.runtime.grpc.wire import Done, Task
+from fedfleet.runtime.sim.sequential import client_seed
+
+log = logging.getLogger("fedfleet.arbiter")
+
+
+class PartiesMissingError(UserError):
+    """Not enough parties connected in time."""
+
+
+class GrpcRuntime:
+    def __init__(
+        self,
+        server: ArbiterServer,
+        *,
+        min_parties: int,
+        round_timeout: float,
+        join_timeout: float,
+        wait_timeout: float,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        evaluator: Any = None,
+        federated_eval: bool = True,
+    ) -> None:
+        self.server = server
+        self.min_parties = min_parties
+        self.round_timeout = round_timeout
+        self.join_timeout = join_timeout
+        self.wait_timeout = wait_timeout
+        self.chunk_bytes = chunk_bytes
+        self.evaluator = evaluator  # a central (trainer, test data) pair, or None
+        self.federated_eval = federated_eval
+        self._round = 0
+        self._metrics: dict[str, float] = {}
+
+    @property
+    def population(self) -> int:
+        return len(self.server.parties)
+
+    # -- Runtime protocol --------------------------------------------------------------------------
+    def fit(self, global_params: FlatParams, clients: Sequence[int], config: FitConfig) -> Iterator[Update]:
+        self._round = config.round
+        self.server.current_round = config.round
+        names = [self.server.parties[int(c)] for c in clients]
+        present = self._await(names)
+        tasks = {name: uuid.uuid4().hex for name in present}
+        self._drain_stale()
+        self.server.gate.open(config.round, tasks)
+        for name, task_id in tasks.items():
+            local = dataclasses.replace(config, seed=client_seed(config, self.server.index[name]))
+            self._send(name, Task(task_id=task_id, round=config.round, task="fit", config=dataclasses.asdict(local)))
+            self._send(name, iter_chunks(global_params, self.chunk_bytes))
+        pending, accepted, lost = set(tasks), 0, 0
+        for event in self._events(pending, config.round):
+            if event.kind == "update":
+                result = event.result
+                try:
+                    yield Update(
+                        event.params,
+                        result.weight,
+                        result.metrics,
+                        client_id=self.server.index[event.party],
+                        is_delta=result.is_delta,
+                    )
+                    accepted += 1
+                finally:
+                    self.server.release(event.params)
+            elif event.kind == "gone":
+                lost += 1
+        self.server.gate.close()
+        self._metrics = {
+            "parties": float(len(tasks)),
+            "absent": float(len(names) - len(present)),
+            "lost": float(lost),
+            "timed_out": float(len(pending)),
+            "rejected": float(sum(self.server.gate.rejected.values())),
+            **{f"rejected_{kind}": float(n) for kind, n in self.server.gate.rejected.items()},
+        }
+        if pending:
+            log.warning("round %d closed at the timeout without %s", config.round + 1, ", ".join(sorted(pending)))
+        if accepted < self.min_parties:
+            raise RoundIncomplete(
+                f"round {config.round + 1}: {accepted} good update(s), fewer than min_parties={self.min_parties} "
+                f"(rejected {self._metrics['rejected']:.0f}, lost {lost}, timed out {len(pending)})"
+            )
+
+    def evaluate(self, global_params: FlatParams) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.evaluator is not None:
+            trainer, data = self.evaluator
+            metrics.update(trainer.evaluate(global_params, data))
+        if self.federated_eval:
+            metrics.update({f"party_{k}": v for k, v in self._federated_evaluate(global_params).items()})
+        return metrics
+
+    def round_metrics(self) -> dict[str, float]:
+        return dict(self._metrics)
+
+    def finish(self, reason: str = "the session is complete") -> None:
+        self.server.broadcast(Done(reason=reason))
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _federated_evaluate(self, global_params: FlatParams) -> dict[str, float]:
+        present = self.server.connected()
+        if not present:
+            return {}
+        tasks = {name: uuid.uuid4().hex for name in present}
+        self._drain_stale()
+        self.server.gate.open(self._round, tasks)
+        for name, task_id in tasks.items():
+            self._send(name, Task(task_id=task_id, round=self._round, task="evaluate"))
+            self._send(name, iter_chunks(global_params, self.chunk_bytes))
+        means = MetricMean()
+        for event in self._events(set(tasks), self._round):
+            if event.kind == "evaluated":
+                means.add(event.result.metrics, event.result.weight)
+        self.server.gate.close()
+        return means.means()
+
+    def _send(self, name: str, item: Any) -> None:
+        link = self.server.link(name)
+        if link is not None:
+            link.outbox.send(item)
+
+    def _events(self, pending: set[str], rnd: int) -> Iterator[Event]:
+        """This round's events until every pending party is accounted for or the round times out."""
+        deadline = time.monotonic() + self.round_timeout
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                event = self.server.events.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            if event.round != rnd and event.kind != "gone":
+                self.server.release(event.params)  # finished arriving after its round closed
+                continue
+            if event.party in pending:
+                pending.discard(event.party)
+                yield event
+            else:
+                self.server.release(event.params)
+
+    def _drain_stale(self) -> None:
+        while True:
+            try:
+                self.server.release(self.server.events.get_nowait().params)
+            except queue.Empty:
+                return
+
+    def _await(self, names: list[str]) -> list[str]:
+        """The selected parties that are connected, after waiting up to join_timeout for the others."""
+        start = time.monotonic()
+        need = min(self.min_parties, len(names))
+        last_note = start
+        with self.server.changed:
+            while True:
+                present = [n for n in names if self.server.link(n) is not None]
+                waited = time.monotonic() - start
+                if len(present) == len(names) or (waited >= self.join_timeout and len(present) >= need):
+                    return present
+                if waited >= self.wait_timeout:
+                    missing = sorted(set(names) - set(present))
+                    raise PartiesMissingError(
+                        f"only {len(present)} of the {need} parties round {self._round + 1} needs connected in "
+                        f"{self.wait_timeout:.0f} s; missing {', '.join(missing)}: start them with "
+                        f"`fedfleet party <job.yaml> --name <party>` (or lower network.min_parties)"
+                    )
+                if time.monotonic() - last_note >= 10:
+                    log.warning("round %d waits for %s", self._round + 1, ", ".join(sorted(set(names) - set(present))))
+                    last_note = time.monotonic()
+                self.server.changed.wait(0.5)

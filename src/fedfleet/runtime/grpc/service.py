@@ -1,0 +1,50 @@
+"""The one gRPC method both sides use: a bidirectional stream of frames (see ``wire.py``).
+
+A party always dials out to the arbiter, so parties behind firewalls or on HPC compute nodes that accept
+no inbound connections can take part. Messages stay far below gRPC's size limit: params travel in chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from fedfleet.runtime.grpc.wire import Message, decode, encode
+
+SERVICE = "fedfleet.Federation"
+METHOD = "Connect"
+MAX_MESSAGE_BYTES = 32 << 20  # chunks are a few MiB; this is headroom, not a design size
+
+
+def channel_options() -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        # keepalive pings detect a dead peer on an idle stream (e.g. a party training for minutes)
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options() -> list[tuple[str, Any]]:
+    return [
+        *channel_options(),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.so_reuseport", 0),  # two arbiters on one port must fail loudly, not share it
+    ]
+
+
+Handler = Callable[[Iterator[Message], grpc.ServicerContext], Iterator[Message]]
+
+
+def add_handler(server: grpc.Server, handler: Handler) -> None:
+    method = grpc.stream_stream_rpc_method_handler(handler, request_deserializer=decode, response_serializer=encode)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: method}),))
+
+
+def connect_stub(channel: grpc.Channel) -> Callable[[Iterator[Message]], Iterator[Message]]:
+    return channel.stream_stream(f"/{SERVICE}/{METHOD}", request_serializer=encode, response_deserializer=decode)

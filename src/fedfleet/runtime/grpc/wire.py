@@ -1,0 +1,144 @@
+"""Typed messages between the arbiter and a party, and their one frame format.
+
+Both sides import these classes, so no message name or field is a magic string shared by convention.
+A frame is ``u32 header length | JSON header | payload``; only chunks carry a payload (a few MiB of
+tensor bytes, see ``chunks.py``). JSON keeps the headers readable in logs and needs no code generator;
+the bytes that matter never go through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+PROTOCOL = 1  # bumped when a message changes incompatibly; checked at join
+
+_HEADER_LEN = struct.Struct("<I")
+MESSAGES: dict[str, type[Message]] = {}
+
+
+class WireError(ValueError):
+    """A frame that does not decode into a known message (corrupt, or from another protocol version)."""
+
+
+@dataclass
+class Message:
+    kind: ClassVar[str] = ""
+    payload: bytes | memoryview = field(default=b"", repr=False, compare=False)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind in MESSAGES:
+            raise TypeError(f"message kind {cls.kind!r} is defined twice")
+        MESSAGES[cls.kind] = cls
+
+
+# -- party -> arbiter -------------------------------------------------------------------------------
+@dataclass
+class Join(Message):
+    """The first message of a party's stream. ``name`` is only trusted on an ``--insecure`` arbiter."""
+
+    kind: ClassVar[str] = "join"
+    session: str = ""
+    spec_digest: str = ""
+    protocol: int = PROTOCOL
+    name: str = ""
+    mode: str = "tasks"  # tasks (the arbiter drives) | sync (the party calls ctx.sync)
+
+
+@dataclass
+class Result(Message):
+    """A party's answer to a task (or a sync); ``params`` chunks follow when ``has_params``."""
+
+    kind: ClassVar[str] = "result"
+    task_id: str = ""
+    round: int = -1
+    task: str = "fit"  # fit | evaluate | sync
+    weight: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    has_params: bool = False
+    is_delta: bool = True
+    spec_digest: str = ""
+    sizes: dict[str, int] = field(default_factory=dict)  # elements per dtype buffer, e.g. {"float32": 1234}
+
+
+@dataclass
+class Failure(Message):
+    """The party could not do the task (e.g. its local loss diverged); the round goes on without it."""
+
+    kind: ClassVar[str] = "failure"
+    task_id: str = ""
+    round: int = -1
+    reason: str = ""
+
+
+# -- arbiter -> party -------------------------------------------------------------------------------
+@dataclass
+class Welcome(Message):
+    kind: ClassVar[str] = "welcome"
+    name: str = ""
+    index: int = -1  # the party's position in the job's party list: its client id for seeds and data
+    round: int = 0
+
+
+@dataclass
+class Reject(Message):
+    """Sent before the arbiter closes a stream it will not serve; the party must not retry."""
+
+    kind: ClassVar[str] = "reject"
+    reason: str = ""
+
+
+@dataclass
+class Task(Message):
+    """Train (``fit``) or ``evaluate`` from the params whose chunks follow; or ``params``: the new global
+    model that answers a party's sync."""
+
+    kind: ClassVar[str] = "task"
+    task_id: str = ""
+    round: int = -1
+    task: str = "fit"
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Done(Message):
+    """The session is over; the party exits normally."""
+
+    kind: ClassVar[str] = "done"
+    reason: str = ""
+
+
+# -- both ways --------------------------------------------------------------------------------------
+@dataclass
+class Heartbeat(Message):
+    kind: ClassVar[str] = "heartbeat"
+
+
+@dataclass
+class Chunk(Message):
+    """A slice of one dtype buffer of the params being sent; the payload is a safetensors blob."""
+
+    kind: ClassVar[str] = "chunk"
+
+
+def encode(msg: Message) -> bytes:
+    fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg) if f.name != "payload"}
+    header = json.dumps({"t": msg.kind, **fields}, separators=(",", ":")).encode()
+    return b"".join((_HEADER_LEN.pack(len(header)), header, msg.payload))
+
+
+def decode(frame: bytes) -> Message:
+    view = memoryview(frame)
+    if len(view) < _HEADER_LEN.size:
+        raise WireError(f"frame of {len(view)} bytes is too short")
+    (n,) = _HEADER_LEN.unpack_from(view)
+    try:
+        header = json.loads(bytes(view[_HEADER_LEN.size : _HEADER_LEN.size + n]))
+        cls = MESSAGES[header.pop("t")]
+        return cls(payload=view[_HEADER_LEN.size + n :], **header)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"undecodable frame: {exc}") from None

@@ -1,0 +1,102 @@
+"""The deployed federation as real processes with mutual TLS: parties and the arbiter killed with SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from fedfleet.config import load_job
+from fedfleet.simulation import Simulation
+from tests.grpc_jobs import PARTIES, make_certs, write_job
+
+SLOW_ROUNDS = ["--set", "client.epochs=8"]  # rounds of about a second, so a kill lands mid-round
+
+
+def start(*args, cwd):
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedfleet.cli.main", *args],
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # four processes share two cores
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def rows(tmp_path):
+    path = tmp_path / "runs" / "net" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for_rows(tmp_path, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    while len(rows(tmp_path)) < n:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() < deadline, "the arbiter made no progress"
+        time.sleep(0.05)
+
+
+def finish(proc, timeout=120):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"{proc.args[3:]} exited with {proc.returncode}:\n{err}"
+    return out, err
+
+
+def test_a_killed_party_is_dropped_for_the_round_and_rejoins(tmp_path):
+    make_certs(tmp_path / "certs", PARTIES)
+    job = str(write_job(tmp_path))
+    common = [*SLOW_ROUNDS, "--set", "rounds=5", "--set", "network.min_parties=2"]
+    arbiter = start("arbiter", job, *common, "--quiet", cwd=tmp_path)
+    parties = {name: start("party", job, *common, "--name", name, cwd=tmp_path) for name in PARTIES}
+    wait_for_rows(tmp_path, 1, arbiter)
+    parties["host-10001"].send_signal(signal.SIGKILL)
+    parties["host-10001"].communicate()
+    parties["host-10001"] = start("party", job, *common, "--name", "host-10001", cwd=tmp_path)
+    out, _ = finish(arbiter)
+    for proc in parties.values():
+        finish(proc, 60)
+    clients = [r["clients"] for r in rows(tmp_path)]
+    assert len(clients) == 5 and 2.0 in clients  # the round it was killed in went on without it
+    assert clients[-1] == 3.0  # and it took part again after its restart
+    assert "final" in out or "done" in out
+
+
+def test_a_killed_arbiter_resumes_and_ends_at_the_uninterrupted_model(tmp_path):
+    make_certs(tmp_path / "certs", PARTIES)
+    job = str(write_job(tmp_path))
+    common = [*SLOW_ROUNDS, "--set", "rounds=4"]
+    arbiter = start("arbiter", job, *common, "--quiet", cwd=tmp_path)
+    parties = [start("party", job, *common, "--name", name, cwd=tmp_path) for name in PARTIES]
+    wait_for_rows(tmp_path, 2, arbiter)
+    arbiter.send_signal(signal.SIGKILL)
+    arbiter.communicate()
+    status = json.loads((tmp_path / "runs" / "net" / "status.json").read_text())
+    assert status["state"] == "running"  # a crash leaves no "finished" behind
+
+    resumed = start("arbiter", job, *common, "--quiet", "--resume", cwd=tmp_path)
+    _, err = finish(resumed)
+    assert "resuming" in err
+    for proc in parties:
+        finish(proc, 60)
+    status = json.loads((tmp_path / "runs" / "net" / "status.json").read_text())
+    assert status["state"] == "finished" and status["round"] == 4
+
+    sim = Simulation.from_config(load_job(job, [c for c in common if c != "--set"]))
+    sim.run()
+    deployed = load_file(str(tmp_path / "runs" / "net" / "model.safetensors"))
+    for name, tensor in sim.loop.global_params.tensors().items():
+        torch.testing.assert_close(deployed[name], tensor, rtol=0, atol=1e-5)
+
+
+def test_local_starts_an_arbiter_and_its_parties_with_fresh_certificates(tmp_path):
+    job = str(write_job(tmp_path))
+    local = start("local", job, "--set", "rounds=2", cwd=tmp_path)
+    out, err = finish(local, 180)
+    assert "created a certificate authority" in err
+    assert (tmp_path / "certs" / "guest-9999.crt").is_file()
+    assert "arbiter |" in out and "host-10001 |" in out and "done: 2 rounds" in out

@@ -1,0 +1,58 @@
+"""The round gate: what the arbiter refuses before it buffers a single byte, and why."""
+
+import torch
+
+from fedfleet.core.params import FlatParams
+from fedfleet.runtime.grpc.gate import RoundGate, check_values
+from fedfleet.runtime.grpc.wire import Result
+
+PARAMS = FlatParams.from_tensors({"w": torch.zeros(3)})
+
+
+def result(**kw):
+    base = dict(
+        task_id="t-a", round=4, weight=10.0, has_params=True, spec_digest=PARAMS.spec.digest, sizes={"float32": 3}
+    )
+    return Result(**{**base, **kw})
+
+
+def open_gate():
+    gate = RoundGate(PARAMS.spec, max_weight=1000)
+    gate.open(4, {"a": "t-a", "b": "t-b"})
+    return gate
+
+
+def test_a_good_result_is_admitted_once():
+    gate = open_gate()
+    assert gate.admit("a", result()) is None
+    assert gate.admit("a", result()).startswith("duplicate")
+    assert gate.rejected == {"duplicate": 1}
+
+
+def test_refusals_name_their_reason():
+    cases = {
+        "stale": result(round=3),
+        "replay": result(task_id="t-old"),
+        "layout": result(sizes={"float32": 4}),
+        "weight": result(weight=5000.0),
+    }
+    for kind, res in cases.items():
+        gate = open_gate()
+        assert gate.admit("a", res).startswith(kind)
+    gate = open_gate()
+    assert gate.admit("c", result(task_id="t-c")).startswith("unsolicited")
+    assert gate.admit("b", result(task_id="t-b", weight=float("nan"))).startswith("weight")
+    assert gate.admit("a", result(spec_digest="0" * 16)).startswith("layout")
+    assert gate.admit("a", result(has_params=False)).startswith("layout")
+
+
+def test_results_after_the_round_closed_are_late():
+    gate = open_gate()
+    gate.close()
+    assert gate.admit("a", result()).startswith("late")
+
+
+def test_values_must_be_finite():
+    assert check_values(PARAMS) is None
+    bad = FlatParams.from_tensors({"w": torch.tensor([0.0, float("nan"), 1.0])})
+    assert check_values(bad).startswith("values")

@@ -202,5 +202,18 @@ def log(*args: object) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
+def environment(args: Any, w: Workload, load_start: float) -> dict[str, Any]:
+    """What a result needs beside its numbers to be compared later: settings, machine, load, workload."""
+    return {
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "load_avg_1min": {"start": load_start, "end": load_average()},
+        "quick": args.quick,
+        "cpu": cpu_model_name(),
+        "torch": torch.__version__,
+        "workload": w.as_dict(),
+    }
+
+
 def emit(result: dict[str, Any]) -> None:
     print(json.dumps(result), flush=True)

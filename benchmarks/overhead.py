@@ -36,8 +36,8 @@ from common import (
     client_batches,
     client_bounds,
     cohorts,
-    cpu_model_name,
     emit,
+    environment,
     load_average,
     local_sgd,
     log,
@@ -142,13 +142,7 @@ def main() -> None:
         times_s={name: [round(t, 4) for t in ts] for name, ts in times.items()},
         sgd_steps=steps,
         plain_ms_per_step=round(1000 * med["plain"] / steps, 3),
-        repeats=args.repeats,
-        threads=args.threads,
-        load_avg_1min={"start": load_start, "end": load_average()},
-        quick=args.quick,
-        cpu=cpu_model_name(),
-        torch=torch.__version__,
-        workload=w.as_dict(),
+        **environment(args, w, load_start),
     )
     print(f"plain PyTorch loop      {med['plain']:8.3f} s")
     print(f"fedfleet sequential     {med['fedfleet']:8.3f} s   ratio {result['ratio']:.3f}")

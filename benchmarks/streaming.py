@@ -48,6 +48,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def rss_mib() -> float:
+    """The RSS now: the interpreter with torch and grpc loaded is the baseline the model adds to."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def model(numel: int) -> FlatParams:
     return FlatParams.from_tensors({"w": torch.zeros(numel)})
 
@@ -81,10 +89,11 @@ def run_raw_server(port_file: str) -> None:
 
 
 def run_party(port: int, name: str, numel: int) -> None:
+    baseline = rss_mib()
     conn = Connection(f"127.0.0.1:{port}", "bench", name, None, heartbeat_s=5.0)
     party = Party(EchoTrainer(ParamSpec([("w", (numel,), torch.float32)])), None, None, conn)
     party.run()
-    print(json.dumps({"party_peak_rss_mib": peak_rss_mib()}), flush=True)
+    print(json.dumps({"party_peak_rss_mib": peak_rss_mib(), "party_baseline_mib": baseline}), flush=True)
 
 
 def spawn(*args: str) -> subprocess.Popen:
@@ -117,6 +126,7 @@ def raw_throughput(nbytes: int, tmp: str) -> float:
 
 
 def fedfleet_stream(numel: int) -> dict[str, float]:
+    baseline = rss_mib()
     params = model(numel)
     params.buffers[torch.float32].uniform_()
     server = ArbiterServer(session="bench", parties=["p0"], spec=params.spec, address="127.0.0.1:0", credentials=None)
@@ -135,8 +145,15 @@ def fedfleet_stream(numel: int) -> dict[str, float]:
     runtime.finish()
     out, _ = party.communicate(timeout=60)
     server.stop(0.5)
-    party_rss = json.loads(out.strip().splitlines()[-1])["party_peak_rss_mib"]
-    return {"fedfleet_gbps": best, "arbiter_peak_rss_mib": peak_rss_mib(), "party_peak_rss_mib": party_rss}
+    party = json.loads(out.strip().splitlines()[-1])
+    party_rss, party_base = party["party_peak_rss_mib"], party["party_baseline_mib"]
+    return {
+        "fedfleet_gbps": best,
+        "arbiter_peak_rss_mib": peak_rss_mib(),
+        "arbiter_baseline_mib": baseline,
+        "party_peak_rss_mib": party_rss,
+        "party_baseline_mib": party_base,
+    }
 
 
 def round_overhead(numel: int, rounds: int) -> float:
@@ -168,21 +185,23 @@ def main() -> None:
     args = ap.parse_args()
     size_mib = 128 if args.quick else 1024
     numel = size_mib * MIB // 4
+    stream = fedfleet_stream(numel)  # first: this process's peak RSS is the arbiter's
     with tempfile.TemporaryDirectory() as tmp:
         raw = raw_throughput(size_mib * MIB, tmp)
     print(f"raw gRPC bytes, loopback, both ways : {raw:6.2f} GB/s", file=sys.stderr)
-    stream = fedfleet_stream(numel)
     ratio = stream["fedfleet_gbps"] / raw
     print(
         f"fedfleet params {size_mib} MiB, both ways : {stream['fedfleet_gbps']:6.2f} GB/s ({ratio:.0%} of raw)",
         file=sys.stderr,
     )
     limit = 2 * size_mib + 200
-    print(
-        f"peak RSS arbiter {stream['arbiter_peak_rss_mib']:.0f} MiB, party {stream['party_peak_rss_mib']:.0f} MiB "
-        f"(limit 2 x {size_mib} + 200 = {limit} MiB)",
-        file=sys.stderr,
-    )
+    for side in ("arbiter", "party"):
+        peak, base = stream[f"{side}_peak_rss_mib"], stream[f"{side}_baseline_mib"]
+        print(
+            f"peak RSS {side}: {peak:.0f} MiB = {base:.0f} MiB before the model (Python, torch, grpc) "
+            f"+ {peak - base:.0f} MiB (limit 2 x {size_mib} + 200 = {limit} MiB)",
+            file=sys.stderr,
+        )
     overhead_ms = round_overhead(1_000_000, 10 if args.quick else 30)
     print(f"round overhead, 1M params, 3 parties: {overhead_ms:.1f} ms (median)", file=sys.stderr)
     print(
@@ -195,6 +214,8 @@ def main() -> None:
                 "ratio": round(ratio, 3),
                 "arbiter_peak_rss_mib": round(stream["arbiter_peak_rss_mib"]),
                 "party_peak_rss_mib": round(stream["party_peak_rss_mib"]),
+                "arbiter_growth_mib": round(stream["arbiter_peak_rss_mib"] - stream["arbiter_baseline_mib"]),
+                "party_growth_mib": round(stream["party_peak_rss_mib"] - stream["party_baseline_mib"]),
                 "rss_limit_mib": limit,
                 "round_overhead_ms": round(overhead_ms, 2),
             }

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from common import (
-    cpu_model_name,
     emit,
+    environment,
     load_average,
     log,
     make_federation,
@@ -235,14 +235,8 @@ def main() -> None:
         flower_aggregate=fl["aggregate"],
         cpus_per_client=args.cpus_per_client,
         tolerance=args.tolerance,
-        repeats=args.repeats,
         flower_repeats=args.flower_repeats,
-        threads=args.threads,
-        load_avg_1min={"start": load_start, "end": load_average()},
-        quick=args.quick,
-        cpu=cpu_model_name(),
-        torch=torch.__version__,
-        workload=w.as_dict(),
+        **environment(args, w, load_start),
         **venv_info,
     )
     print(f"fedfleet sequential   {med['fedfleet']:8.3f} s   ({steady['fedfleet']:.4f} s/round)")

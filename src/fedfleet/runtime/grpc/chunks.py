@@ -53,18 +53,18 @@ def iter_chunks(params: FlatParams, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> I
         raw = buf.detach()
         for start in range(0, raw.numel(), per_chunk):
             piece = raw[start : start + per_chunk]
-            data = piece.cpu().view(torch.uint8).numpy()  # a view on CPU: the frame join is the one copy
+            data = piece.cpu().view(torch.uint8).numpy()  # a view on CPU: the frame's join is the one copy
             yield Chunk(payload=_safetensors_blob(dtype, start, piece.numel(), data))
 
 
-def _safetensors_blob(dtype: torch.dtype, offset: int, count: int, data: np.ndarray) -> bytes:
+def _safetensors_blob(dtype: torch.dtype, offset: int, count: int, data: np.ndarray) -> tuple:
     header = {
         "__metadata__": {"buffer": dtype_name(dtype), "offset": str(offset)},
         "data": {"dtype": DTYPE_CODES[dtype], "shape": [count], "data_offsets": [0, data.nbytes]},
     }
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header so tensor data stays 8-byte aligned
-    return b"".join((_U64.pack(len(raw)), raw, data.data))
+    return (_U64.pack(len(raw)), raw, data.data)  # joined once, into the frame
 
 
 class ParamsReceiver:

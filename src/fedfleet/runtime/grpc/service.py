@@ -16,6 +16,7 @@ from fedfleet.runtime.grpc.wire import Message, decode, encode
 SERVICE = "fedfleet.Federation"
 METHOD = "Connect"
 MAX_MESSAGE_BYTES = 32 << 20  # chunks are a few MiB; this is headroom, not a design size
+FLOW_WINDOW_BYTES = 16 << 20
 
 
 def channel_options() -> list[tuple[str, Any]]:
@@ -27,6 +28,10 @@ def channel_options() -> list[tuple[str, Any]]:
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # a fixed flow-control window: with BDP probing, loopback windows grow until a whole model is in
+        # flight inside gRPC's buffers, a second copy on each side (measured in benchmarks/streaming.py)
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", FLOW_WINDOW_BYTES),
     ]
 
 

@@ -24,10 +24,13 @@ class WireError(ValueError):
     """A frame that does not decode into a known message (corrupt, or from another protocol version)."""
 
 
+Payload = bytes | memoryview | tuple  # a tuple of buffers is joined into the frame (one copy, no pre-join)
+
+
 @dataclass
 class Message:
     kind: ClassVar[str] = ""
-    payload: bytes | memoryview = field(default=b"", repr=False, compare=False)
+    payload: Payload = field(default=b"", repr=False, compare=False)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -128,7 +131,8 @@ class Chunk(Message):
 def encode(msg: Message) -> bytes:
     fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg) if f.name != "payload"}
     header = json.dumps({"t": msg.kind, **fields}, separators=(",", ":")).encode()
-    return b"".join((_HEADER_LEN.pack(len(header)), header, msg.payload))
+    parts = msg.payload if isinstance(msg.payload, tuple) else (msg.payload,)
+    return b"".join((_HEADER_LEN.pack(len(header)), header, *parts))
 
 
 def decode(frame: bytes) -> Message:

@@ -1,6 +1,5 @@
 """A real arbiter and real parties over gRPC on loopback (threads of this process; processes elsewhere)."""
 
-import dataclasses
 import threading
 
 import pytest
@@ -57,7 +56,7 @@ class StaleThenGoodParty(Party):
         if task.task != "fit":
             return super()._run(task, outbox)
         update = self.trainer.fit(self.inbox, FitConfig(**task.config), self.train_data)
-        stale = dataclasses.replace(self.result_header(task, update.weight, update.metrics, update.params))
+        stale = self.result_header(task, update.weight, update.metrics, update.params)
         stale.round -= 1
         for header in (stale, self.result_header(task, update.weight, update.metrics, update.params)):
             outbox.send(header)

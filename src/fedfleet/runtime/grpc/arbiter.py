@@ -190,7 +190,6 @@ class ArbiterServer:
         state = _Receiving()
         try:
             for msg in requests:
-                link.touch()
                 self._on_message(link, msg, state)
         except grpc.RpcError:
             pass  # the stream ended: the party left or was killed
@@ -202,7 +201,7 @@ class ArbiterServer:
             self._detach(link)
 
     def _on_message(self, link: PartyLink, msg: Message, state: _Receiving) -> None:
-        if isinstance(msg, Heartbeat):
+        if isinstance(msg, Heartbeat):  # keeps idle streams alive through proxies and NATs; nothing to do
             return
         if isinstance(msg, Chunk):
             self._on_chunk(link, msg, state)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Iterable, Iterator
 
 from fedfleet.runtime.grpc.wire import Message
@@ -52,7 +51,3 @@ class PartyLink:
         self.index = index
         self.generation = generation  # a reconnect replaces the link; stale links must not report for it
         self.outbox = Outbox()
-        self.last_seen = time.monotonic()
-
-    def touch(self) -> None:
-        self.last_seen = time.monotonic()

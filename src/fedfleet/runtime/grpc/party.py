@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +72,6 @@ class Party:
         self.spec = trainer.params.spec
         self.inbox = FlatParams.zeros(self.spec)  # the global params arrive here, one buffer for every task
         self.index = -1
-        self.on_task: Callable[[Task], None] | None = None  # test hook: see a task before it runs
 
     def run(self) -> str:
         """Serve until the arbiter says the session is done; returns its reason."""
@@ -131,8 +129,6 @@ class Party:
                 beat.join(timeout=2.0)
 
     def _run(self, task: Task, outbox: Outbox) -> None:
-        if self.on_task is not None:
-            self.on_task(task)
         if task.task == "evaluate":
             metrics = self.trainer.evaluate(self.inbox, self.eval_data)
             weight = metrics.get("examples", 1.0)

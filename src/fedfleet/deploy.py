@@ -16,11 +16,9 @@ from fedfleet.data import partition
 from fedfleet.data.federated import ClientData
 from fedfleet.errors import ConfigError
 from fedfleet.runtime.grpc import ArbiterServer, Connection, GrpcRuntime, Party
-from fedfleet.runtime.grpc.tls import channel_credentials, server_credentials
+from fedfleet.runtime.grpc.tls import ARBITER_NAME, channel_credentials, server_credentials
 from fedfleet.select import build_selector
 from fedfleet.strategy import build_strategy
-
-ARBITER_NAME = "arbiter"  # the common name of the arbiter's certificate
 
 
 @dataclass(frozen=True)

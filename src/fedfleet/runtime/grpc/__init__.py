@@ -3,5 +3,6 @@
 from fedfleet.runtime.grpc.arbiter import ArbiterServer
 from fedfleet.runtime.grpc.party import Connection, Party, PartyRejected
 from fedfleet.runtime.grpc.runtime import GrpcRuntime, PartiesMissingError
+from fedfleet.runtime.grpc.sync_party import SyncParty
 
-__all__ = ["ArbiterServer", "Connection", "GrpcRuntime", "PartiesMissingError", "Party", "PartyRejected"]
+__all__ = ["ArbiterServer", "Connection", "GrpcRuntime", "PartiesMissingError", "Party", "PartyRejected", "SyncParty"]

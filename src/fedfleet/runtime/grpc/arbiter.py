@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from fedfleet.core.params import FlatParams, ParamSpec
-from fedfleet.runtime.grpc.chunks import ParamsReceiver
+from fedfleet.runtime.grpc.chunks import ParamsReceiver, spec_difference, spec_from_description
 from fedfleet.runtime.grpc.gate import RoundGate, check_values
 from fedfleet.runtime.grpc.links import PartyLink
 from fedfleet.runtime.grpc.service import add_handler, server_options
@@ -59,22 +60,29 @@ class ArbiterServer:
         *,
         session: str,
         parties: list[str],
-        spec: ParamSpec,
+        spec: ParamSpec | None,
         address: str,
         credentials: grpc.ServerCredentials | None,
         max_weight: float = 1e9,
         inflight: int = 1,
+        mode: str = "tasks",
     ) -> None:
         self.session = session
         self.parties = list(parties)
         self.index = {name: i for i, name in enumerate(self.parties)}
-        self.spec = spec
         self.secure = credentials is not None
-        self.gate = RoundGate(spec, max_weight)
+        self.mode = mode
+        self.max_weight = max_weight
+        self.inflight = inflight
+        self.spec: ParamSpec | None = None
+        self.gate = RoundGate(ParamSpec([]), max_weight)  # replaced when the layout is known
+        self.spec_known = threading.Event()
+        self.rounds_wanted: dict[str, int] = {}  # sync mode: the number of syncs each party announced
+        self.rounds: int | None = None  # sync mode, once fixed: parties announcing another number are refused
         self.events: queue.Queue[Event] = queue.Queue()
         self._pool: queue.Queue[FlatParams] = queue.Queue()
-        for _ in range(inflight):
-            self._pool.put(FlatParams.zeros(spec))
+        if spec is not None:
+            self._adopt(spec)
         self._links: dict[str, PartyLink] = {}
         self._readers: list[threading.Thread] = []
         self._generation = 0
@@ -91,6 +99,14 @@ class ArbiterServer:
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {address}: {exc} (is another arbiter running there?)") from None
 
+    def _adopt(self, spec: ParamSpec) -> None:
+        """Fix the session's param layout: from the job's model, or (a model-less arbiter) the first party."""
+        self.spec = spec
+        self.gate = RoundGate(spec, self.max_weight)
+        for _ in range(self.inflight):
+            self._pool.put(FlatParams.zeros(spec))
+        self.spec_known.set()
+
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
         self._server.start()
@@ -98,8 +114,12 @@ class ArbiterServer:
         log.info("listening on port %d (session %s, %s)", self.port, self.session, mode)
 
     def stop(self, grace: float = 2.0) -> None:
+        """Write what is queued for each party (e.g. the final params and Done), then close, within ``grace``."""
         with self.changed:
             links = list(self._links.values())
+        deadline = time.monotonic() + grace
+        for link in links:
+            link.outbox.drain(max(0.0, deadline - time.monotonic()))
         for link in links:
             link.outbox.close()
         self._server.stop(grace).wait()
@@ -137,6 +157,7 @@ class ArbiterServer:
             yield Reject(reason=reason)
             return
         link = self._attach(name)
+        self.rounds_wanted[name] = join.rounds
         context.add_callback(link.outbox.close)
         reader = threading.Thread(target=self._read, args=(link, requests), name=f"read-{name}", daemon=True)
         self._readers = [t for t in self._readers if t.is_alive()] + [reader]
@@ -161,9 +182,34 @@ class ArbiterServer:
             return "", f"{name!r} is not a party of session {self.session!r} (parties: {', '.join(self.parties)})"
         if join.session != self.session:
             return "", f"{name} asked for session {join.session!r}; this arbiter runs session {self.session!r}"
-        if join.spec_digest != self.spec.digest:
-            return "", f"{name}'s model has another param layout (digest {join.spec_digest}, job {self.spec.digest})"
-        return name, ""
+        if join.mode != self.mode:
+            return "", f"{name} joined in {join.mode} mode; this arbiter runs the session in {self.mode} mode"
+        if self.rounds and join.rounds and join.rounds != self.rounds:
+            return "", (
+                f"{name} plans {join.rounds} syncs but the session has {self.rounds} rounds; give every party the "
+                f"same training length and aggregation frequency"
+            )
+        return name, self._check_layout(name, join)
+
+    def _check_layout(self, name: str, join: Join) -> str:
+        theirs = None
+        if join.spec:
+            try:
+                theirs = spec_from_description(join.spec)
+            except WireError as exc:
+                return f"{name} sent {exc}"
+            if theirs.digest != join.spec_digest:
+                return f"{name}'s layout does not match its own digest"
+        with self.changed:
+            if self.spec is None:
+                if theirs is None:
+                    return f"{name} did not send its param layout, and this arbiter has no model to take it from"
+                self._adopt(theirs)
+                log.info("param layout from %s: %s", name, theirs)
+        if join.spec_digest == self.spec.digest:
+            return ""
+        detail = f": {spec_difference(self.spec, theirs)}" if theirs is not None else ""
+        return f"{name}'s model has another param layout than the session's (is it the same architecture?){detail}"
 
     def _attach(self, name: str) -> PartyLink:
         with self.changed:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fedfleet.core.params import FlatParams
+from fedfleet.core.params import FlatParams, ParamSpec
 from fedfleet.runtime.grpc.wire import Chunk, WireError
 
 DEFAULT_CHUNK_BYTES = 4 << 20
@@ -120,3 +120,35 @@ def _parse_blob(blob: bytes | memoryview) -> tuple[str, int, int, memoryview]:
         return dtype, offset, int(count), body[start:end]
     except (KeyError, TypeError, ValueError, struct.error) as exc:
         raise WireError(f"malformed chunk: {exc}") from None
+
+
+def describe_spec(spec: ParamSpec) -> list[list]:
+    """The layout as JSON-able ``[name, shape, dtype]`` rows (a party tells a model-less arbiter its layout)."""
+    return [[e.name, list(e.shape), dtype_name(e.dtype)] for e in spec.entries]
+
+
+def spec_from_description(rows: list) -> ParamSpec:
+    by_name = {dtype_name(d): d for d in DTYPE_CODES}
+    try:
+        return ParamSpec([(str(name), tuple(int(s) for s in shape), by_name[dtype]) for name, shape, dtype in rows])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"unreadable param layout: {exc!r}") from None
+
+
+def spec_difference(ours: ParamSpec, theirs: ParamSpec, limit: int = 3) -> str:
+    """A short human description of how two layouts differ (for the refusal message)."""
+    notes = [f"{len(theirs)} tensors vs {len(ours)}"] if len(theirs) != len(ours) else []
+    for name in [n for n in theirs.names if n not in ours][:limit]:
+        notes.append(f"unexpected {name}")
+    for name in [n for n in ours.names if n not in theirs][:limit]:
+        notes.append(f"missing {name}")
+    for e in theirs.entries:
+        if e.name in ours and (ours[e.name].shape, ours[e.name].dtype) != (e.shape, e.dtype):
+            mine = ours[e.name]
+            notes.append(
+                f"{e.name} is {list(e.shape)} {dtype_name(e.dtype)}, expected {list(mine.shape)} "
+                f"{dtype_name(mine.dtype)}"
+            )
+            if len(notes) > 2 * limit:
+                break
+    return "; ".join(notes) or "same names and shapes, different order"

@@ -14,7 +14,7 @@ from collections import Counter
 
 from fedfleet.core.params import FlatParams, ParamSpec
 from fedfleet.runtime.grpc.chunks import dtype_name
-from fedfleet.runtime.grpc.wire import Result
+from fedfleet.runtime.grpc.wire import Result, TaskKind
 
 
 class RoundGate:
@@ -66,8 +66,8 @@ class RoundGate:
             return f"replay: task {result.task_id!r} is not the task {party} was given"
         if party in self._answered:
             return f"duplicate: {party} already answered round {result.round + 1}"
-        if result.task == "fit" and not result.has_params:
-            return "layout: a training result without params"
+        if result.task != TaskKind.EVALUATE and not result.has_params:
+            return f"layout: a {result.task} result without params"
         if result.has_params and (result.spec_digest != self.spec.digest or result.sizes != self._sizes):
             return f"layout: params {result.sizes} (digest {result.spec_digest}) do not match the job's {self._sizes}"
         if not (isinstance(result.weight, (int, float)) and math.isfinite(result.weight)):

@@ -25,14 +25,21 @@ class Outbox:
             self._queue.put(item)
 
     def close(self) -> None:
+        """Stop now: what is queued is dropped (a stream that broke, a party that was replaced)."""
         self.closed.set()
         self._queue.put(_CLOSE)
+
+    def drain(self, timeout: float) -> bool:
+        """Close after everything already queued is written; False if that took longer than ``timeout``."""
+        self._queue.put(_CLOSE)
+        return self.closed.wait(timeout)
 
     def frames(self) -> Iterator[Message]:
         """The messages to write, in order; ends when the outbox is closed."""
         while True:
             item = self._queue.get()
             if item is _CLOSE:
+                self.closed.set()
                 return
             if isinstance(item, Message):
                 yield item

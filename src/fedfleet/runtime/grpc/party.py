@@ -19,7 +19,7 @@ from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
 from fedfleet.errors import TrainingDivergedError, UserError
 from fedfleet.runtime.grpc.backoff import backoff_delays
-from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES, ParamsReceiver, dtype_name, iter_chunks
+from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES, ParamsReceiver, describe_spec, dtype_name, iter_chunks
 from fedfleet.runtime.grpc.links import Outbox
 from fedfleet.runtime.grpc.service import channel_options, connect_stub
 from fedfleet.runtime.grpc.wire import (
@@ -31,6 +31,7 @@ from fedfleet.runtime.grpc.wire import (
     Reject,
     Result,
     Task,
+    TaskKind,
     Welcome,
     WireError,
 )
@@ -61,17 +62,41 @@ class Connection:
         return grpc.secure_channel(self.address, self.credentials, options=channel_options())
 
 
-class Party:
-    """Runs ``trainer`` for the arbiter. ``train_data`` / ``eval_data`` are the party's own data."""
+class PartySession:
+    """One party's stream to the arbiter: join, receive tasks and their params, reconnect after failures.
 
-    def __init__(self, trainer: Any, train_data: Any, eval_data: Any, connection: Connection) -> None:
-        self.trainer = trainer
-        self.train_data = train_data
-        self.eval_data = eval_data if eval_data is not None else train_data
+    Subclasses say what a task means (``on_task``): :class:`Party` trains when told to, a
+    :class:`~fedfleet.runtime.grpc.sync_party.SyncParty` hands the params to a training loop of its own.
+    """
+
+    mode = "tasks"
+
+    def __init__(self, spec: Any, connection: Connection) -> None:
         self.conn = connection
-        self.spec = trainer.params.spec
-        self.inbox = FlatParams.zeros(self.spec)  # the global params arrive here, one buffer for every task
+        self.spec = spec
+        self.inbox = FlatParams.zeros(spec)  # the global params arrive here, one buffer for every task
         self.index = -1
+        self._outbox: Outbox | None = None
+        self._channel: grpc.Channel | None = None
+
+    def join_message(self) -> Join:
+        return Join(
+            session=self.conn.session,
+            spec_digest=self.spec.digest,
+            spec=describe_spec(self.spec),
+            name=self.conn.name,
+            mode=self.mode,
+        )
+
+    def on_task(self, task: Task, outbox: Outbox) -> None:
+        """A task has arrived, with its params in ``self.inbox`` when it has any."""
+        raise NotImplementedError
+
+    def on_task_header(self, task: Task) -> None:
+        """A task's params start arriving into ``self.inbox`` (``on_task`` follows when they are complete)."""
+
+    def on_done(self, reason: str) -> None:
+        """The arbiter ended the session."""
 
     def run(self) -> str:
         """Serve until the arbiter says the session is done; returns its reason."""
@@ -88,14 +113,21 @@ class Party:
                     raise ConnectionError(f"cannot reach the arbiter at {self.conn.address}: {exc}") from None
                 delay = next(delays)
                 log.warning("%s: %s; reconnecting in %.1f s", self.conn.name, exc, delay)
-                threading.Event().wait(delay)
+                if self._wait_before_retry(delay):
+                    return "stopped"
+
+    def _wait_before_retry(self, delay: float) -> bool:
+        """Sleep before reconnecting; True ends the party instead (a SyncParty being closed)."""
+        threading.Event().wait(delay)
+        return False
 
     def _serve(self) -> str:
         outbox = Outbox()
-        outbox.send(Join(session=self.conn.session, spec_digest=self.spec.digest, name=self.conn.name))
+        outbox.send(self.join_message())
         beat = threading.Thread(target=self._heartbeat, args=(outbox,), daemon=True)
         welcomed = False
         channel = self.conn.channel()
+        self._outbox, self._channel = outbox, channel
         try:
             stream = connect_stub(channel)(outbox.frames())
             beat.start()
@@ -109,13 +141,17 @@ class Party:
                     raise PartyRejected(f"the arbiter refused {self.conn.name}: {msg.reason}")
                 elif isinstance(msg, Done):
                     log.info("%s: %s", self.conn.name, msg.reason)
+                    self.on_done(msg.reason)
                     return msg.reason
+                elif isinstance(msg, Task) and not msg.has_params:
+                    self.on_task(msg, outbox)
                 elif isinstance(msg, Task):
+                    self.on_task_header(msg)
                     task, receiver = msg, ParamsReceiver(self.inbox)
                 elif isinstance(msg, Chunk) and receiver is not None and task is not None:
                     receiver.add(msg)
                     if receiver.complete:
-                        self._run(task, outbox)
+                        self.on_task(task, outbox)
                         task = receiver = None
             raise _StreamBroken("the arbiter closed the stream", welcomed)
         except grpc.RpcError as exc:
@@ -128,11 +164,34 @@ class Party:
             if beat.is_alive():
                 beat.join(timeout=2.0)
 
+    def _heartbeat(self, outbox: Outbox) -> None:
+        while not outbox.closed.wait(self.conn.heartbeat_s):
+            outbox.send(Heartbeat())
+
+    def send_params(self, outbox: Outbox, header: Result, params: FlatParams) -> None:
+        outbox.send(header)
+        outbox.send(iter_chunks(params, self.conn.chunk_bytes))
+
+
+class Party(PartySession):
+    """Runs ``trainer`` when the arbiter says so. ``train_data`` / ``eval_data`` are the party's own data."""
+
+    def __init__(self, trainer: Any, train_data: Any, eval_data: Any, connection: Connection) -> None:
+        super().__init__(trainer.params.spec, connection)
+        self.trainer = trainer
+        self.train_data = train_data
+        self.eval_data = eval_data if eval_data is not None else train_data
+
+    def on_task(self, task: Task, outbox: Outbox) -> None:
+        self._run(task, outbox)
+
     def _run(self, task: Task, outbox: Outbox) -> None:
-        if task.task == "evaluate":
+        if task.task == TaskKind.EVALUATE:
             metrics = self.trainer.evaluate(self.inbox, self.eval_data)
             weight = metrics.get("examples", 1.0)
-            outbox.send(Result(task_id=task.task_id, round=task.round, task="evaluate", weight=weight, metrics=metrics))
+            outbox.send(
+                Result(task_id=task.task_id, round=task.round, task=TaskKind.EVALUATE, weight=weight, metrics=metrics)
+            )
             return
         config = FitConfig(**task.config)
         try:
@@ -140,8 +199,8 @@ class Party:
         except TrainingDivergedError as exc:
             outbox.send(Failure(task_id=task.task_id, round=task.round, reason=str(exc)))
             return
-        outbox.send(self.result_header(task, update.weight, update.metrics, update.params, update.is_delta))
-        outbox.send(iter_chunks(update.params, self.conn.chunk_bytes))
+        header = self.result_header(task, update.weight, update.metrics, update.params, update.is_delta)
+        self.send_params(outbox, header, update.params)
 
     @staticmethod
     def result_header(task: Task, weight: float, metrics: dict, params: FlatParams, is_delta: bool = True) -> Result:
@@ -156,10 +215,6 @@ class Party:
             spec_digest=params.spec.digest,
             sizes={dtype_name(d): b.numel() for d, b in params.buffers.items()},
         )
-
-    def _heartbeat(self, outbox: Outbox) -> None:
-        while not outbox.closed.wait(self.conn.heartbeat_s):
-            outbox.send(Heartbeat())
 
 
 class _StreamBroken(Exception):

@@ -1,9 +1,12 @@
 """The gRPC runtime: the round loop's ``fit`` and ``evaluate`` executed by parties over the network.
 
-Server-driven: for each round the arbiter sends every selected, connected party a task (the training
-config with the party's seed) followed by the global params in chunks, then yields the updates as they
-pass validation. The round ends when every selected party has answered, failed, been rejected or left,
-or at ``round_timeout``; with fewer than ``min_parties`` good updates it is retried from scratch.
+Server-driven (``tasks`` mode): for each round the arbiter sends every selected, connected party a task
+(the training config with the party's seed) followed by the global params in chunks, then yields the
+updates as they pass validation. Party-driven (``sync`` mode, for stateful trainers such as the Hugging
+Face Trainer): the round starts by sending each selected party the global params, and the parties answer
+whenever their own training reaches a sync point; after the last round they receive the final params.
+Either way a round ends when every selected party has answered, failed, been rejected or left, or at
+``round_timeout``; with fewer than ``min_parties`` good updates it is retried from scratch.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from fedfleet.core.update import Update
 from fedfleet.errors import UserError
 from fedfleet.runtime.grpc.arbiter import ArbiterServer, Event
 from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES, iter_chunks
-from fedfleet.runtime.grpc.wire import Done, Task
+from fedfleet.runtime.grpc.wire import Done, Task, TaskKind
 from fedfleet.runtime.sim.sequential import client_seed
 
 log = logging.getLogger("fedfleet.arbiter")
@@ -72,8 +75,12 @@ class GrpcRuntime:
         self._drain_stale()
         self.server.gate.open(config.round, tasks)
         for name, task_id in tasks.items():
-            local = dataclasses.replace(config, seed=client_seed(config, self.server.index[name]))
-            self._send(name, Task(task_id=task_id, round=config.round, task="fit", config=dataclasses.asdict(local)))
+            if self.sync_mode:  # the party trains on its own schedule: it needs only the params
+                task = Task(task_id=task_id, round=config.round, task=TaskKind.SYNC)
+            else:
+                local = dataclasses.replace(config, seed=client_seed(config, self.server.index[name]))
+                task = Task(task_id=task_id, round=config.round, task=TaskKind.FIT, config=dataclasses.asdict(local))
+            self._send(name, task)
             self._send(name, iter_chunks(global_params, self.chunk_bytes))
         pending, accepted, lost = set(tasks), 0, 0
         for event in self._events(pending, config.round):
@@ -114,15 +121,55 @@ class GrpcRuntime:
         if self.evaluator is not None:
             trainer, data = self.evaluator
             metrics.update(trainer.evaluate(global_params, data))
-        if self.federated_eval:
+        if self.federated_eval and not self.sync_mode:  # sync-mode parties evaluate on their own schedule
             metrics.update({f"party_{k}": v for k, v in self._federated_evaluate(global_params).items()})
         return metrics
 
     def round_metrics(self) -> dict[str, float]:
         return dict(self._metrics)
 
-    def finish(self, reason: str = "the session is complete") -> None:
+    def finish(self, reason: str = "the session is complete", final_params: FlatParams | None = None) -> None:
+        """Tell every connected party the session is over (in sync mode, after sending it the final params)."""
+        if self.sync_mode and final_params is not None:
+            for name in self.server.connected():
+                self._send(name, Task(task_id=uuid.uuid4().hex, round=self._round + 1, task=TaskKind.FINAL))
+                self._send(name, iter_chunks(final_params, self.chunk_bytes))
         self.server.broadcast(Done(reason=reason))
+
+    @property
+    def sync_mode(self) -> bool:
+        return self.server.mode == "sync"
+
+    def initial_params(self) -> FlatParams:
+        """For an arbiter without a model: the layout and initial params of the first party that answers.
+
+        Every party then starts round 1 from these params, so all of them train the same model.
+        """
+        deadline = time.monotonic() + self.wait_timeout
+        while time.monotonic() < deadline:
+            with self.server.changed:
+                while not self.server.connected() and time.monotonic() < deadline:
+                    self.server.changed.wait(0.5)
+            present = self.server.connected()
+            if not present:
+                break
+            name, task_id = present[0], uuid.uuid4().hex
+            self._drain_stale()
+            self.server.gate.open(-1, {name: task_id})
+            self._send(name, Task(task_id=task_id, round=-1, task=TaskKind.INIT, has_params=False))
+            for event in self._events({name}, -1):
+                if event.kind == "update":
+                    params = event.params.clone()
+                    self.server.release(event.params)
+                    self.server.gate.close()
+                    log.info("initial params from %s (%s)", name, params.spec)
+                    return params
+            self.server.gate.close()
+            log.warning("%s did not send its initial params; asking another party", name)
+        raise PartiesMissingError(
+            f"no party sent its initial params within {self.wait_timeout:.0f} s; are the parties started, "
+            f"and do they dial port {self.server.port}?"
+        )
 
     # -- internals ---------------------------------------------------------------------------------
     def _federated_evaluate(self, global_params: FlatParams) -> dict[str, float]:
@@ -133,7 +180,7 @@ class GrpcRuntime:
         self._drain_stale()
         self.server.gate.open(self._round, tasks)
         for name, task_id in tasks.items():
-            self._send(name, Task(task_id=task_id, round=self._round, task="evaluate"))
+            self._send(name, Task(task_id=task_id, round=self._round, task=TaskKind.EVALUATE))
             self._send(name, iter_chunks(global_params, self.chunk_bytes))
         means = MetricMean()
         for event in self._events(set(tasks), self._round):

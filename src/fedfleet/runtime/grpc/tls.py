@@ -12,6 +12,8 @@ import grpc
 
 from fedfleet.errors import ConfigError
 
+ARBITER_NAME = "arbiter"  # the common name of the arbiter's certificate
+
 
 def _read(path: Path, what: str) -> bytes:
     try:
@@ -23,7 +25,7 @@ def _read(path: Path, what: str) -> bytes:
         ) from None
 
 
-def server_credentials(certs: str | Path, name: str = "arbiter") -> grpc.ServerCredentials:
+def server_credentials(certs: str | Path, name: str = ARBITER_NAME) -> grpc.ServerCredentials:
     d = Path(certs)
     pair = (_read(d / f"{name}.key", "key"), _read(d / f"{name}.crt", "certificate"))
     return grpc.ssl_server_credentials([pair], root_certificates=_read(d / "ca.crt", "CA"), require_client_auth=True)

@@ -12,9 +12,10 @@ import dataclasses
 import json
 import struct
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, ClassVar
 
-PROTOCOL = 1  # bumped when a message changes incompatibly; checked at join
+PROTOCOL = 2  # bumped when a message changes incompatibly; checked at join
 
 _HEADER_LEN = struct.Struct("<I")
 MESSAGES: dict[str, type[Message]] = {}
@@ -22,6 +23,16 @@ MESSAGES: dict[str, type[Message]] = {}
 
 class WireError(ValueError):
     """A frame that does not decode into a known message (corrupt, or from another protocol version)."""
+
+
+class TaskKind(str, Enum):
+    """What a task asks for (and what a result answers). A ``str`` enum: it is plain text in the header."""
+
+    FIT = "fit"  # train from the params that follow, send the update (server-driven)
+    EVALUATE = "evaluate"  # evaluate the params that follow, send metrics
+    SYNC = "sync"  # sync mode: start a round from the params that follow; the party's sync answers it
+    FINAL = "final"  # sync mode: the last global params; the party's pending sync returns them
+    INIT = "init"  # send your initial params (to an arbiter that has no model of its own)
 
 
 Payload = bytes | memoryview | tuple  # a tuple of buffers is joined into the frame (one copy, no pre-join)
@@ -50,6 +61,8 @@ class Join(Message):
     protocol: int = PROTOCOL
     name: str = ""
     mode: str = "tasks"  # tasks (the arbiter drives) | sync (the party calls ctx.sync)
+    spec: list = field(default_factory=list)  # [[name, shape, dtype], ...]: lets a model-less arbiter learn it
+    rounds: int = 0  # sync mode: how many times the party will sync (0 = the arbiter decides)
 
 
 @dataclass
@@ -59,7 +72,7 @@ class Result(Message):
     kind: ClassVar[str] = "result"
     task_id: str = ""
     round: int = -1
-    task: str = "fit"  # fit | evaluate | sync
+    task: str = TaskKind.FIT
     weight: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     has_params: bool = False
@@ -97,14 +110,19 @@ class Reject(Message):
 
 @dataclass
 class Task(Message):
-    """Train (``fit``) or ``evaluate`` from the params whose chunks follow; or ``params``: the new global
-    model that answers a party's sync."""
+    """What the arbiter asks of a party; the global params' chunks follow when ``has_params``.
+
+    ``fit`` / ``evaluate``: train or evaluate from the params (server-driven). Sync mode: ``sync`` starts a
+    round from the params (the answer to the party's previous sync), ``final`` carries the last global
+    model, ``init`` asks the party for its initial params (an arbiter that has no model of its own).
+    """
 
     kind: ClassVar[str] = "task"
     task_id: str = ""
     round: int = -1
-    task: str = "fit"
+    task: str = TaskKind.FIT
     config: dict[str, Any] = field(default_factory=dict)
+    has_params: bool = True
 
 
 @dataclass

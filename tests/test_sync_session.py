@@ -108,7 +108,7 @@ def test_a_party_with_another_architecture_is_refused_by_name():
     address = f"127.0.0.1:{free_port()}"
     good = TrainingParty(address, NAMES[0], 0, rounds=2)
     odd = TrainingParty(address, NAMES[1], 1, rounds=2, hidden=16)
-    _, parties, result = run_session(rounds=2, parties=[good, odd], wait_timeout=5, join_timeout=2)
+    run_session(rounds=2, parties=[good, odd], wait_timeout=5, join_timeout=2)
     assert isinstance(odd.error, PartyRejected)
     assert "0.weight is [16, 4] float32, expected [8, 4] float32" in str(odd.error)
 

@@ -1,0 +1,138 @@
+"""FATE-LLM's FedAVGClient / FedAVGServer on fedfleet: a Hugging Face ``Trainer`` that syncs with the others.
+
+Guest and host::
+
+    ctx = create_context(("guest", "9999"), parties, session_id="s1", arbiter_address="arbiter:50051")
+    trainer = FedAvgClient(ctx=ctx, model=model, fed_args=FedArguments("epoch", 1),
+                           training_args=TrainingArguments(...), train_set=ds, tokenizer=tok)
+    trainer.train()
+    trainer.save_model("guest_model")
+
+Arbiter::
+
+    FedAvgServer(create_context(("arbiter", "10000"), parties, session_id="s1")).train()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from fedfleet.core.loop import RoundRecord
+from fedfleet.errors import ConfigError
+from fedfleet.hf.args import FedArguments
+from fedfleet.hf.callback import FedSyncCallback
+from fedfleet.hf.context import Context
+from fedfleet.sync_session import SyncArbiter, SyncSessionConfig
+
+
+class FedAvgClient(Trainer):
+    """A data owner's ``Trainer``; everything but ``ctx``/``fed_args`` is the usual Trainer's.
+
+    ``loss_fn(logits, labels)`` replaces the model's own loss when given. Only the trainable parameters
+    (``requires_grad``: all of them in full fine-tuning, the adapters with PEFT) are exchanged; pass
+    ``select`` (``"all"``, ``"re:<regex>"`` or a callable) to choose otherwise.
+    """
+
+    def __init__(
+        self,
+        ctx: Any,
+        model: nn.Module,
+        fed_args: FedArguments | None = None,
+        training_args: TrainingArguments | None = None,
+        loss_fn: Callable[..., Any] | None = None,
+        train_set: Any = None,
+        eval_set: Any = None,
+        tokenizer: Any = None,
+        data_collator: Any = None,
+        compute_metrics: Callable[..., dict] | None = None,
+        callbacks: Sequence[Any] = (),
+        select: Any = "trainable",
+        **trainer_kwargs: Any,
+    ) -> None:
+        if getattr(ctx, "is_arbiter", False):
+            raise ConfigError("this context is the arbiter's; data owners use FedAvgClient, the arbiter FedAvgServer")
+        if train_set is None:
+            raise ConfigError("FedAvgClient needs train_set: the party's own training data")
+        _check_vocab(tokenizer, model)
+        self.fed_args = fed_args or FedArguments()
+        self.fed_sync = FedSyncCallback(ctx, self.fed_args, select)
+        super().__init__(
+            model=model,
+            args=training_args,
+            data_collator=data_collator,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            processing_class=tokenizer,
+            compute_loss_func=_loss_adapter(loss_fn) if loss_fn is not None else None,
+            compute_metrics=compute_metrics,
+            callbacks=[*callbacks, self.fed_sync],
+            **trainer_kwargs,
+        )
+        self.fed_sync.trainer = self
+        self.ctx = ctx
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        self.fed_sync.count_examples(inputs)  # a sync's weight is the examples trained on since the last one
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.fed_sync.close()  # also when training fails: leave the session instead of hanging it
+
+
+class FedAvgServer:
+    """The arbiter: folds the parties' updates every round; needs no model and no data."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        fed_args: FedArguments | None = None,
+        rounds: int | None = None,
+        strategy: Any = "fedavg",
+        min_parties: int | None = None,
+        round_timeout: float = 24 * 3600.0,
+        wait_timeout: float = 3600.0,
+    ) -> None:
+        if not ctx.is_arbiter:
+            raise ConfigError(f"FedAvgServer runs on the arbiter; this context is {ctx.name}'s")
+        self.ctx = ctx
+        self.arbiter = SyncArbiter(
+            SyncSessionConfig(
+                session=ctx.session_id,
+                parties=ctx.data_parties,
+                address=ctx.arbiter_address,
+                certs=ctx.certs,
+                rounds=rounds,
+                min_parties=min_parties,
+                strategy=strategy,
+                round_timeout=round_timeout,
+                wait_timeout=wait_timeout,
+            )
+        )
+
+    def train(self) -> list[RoundRecord]:
+        return self.arbiter.serve()
+
+
+def _loss_adapter(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+    def compute(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if labels is not None and labels.dtype.is_floating_point and labels.shape != logits.shape:
+            labels = labels.reshape(logits.shape)
+        return loss_fn(logits, labels)
+
+    return compute
+
+
+def _check_vocab(tokenizer: Any, model: nn.Module) -> None:
+    if tokenizer is None or not hasattr(model, "get_input_embeddings"):
+        return
+    from fedfleet.hf.data.tokenizer import check_vocab
+
+    check_vocab(tokenizer, model)

@@ -1,13 +1,19 @@
 """FedAvgClient / FedAvgServer: the Hugging Face Trainer syncing through fedfleet (in-process and gRPC)."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from fedfleet.errors import ConfigError
 from fedfleet.hf import FedArguments, FedAvgClient, FedAvgServer, LocalFederation, create_context
-from tests.grpc_jobs import free_port
+from tests.grpc_jobs import free_port, make_certs
 from tests.hf_parties import make_client, review_shares, tiny_gpt2
 
 
@@ -128,19 +134,34 @@ def test_an_unreachable_arbiter_is_a_clear_error(tmp_path):
         client.train()
 
 
+EXAMPLE = Path(__file__).parents[1] / "examples" / "hf" / "gpt2_sentiment.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_example(launchers: list[list[str]], common: list[str]) -> list[dict]:
+    """Start every role's process, wait for all, and return each one's last JSON line."""
+    procs = [
+        subprocess.Popen([*launcher, *common], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for launcher in launchers
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+
+def saved_models_are_equal(work: Path) -> bool:
+    guest, host = (load_file(work / n / "model" / "model.safetensors") for n in ("guest-9999", "host-10000"))
+    return guest.keys() == host.keys() and all((guest[k] == host[k]).all() for k in guest)
+
+
+def role(name: str, pid: str, launcher: tuple[str, ...] = (sys.executable,)) -> list[str]:
+    return [*launcher, str(EXAMPLE), "--role", name, "--party-id", pid]
+
+
 def test_the_ported_fate_llm_example_runs_as_three_processes_with_mtls(tmp_path):
     """examples/hf/gpt2_sentiment.py as the docs run it: arbiter, guest and host processes, mutual TLS."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from tests.grpc_jobs import make_certs
-
     make_certs(tmp_path / "certs", ["guest-9999", "host-10000"])
-    script = Path(__file__).parents[1] / "examples" / "hf" / "gpt2_sentiment.py"
     common = [
         "--address",
         f"127.0.0.1:{free_port()}",
@@ -152,31 +173,38 @@ def test_the_ported_fate_llm_example_runs_as_three_processes_with_mtls(tmp_path)
         "160",
         "--epochs",
         "2",
+        "--log-every",
+        "1",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    roles = [("arbiter", "10000"), ("guest", "9999"), ("host", "10000")]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), "--role", r, "--party-id", i, *common],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r, i in roles
-    ]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    import json
-
-    summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    summaries = run_example([role("arbiter", "10000"), role("guest", "9999"), role("host", "10000")], common)
     assert summaries[0]["rounds"] == 2
     for s in summaries[1:]:
         assert s["syncs"] == 2
         assert s["last_loss"] < s["first_loss"]  # it learns from the real reviews (means of 3 steps)
-    guest, host = (
-        load_file(tmp_path / "work" / n / "model" / "model.safetensors") for n in ("guest-9999", "host-10000")
+    assert saved_models_are_equal(tmp_path / "work")  # both end with the final global model
+
+
+def test_a_party_of_two_torchrun_ranks_syncs_through_its_rank_0(tmp_path):
+    """The guest is a 2-process DDP group (gloo on CPU): rank 0 talks to the arbiter, rank 1 gets a broadcast."""
+    torchrun = (
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
     )
-    assert guest.keys() == host.keys()
-    assert all((guest[k] == host[k]).all() for k in guest)  # both end with the final global model
+    common = [
+        "--address",
+        f"127.0.0.1:{free_port()}",
+        "--insecure",
+        "--work",
+        str(tmp_path / "work"),
+        "--reviews",
+        "160",
+        "--epochs",
+        "2",
+    ]
+    summaries = run_example([role("arbiter", "10000"), role("guest", "9999", torchrun), role("host", "10000")], common)
+    assert summaries[0]["rounds"] == 2
+    assert all(s["syncs"] == 2 for s in summaries[1:])
+    assert saved_models_are_equal(tmp_path / "work")

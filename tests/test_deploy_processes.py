@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -41,6 +42,19 @@ def wait_for_rows(tmp_path, n, proc, timeout=120):
         time.sleep(0.05)
 
 
+def wait_for_line(proc, text, timeout=120):
+    """Read ``proc``'s stderr until a line holds ``text`` (the rest is drained in the background)."""
+    seen = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            if text in line:
+                seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert seen.wait(timeout), f"{proc.args[3:]} never printed {text!r}"
+
+
 def finish(proc, timeout=120):
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, f"{proc.args[3:]} exited with {proc.returncode}:\n{err}"
@@ -53,9 +67,9 @@ def test_a_killed_party_is_dropped_for_the_round_and_rejoins(tmp_path):
     common = [*SLOW_ROUNDS, "--set", "rounds=5", "--set", "network.min_parties=2"]
     arbiter = start("arbiter", job, *common, "--quiet", cwd=tmp_path)
     parties = {name: start("party", job, *common, "--name", name, cwd=tmp_path) for name in PARTIES}
-    wait_for_rows(tmp_path, 1, arbiter)
+    wait_for_line(parties["host-10001"], "round 2: training")  # mid-round: it holds round 2's task
     parties["host-10001"].send_signal(signal.SIGKILL)
-    parties["host-10001"].communicate()
+    parties["host-10001"].wait()
     parties["host-10001"] = start("party", job, *common, "--name", "host-10001", cwd=tmp_path)
     out, _ = finish(arbiter)
     for proc in parties.values():

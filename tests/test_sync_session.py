@@ -74,7 +74,9 @@ def run_session(rounds: int = 3, parties: list[TrainingParty] | None = None, **k
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()
-    for t in threads:
+    threads[0].start()
+    arbiter.server.spec_known.wait(30)  # the first party in the list sets the layout, the others must match
+    for t in threads[1:]:
         t.start()
     for t in [*threads, server]:
         t.join(60)

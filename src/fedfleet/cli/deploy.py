@@ -72,6 +72,7 @@ def party_command(
         raise ConfigError("say which party this is: --name guest-9999, or --role guest --party-id 9999")
     party = build_party(job, party_name, access_of(job, insecure, certs, arbiter))
     _exit_cleanly_on_sigterm()
+    party.report = lambda line: print(f"{party_name}: {line}", file=sys.stderr, flush=True)
     print(f"{party_name}: dialing the arbiter at {party.conn.address}", file=sys.stderr, flush=True)
     try:
         reason = party.run()

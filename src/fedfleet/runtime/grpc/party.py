@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,11 +177,19 @@ class PartySession:
 class Party(PartySession):
     """Runs ``trainer`` when the arbiter says so. ``train_data`` / ``eval_data`` are the party's own data."""
 
-    def __init__(self, trainer: Any, train_data: Any, eval_data: Any, connection: Connection) -> None:
+    def __init__(
+        self,
+        trainer: Any,
+        train_data: Any,
+        eval_data: Any,
+        connection: Connection,
+        report: Callable[[str], None] | None = None,
+    ) -> None:
         super().__init__(trainer.params.spec, connection)
         self.trainer = trainer
         self.train_data = train_data
         self.eval_data = eval_data if eval_data is not None else train_data
+        self.report = report or (lambda line: None)  # one line per task, for whoever watches the party
 
     def on_task(self, task: Task, outbox: Outbox) -> None:
         self._run(task, outbox)
@@ -194,13 +203,18 @@ class Party(PartySession):
             )
             return
         config = FitConfig(**task.config)
+        self.report(f"round {task.round + 1}: training")
         try:
             update = self.trainer.fit(self.inbox, config, self.train_data)
         except TrainingDivergedError as exc:
+            self.report(f"round {task.round + 1}: training diverged ({exc})")
             outbox.send(Failure(task_id=task.task_id, round=task.round, reason=str(exc)))
             return
         header = self.result_header(task, update.weight, update.metrics, update.params, update.is_delta)
         self.send_params(outbox, header, update.params)
+        loss = update.metrics.get("train_loss")
+        tail = f", train loss {loss:.4f}" if loss is not None else ""
+        self.report(f"round {task.round + 1}: sent the update of {update.weight:g} examples{tail}")
 
     @staticmethod
     def result_header(task: Task, weight: float, metrics: dict, params: FlatParams, is_delta: bool = True) -> Result:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fedfleet.client import TorchTrainer
+from fedfleet.client.tasks import output_widths
 from fedfleet.config.schema import JobConfig
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.data import FederatedDataset, load_dataset, partition, train_test_split
@@ -37,7 +38,7 @@ def check_model_output(model: nn.Module, x: torch.Tensor, num_classes: int, mode
             out = model(x[:2])
         except RuntimeError as exc:
             raise DataError(f"model {model_name!r} cannot take inputs of shape {tuple(x.shape[1:])}: {exc}") from None
-    if out.dim() != 2 or out.shape[1] != num_classes:
+    if out.dim() != 2 or out.shape[1] not in output_widths(num_classes):  # two classes: one logit will do
         raise DataError(
             f"model {model_name!r} outputs shape {tuple(out.shape[1:])} per example but the dataset has "
             f"{num_classes} classes; make its last layer output {num_classes} values"
@@ -68,7 +69,9 @@ def build_parts(job: JobConfig, clients: int | None = None) -> JobParts:
     )
     federation = FederatedDataset.from_partition(train.x, train.y, parts, dataset.num_classes).to(device)
     torch.manual_seed(job.seed)  # the initial global model is part of the seeded run
-    model = build_model(job.model.name, dataset.input_shape, dataset.num_classes, **job.model.params)
+    model = build_model(
+        job.model.name, dataset.input_shape, dataset.num_classes, features=dataset.features, **job.model.params
+    )
     check_model_output(model, train.x, dataset.num_classes, job.model.name)
     trainer = construct(
         TorchTrainer,
@@ -77,6 +80,7 @@ def build_parts(job: JobConfig, clients: int | None = None) -> JobParts:
             "optimizer": job.client.optimizer,
             "momentum": job.client.momentum,
             "weight_decay": job.client.weight_decay,
+            "keep_local": job.client.keep_local,
             "device": device,
         },
         "client",

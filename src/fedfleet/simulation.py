@@ -16,13 +16,17 @@ from torch import nn
 from fedfleet.assemble import build_parts, fit_config, resolve_device
 from fedfleet.client import TorchTrainer
 from fedfleet.config.schema import JobConfig
+from fedfleet.core.clock import VirtualClock
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.loop import Callback, LoopConfig, RoundLoop, RoundRecord
+from fedfleet.core.round_end import RoundEnd, build_round_end
 from fedfleet.data import FederatedDataset
 from fedfleet.errors import ConfigError
+from fedfleet.runtime.ray import RayOptions, RayRuntime
 from fedfleet.runtime.sim import make_runtime
 from fedfleet.select import build_selector
 from fedfleet.strategy import Strategy, build_strategy
+from fedfleet.traces import SystemTraces, build_traces
 
 
 @dataclasses.dataclass
@@ -52,22 +56,32 @@ class Simulation:
         optimizer: str = "sgd",
         callbacks: list[Callback] | tuple[Callback, ...] = (),
         device: str = "auto",
+        ray: RayOptions | None = None,
+        selector: Any = "uniform",
+        traces: SystemTraces | None = None,
+        round_end: RoundEnd | str | None = None,
+        target_accuracy: float | None = None,
     ) -> Simulation:
-        """The Python API: your model and data, no config file needed."""
+        """The Python API: your model and data, no config file needed; ``ray`` trains on a Ray cluster."""
         dev = resolve_device(device)
         federation = federation.to(dev)
         test = test.to(dev) if test is not None and hasattr(test, "to") else test
         trainer = TorchTrainer(model, loss, optimizer=optimizer, device=dev)
         strat = build_strategy(strategy) if isinstance(strategy, str) else strategy
-        runtime = make_runtime(trainer, federation, test, vectorize)
+        runtime = (
+            make_runtime(trainer, federation, test, vectorize)
+            if ray is None
+            else RayRuntime(trainer, federation, test, strategy=strat, options=ray)
+        )
         loop = RoundLoop(
             strat,
             runtime,
-            build_selector("uniform"),
+            build_selector(selector) if isinstance(selector, str) else selector,
             trainer.params.clone(),
             client or FitConfig(),
-            LoopConfig(rounds=rounds, cohort=cohort, seed=seed, eval_every=eval_every),
+            LoopConfig(rounds=rounds, cohort=cohort, seed=seed, eval_every=eval_every, target=target_accuracy),
             callbacks,
+            **_system(traces, round_end, federation),
         )
         return cls(loop, trainer, federation)
 
@@ -83,7 +97,7 @@ class Simulation:
                 f"lower cohort or raise data.clients"
             )
         test_data = parts.test.to(parts.device) if len(parts.test.y) else None
-        runtime = make_runtime(trainer, federation, test_data, job.runtime.vectorize)
+        runtime = RUNTIMES[job.runtime.kind](job, trainer, federation, test_data, strategy)
         fit = fit_config(job)
         loop = RoundLoop(
             strategy,
@@ -91,8 +105,15 @@ class Simulation:
             selector,
             trainer.params.clone(),
             fit,
-            LoopConfig(rounds=job.rounds, cohort=job.cohort, seed=job.seed, eval_every=job.eval_every),
+            LoopConfig(
+                rounds=job.rounds,
+                cohort=job.cohort,
+                seed=job.seed,
+                eval_every=job.eval_every,
+                target=job.system.target_accuracy if job.system is not None else None,
+            ),
             callbacks,
+            **_job_system(job, federation),
         )
         return cls(loop, trainer, federation, job)
 
@@ -104,3 +125,41 @@ class Simulation:
         from fedfleet.core.serialize import save_params
 
         save_params(self.loop.global_params, path)
+
+
+def _system(traces: SystemTraces | None, round_end: RoundEnd | str | None, federation: Any) -> dict[str, Any]:
+    """The loop's simulated system: per-client traces, the round-end policy and the clients' data sizes
+    (so the loop can plan each round before training). Nothing of it: the default device for everyone."""
+    if traces is None and round_end is None:
+        return {}
+    policy = build_round_end(round_end) if isinstance(round_end, str) else round_end
+    sizes = federation.sizes().cpu().numpy()
+    return {"clock": VirtualClock(traces=traces), "round_end": policy, "client_sizes": sizes}
+
+
+def _job_system(job: JobConfig, federation: Any) -> dict[str, Any]:
+    if job.system is None:
+        return {}
+    traces = build_traces(job.system.traces.name, federation.num_clients, job.seed, **job.system.traces.params)
+    return _system(traces, build_round_end(job.system.round_end.name, **job.system.round_end.params), federation)
+
+
+def _in_process(job: JobConfig, trainer: TorchTrainer, federation: FederatedDataset, test: Any, strategy: Any) -> Any:
+    return make_runtime(trainer, federation, test, job.runtime.vectorize)
+
+
+def _on_ray(job: JobConfig, trainer: TorchTrainer, federation: FederatedDataset, test: Any, strategy: Any) -> Any:
+    rt = job.runtime
+    gpus = rt.gpus_per_worker if rt.gpus_per_worker is not None else float(trainer.device.type == "cuda")
+    options = RayOptions(
+        workers=rt.workers,
+        address=rt.address,
+        cpus_per_worker=rt.cpus_per_worker or 1.0,
+        gpus_per_worker=gpus,
+        vectorize=rt.vectorize,
+    )
+    return RayRuntime(trainer, federation, test, strategy=strategy, options=options)
+
+
+# runtime.kind -> how the job's runtime is built (a new kind is a function and a row)
+RUNTIMES = {"simulation": _in_process, "ray": _on_ray}

@@ -66,6 +66,8 @@ def run_loop_in_folder(
     state = "finished" if loop.round == job.rounds else "stopped early"
     run.write_json("result.json", {"rounds": loop.round, "final": final})
     run.write_status(state, round=loop.round)
+    if job.system is not None:  # simulated devices: the time the run would have taken in the field
+        print(_time_summary(final, loop))
     accuracy = final.get("test_accuracy", final.get("test_party_accuracy"))
     if accuracy is not None:
         print(f"final test accuracy: {accuracy:.2%} after {loop.round} rounds ({run.path})")
@@ -84,6 +86,27 @@ def _callbacks(job: JobConfig, run: RunDir, quiet: bool, checkpoint_every: int) 
     if job.output.progress and not quiet:
         callbacks.append(ProgressCallback())
     return callbacks
+
+
+def _time_summary(final: dict[str, float], loop: RoundLoop) -> str:
+    line = f"simulated time: {_duration(final.get('sim_time_s', 0.0))} (wall {_duration(loop.wall_time)})"
+    target = loop.config.target
+    if target is not None:
+        reached = loop.time_to_target
+        line += (
+            f"; {loop.config.target_metric} {target:g} reached after {_duration(reached['sim_time_s'])} simulated "
+            f"(round {int(reached['round']) + 1}, wall {_duration(reached['wall_time_s'])})"
+            if reached is not None
+            else f"; {loop.config.target_metric} {target:g} not reached"
+        )
+    return line
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
 
 
 def _last_metrics(history: list[RoundRecord]) -> dict[str, float]:

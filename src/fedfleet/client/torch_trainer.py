@@ -3,19 +3,26 @@
 One instance serves every simulated client: the model's exchanged params are views into a flat buffer
 (:func:`bind_module`), so loading the global model is one copy, plain SGD is one fused op per dtype on the
 flat grad buffer, and the delta is one subtraction into a reused buffer.
+
+The default loss and the evaluation metrics follow the model's output (``client.tasks``): class logits get
+cross-entropy and accuracy, one logit gets BCE, AUC and log loss. Params named in ``keep_local`` are
+never exchanged and stay with each client across rounds (``client.local_params``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from fedfleet.client.local_params import LocalParams, match_local
+from fedfleet.client.tasks import METRICS, OutputLoss, output_kind
 from fedfleet.core.fit_config import FitConfig
-from fedfleet.core.params import FlatParams, Selector, bind_grads, bind_module
+from fedfleet.core.params import FlatParams, Selector, bind_grads, bind_module, select_params
 from fedfleet.core.update import Update
 from fedfleet.errors import ConfigError, TrainingDivergedError
 
@@ -34,6 +41,9 @@ class TorchTrainer:
     ``optimizer``: a name in ``OPTIMIZERS``; it is created afresh for each ``fit`` (clients of a
     simulation do not share optimizer state). Plain SGD (with momentum / weight decay) runs on the flat
     buffers directly when every trainable parameter is exchanged.
+
+    ``keep_local``: regular expressions searched in parameter names (``embeddings\\.user_id``); those params
+    are left out of ``exchange`` and kept per client (by ``data.client_id``) across rounds.
     """
 
     def __init__(
@@ -45,6 +55,7 @@ class TorchTrainer:
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         exchange: Selector = "all",
+        keep_local: Sequence[str] = (),
         device: str | torch.device = "cpu",
         data: Any = None,
         eval_batch_size: int = 1024,
@@ -55,12 +66,22 @@ class TorchTrainer:
             raise ConfigError("momentum and weight_decay must be >= 0")
         self.device = torch.device(device)
         self.model = model.to(self.device)
-        self.loss = loss if loss is not None else nn.CrossEntropyLoss()
+        self.loss = loss if loss is not None else OutputLoss()
         self.optimizer = optimizer
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.data = data
         self.eval_batch_size = eval_batch_size
+        self.keep_local = tuple(keep_local)
+        self.local: LocalParams | None = None
+        if self.keep_local:
+            named = list(self.model.named_parameters())
+            local = set(match_local(named, self.keep_local))
+            shared = {n for n, _ in select_params(self.model, exchange)} - local
+            if not shared:
+                raise ConfigError("client.keep_local matches every exchanged parameter: nothing would be shared")
+            self.local = LocalParams([(n, p) for n, p in named if n in local])
+            exchange = _Named(frozenset(shared))
         self.params = bind_module(self.model, exchange)
         self.grads = bind_grads(self.model, self.params)
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
@@ -74,6 +95,21 @@ class TorchTrainer:
         if n == 0:
             raise ValueError("cannot train on a client with no examples")
         self.params.copy_(params)  # load the global model: one copy per dtype
+        if self.local is None:
+            metrics = self._train(params, config, data)
+        else:
+            client = getattr(data, "client_id", None)  # None: a deployed party, the only client it knows
+            self.local.load(client)
+            try:
+                metrics = self._train(params, config, data)
+            finally:  # even after an error: the next client must not inherit these rows
+                kept = self.local.store(client)
+            metrics["local_rows"] = float(kept)
+        for d, buf in self._delta.buffers.items():
+            torch.sub(self.params.buffers[d], params.buffers[d], out=buf)
+        return Update(self._delta, weight=float(n), metrics=metrics)
+
+    def _train(self, params: FlatParams, config: FitConfig, data: Any) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if config.report_initial_loss:
             metrics["initial_loss"] = self._mean_loss(data)
@@ -93,29 +129,30 @@ class TorchTrainer:
             steps += 1
         mean_loss = float(total_loss) / max(samples, 1)  # one sync per fit, not per step
         check_finite_loss(mean_loss, config)
-        for d, buf in self._delta.buffers.items():
-            torch.sub(self.params.buffers[d], params.buffers[d], out=buf)
         metrics.update(train_loss=mean_loss, samples=float(samples), steps=float(steps))
-        return Update(self._delta, weight=float(n), metrics=metrics)
+        return metrics
 
     @torch.no_grad()
     def evaluate(self, params: FlatParams, data: Any = None) -> dict[str, float]:
         data = self._data(data)
         self.params.copy_(params)
         self.model.eval()
-        loss_sum, correct, count, classification = 0.0, 0, 0, False
-        for start in range(0, len(data.y), self.eval_batch_size):
-            xb = data.x[start : start + self.eval_batch_size]
-            yb = data.y[start : start + self.eval_batch_size]
-            out = self.model(xb)
-            loss_sum += float(self.loss(out, yb)) * len(yb)
-            classification = out.dim() == 2 and not yb.is_floating_point()
-            if classification:
-                correct += int((out.argmax(dim=1) == yb).sum())
-            count += len(yb)
+        # a client's own local rows for its data; every client's for a central test set (personalised model)
+        local = self.local.applied(getattr(data, "client_id", None)) if self.local is not None else nullcontext()
+        loss_sum, count, metric = 0.0, 0, None
+        with local:
+            for start in range(0, len(data.y), self.eval_batch_size):
+                xb = data.x[start : start + self.eval_batch_size]
+                yb = data.y[start : start + self.eval_batch_size]
+                out = self.model(xb)
+                loss_sum += float(self.loss(out, yb)) * len(yb)
+                if metric is None:  # which metrics: the output's kind (class logits, one logit, other)
+                    metric = METRICS[output_kind(out, yb)]()
+                metric.update(out, yb)
+                count += len(yb)
         metrics = {"loss": loss_sum / max(count, 1), "examples": float(count)}
-        if classification:
-            metrics["accuracy"] = correct / count
+        if metric is not None:
+            metrics.update(metric.result())
         return metrics
 
     # -- internals ----------------------------------------------------------------------------
@@ -176,6 +213,16 @@ class TorchTrainer:
                     p.grad = None
 
         return torch_step
+
+
+class _Named:
+    """Selects params by name (picklable, unlike a lambda: trainers are shipped to Ray workers)."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self.names = names
+
+    def __call__(self, name: str, param: nn.Parameter) -> bool:
+        return name in self.names
 
 
 def check_finite_loss(mean_loss: float, config: FitConfig) -> None:

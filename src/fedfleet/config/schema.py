@@ -22,8 +22,9 @@ def _positive(name: str, value: float | int | None, allow_zero: bool = False) ->
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: Named = field(default_factory=lambda: Named("digits"))  # digits | mnist5k | csv | npz | synthetic
-    test_fraction: float = 0.2  # held out for central evaluation (stratified, seeded)
+    # digits | mnist5k | movielens_ctr | csv | npz | synthetic
+    dataset: Named = field(default_factory=lambda: Named("digits"))
+    test_fraction: float = 0.2  # held out for central evaluation (seeded; by class, or per user for ratings)
     clients: int | None = 100  # virtual clients; None with the `natural` partition (one per user key)
     # iid | dirichlet (alpha) | shards (shards_per_client) | natural (by the dataset's user keys)
     partition: Named = field(default_factory=lambda: Named("dirichlet", {"alpha": 0.5}))
@@ -45,6 +46,8 @@ class ClientConfig:
     optimizer: str = "sgd"  # sgd | adam | adamw | adagrad | rmsprop
     momentum: float = 0.0
     weight_decay: float = 0.0
+    # regexes of params that never leave a client, e.g. [embeddings\.user_id]: personal rows kept per client
+    keep_local: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _positive("client.epochs", self.epochs)
@@ -58,13 +61,25 @@ class ClientConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    kind: Literal["simulation"] = "simulation"
+    # simulation: in this process | ray: on a Ray cluster (pip install 'fedfleet[ray]'), the same results
+    kind: Literal["simulation", "ray"] = "simulation"
     vectorize: Literal["auto", "on", "off"] = "auto"  # train the whole cohort at once with torch.func.vmap
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
+    # kind: ray only
+    workers: int | None = None  # Ray actors training shares of the cohort (default: one per free CPU)
+    address: str | None = None  # join this Ray cluster ("auto", "ray://head:10001"); default: start one here
+    cpus_per_worker: float | None = None  # default 1; also each worker's torch threads
+    gpus_per_worker: float | None = None  # default 1 when runtime.device is a GPU, else 0; fractions share one
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise ValueError(f"runtime.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        ray_only = [k for k in ("workers", "address", "cpus_per_worker", "gpus_per_worker") if getattr(self, k)]
+        if ray_only and self.kind != "ray":
+            raise ValueError(f"runtime.{ray_only[0]} applies to runtime.kind: ray only (kind is {self.kind!r})")
+        _positive("runtime.workers", self.workers)
+        _positive("runtime.cpus_per_worker", self.cpus_per_worker)
+        _positive("runtime.gpus_per_worker", self.gpus_per_worker, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,26 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class SystemConfig:
+    """Simulated devices, networks and availability (FedScale-style); deployed runs ignore it.
+
+    traces: generate (seeded lognormal devices and diurnal availability; online_fraction, compute_median_s,
+    download_median_bps, upload_median_bps, availability: false, ...) | fedscale (device_conf_file,
+    device_avail_file: FedScale's client_device_capacity and client_behave_trace pickles, assign: cycle | exact).
+    round_end: all (wait for every client) | deadline (seconds) | overcommit (factor, deadline): select
+    cohort x (1 + factor) and keep the first cohort updates.
+    """
+
+    traces: Named = field(default_factory=lambda: Named("generate"))
+    round_end: Named = field(default_factory=lambda: Named("all"))
+    target_accuracy: float | None = None  # report the simulated seconds until test_accuracy first reaches it
+
+    def __post_init__(self) -> None:
+        if self.target_accuracy is not None and not 0.0 < self.target_accuracy <= 1.0:
+            raise ValueError(f"system.target_accuracy must be in (0, 1], got {self.target_accuracy}")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str = "digits-fedavg"
     seed: int = 0
@@ -136,6 +171,7 @@ class JobConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    system: SystemConfig | None = None  # simulate device speeds, networks and availability (traces)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):

@@ -1,8 +1,11 @@
 """Datasets, partitioners and the federated dataset (clients as index ranges)."""
 
-from fedfleet.data.datasets import DATASETS, Dataset, from_tensors, load_dataset, train_test_split
+from fedfleet.data import movielens as _movielens  # noqa: F401  (registers the movielens_ctr dataset)
+from fedfleet.data.datasets import DATASETS, Dataset, from_tensors, load_dataset
+from fedfleet.data.features import FeatureLayout
 from fedfleet.data.federated import ClientData, FederatedDataset, Partition
 from fedfleet.data.partition import PARTITIONERS, partition
+from fedfleet.data.splits import SPLITS, train_test_split
 
 
 def federate(
@@ -17,8 +20,10 @@ def federate(
 __all__ = [
     "DATASETS",
     "PARTITIONERS",
+    "SPLITS",
     "ClientData",
     "Dataset",
+    "FeatureLayout",
     "FederatedDataset",
     "Partition",
     "federate",

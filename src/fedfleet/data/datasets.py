@@ -1,7 +1,8 @@
 """Datasets that need no internet at run time, and the way users' own data comes in.
 
 Each loader returns a :class:`Dataset`: float32 inputs, int64 labels, the number of classes and, where
-the data has them, per-sample user keys for the natural partition.
+the data has them, per-sample user keys for the natural partition, the column layout of categorical
+features (:class:`FeatureLayout`, for models that embed them) and how a test set is held out.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedfleet.data.features import FeatureLayout
+from fedfleet.data.splits import train_test_split
 from fedfleet.errors import DataError
 from fedfleet.registry import Registry, construct
 
@@ -28,6 +31,8 @@ class Dataset:
     num_classes: int
     keys: np.ndarray | None = None  # per-sample user ids, for the natural partition
     name: str = "dataset"
+    features: FeatureLayout | None = None  # dense + categorical columns of x, for models that embed ids
+    split: str = "stratified"  # how train_test_split holds out a test set: a name in data.splits.SPLITS
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -149,12 +154,4 @@ def load_dataset(name: str, **params: Any) -> Dataset:
     return construct(DATASETS.get(name), params, f"dataset {name!r}")
 
 
-def train_test_split(dataset: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """A stratified, seeded split: each class contributes ``test_fraction`` of its samples to the test set."""
-    rng = np.random.default_rng(seed)
-    labels = dataset.y.numpy() if dataset.y.device.type == "cpu" else dataset.y.cpu().numpy()
-    test_mask = np.zeros(len(labels), dtype=bool)
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        test_mask[members[: round(len(members) * test_fraction)]] = True
-    return dataset.subset(np.flatnonzero(~test_mask)), dataset.subset(np.flatnonzero(test_mask))
+__all__ = ["DATASETS", "Dataset", "from_tensors", "load_dataset", "train_test_split"]

@@ -33,16 +33,21 @@ class Partition:
 
 @dataclass(frozen=True)
 class ClientData:
-    """One client's examples: views into the federation's tensors."""
+    """One client's examples: views into the federation's tensors.
+
+    ``client_id`` tells a trainer whose data this is, so state that never leaves a client (personal
+    embedding rows, ``client.keep_local``) can follow it across rounds in a simulation.
+    """
 
     x: Tensor
     y: Tensor
+    client_id: int | None = None
 
     def __len__(self) -> int:
         return len(self.y)
 
     def to(self, device: torch.device | str) -> ClientData:
-        return ClientData(self.x.to(device), self.y.to(device))
+        return ClientData(self.x.to(device), self.y.to(device), self.client_id)
 
 
 class FederatedDataset:
@@ -74,7 +79,7 @@ class FederatedDataset:
 
     def client(self, i: int) -> ClientData:
         start, end = self._bounds[i], self._bounds[i + 1]
-        return ClientData(self.x[start:end], self.y[start:end])
+        return ClientData(self.x[start:end], self.y[start:end], i)
 
     def sizes(self) -> Tensor:
         return self.offsets[1:] - self.offsets[:-1]

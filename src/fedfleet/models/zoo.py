@@ -6,6 +6,7 @@ vectorisation) and give the same result on every run with the same seed.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from math import prod
 from typing import Any
@@ -67,10 +68,16 @@ def logistic_regression(input_shape: Sequence[int], num_classes: int) -> nn.Modu
     return nn.Sequential(nn.Flatten(), nn.Linear(prod(input_shape), num_classes))
 
 
-def build_model(name: str, input_shape: Sequence[int], num_classes: int, **params: Any) -> nn.Module:
+def build_model(
+    name: str, input_shape: Sequence[int], num_classes: int, features: Any = None, **params: Any
+) -> nn.Module:
+    """``features``: the dataset's column layout (``Dataset.features``), given to factories that take a
+    ``features`` argument (DLRM); others (an MLP on the same columns) just see numbers."""
     factory = MODELS.get(name)
+    takes_layout = features is not None and "features" in inspect.signature(factory).parameters
+    layout = {"features": features} if takes_layout else {}
     return construct(
-        lambda **kw: factory(tuple(input_shape), num_classes, **kw),
+        lambda **kw: factory(tuple(input_shape), num_classes, **layout, **kw),
         params,
         f"model {name!r}",
         signature_of=factory,

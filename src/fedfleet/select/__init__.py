@@ -1,7 +1,8 @@
 """Client selectors, registered by name in ``SELECTORS``."""
 
-from fedfleet.select import uniform  # noqa: F401  (registers)
+from fedfleet.select import oort, uniform  # noqa: F401  (registers)
 from fedfleet.select.base import SELECTORS, Selector, build_selector
+from fedfleet.select.oort import OortSelector
 from fedfleet.select.uniform import UniformSelector
 
-__all__ = ["SELECTORS", "Selector", "UniformSelector", "build_selector"]
+__all__ = ["SELECTORS", "OortSelector", "Selector", "UniformSelector", "build_selector"]

@@ -84,3 +84,16 @@ def test_safetensors_round_trip_bytes_and_file(tmp_path):
     other = ParamSpec([("w", (2, 3), torch.float32), ("h", (4,), torch.float16)])
     with pytest.raises(ValueError, match="expected"):
         load_params(tmp_path / "p.safetensors", other)
+
+
+def test_isfinite_finds_nan_and_inf_anywhere_and_survives_an_overflowing_sum():
+    big = torch.full((3_000_000,), 3e38)  # every value finite, their sum overflows to inf
+    assert FlatParams.from_tensors({"w": big}).isfinite()
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = big.clone()
+        x[2_500_001] = bad  # past the first block of the fallback scan
+        assert not FlatParams.from_tensors({"w": x}).isfinite()
+        y = torch.zeros(10, dtype=torch.bfloat16)
+        y[3] = bad
+        assert not FlatParams.from_tensors({"w": y}).isfinite()
+    assert FlatParams.from_tensors({"n": torch.arange(5)}).isfinite()  # integer buffers are always finite

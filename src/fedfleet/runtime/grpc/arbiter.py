@@ -23,7 +23,6 @@ from fedfleet.core.params import FlatParams, ParamSpec
 from fedfleet.runtime.grpc.chunks import ParamsReceiver, spec_difference, spec_from_description
 from fedfleet.runtime.grpc.gate import RoundGate, check_values
 from fedfleet.runtime.grpc.links import PartyLink
-from fedfleet.runtime.grpc.memory import return_large_buffers_to_the_system
 from fedfleet.runtime.grpc.service import add_handler, server_options
 from fedfleet.runtime.grpc.tls import peer_identity
 from fedfleet.runtime.grpc.wire import (
@@ -68,7 +67,6 @@ class ArbiterServer:
         inflight: int = 1,
         mode: str = "tasks",
     ) -> None:
-        return_large_buffers_to_the_system()
         self.session = session
         self.parties = list(parties)
         self.index = {name: i for i, name in enumerate(self.parties)}

@@ -22,7 +22,6 @@ from fedfleet.errors import TrainingDivergedError, UserError
 from fedfleet.runtime.grpc.backoff import backoff_delays
 from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES, ParamsReceiver, describe_spec, dtype_name, iter_chunks
 from fedfleet.runtime.grpc.links import Outbox
-from fedfleet.runtime.grpc.memory import return_large_buffers_to_the_system
 from fedfleet.runtime.grpc.service import channel_options, connect_stub
 from fedfleet.runtime.grpc.wire import (
     Chunk,
@@ -74,7 +73,6 @@ class PartySession:
     mode = "tasks"
 
     def __init__(self, spec: Any, connection: Connection) -> None:
-        return_large_buffers_to_the_system()
         self.conn = connection
         self.spec = spec
         self.inbox = FlatParams.zeros(spec)  # the global params arrive here, one buffer for every task

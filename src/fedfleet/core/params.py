@@ -267,4 +267,3 @@ def _all_finite(buf: torch.Tensor, block: int = 1 << 20) -> bool:
     if bool(torch.isfinite(buf.sum())):
         return True
     return all(bool(torch.isfinite(buf[i : i + block]).all()) for i in range(0, buf.numel(), block))
-

@@ -51,6 +51,8 @@ def test_vectorised_equals_sequential(digits, strategy, momentum, fit):
     assert seq.allclose(vec, rtol=0, atol=1e-3)
     for a, b in zip(seq_hist, vec_hist, strict=True):
         assert a.metrics["train_loss"] == pytest.approx(b.metrics["train_loss"], rel=1e-4)
+        assert a.metrics["train_loss_sq"] == pytest.approx(b.metrics["train_loss_sq"], rel=1e-4)
+        assert a.metrics["train_loss_sq"] >= a.metrics["train_loss"] ** 2  # a mean square is at least the mean's
         assert a.metrics["train_samples"] == b.metrics["train_samples"]
 
 

@@ -74,6 +74,18 @@ def test_initial_loss_is_the_loss_at_the_global_model():
     assert update.metrics["initial_loss"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_mean_square_loss_for_oort_is_taken_over_samples():
+    trainer = TorchTrainer(model())
+    d = data()
+    with torch.no_grad():  # one batch of all 23 samples: the losses are those of the starting model
+        per_sample = nn.functional.cross_entropy(model()(d.x), d.y, reduction="none")
+    update = trainer.fit(trainer.params.clone(), FitConfig(batch_size=23), d)
+    assert update.metrics["train_loss_sq"] == pytest.approx(float(per_sample.square().mean()), rel=1e-6)
+    assert update.metrics["train_loss"] == pytest.approx(float(per_sample.mean()), rel=1e-6)
+    plain = TorchTrainer(model(), loss=lambda out, y: nn.functional.cross_entropy(out, y))
+    assert "train_loss_sq" not in plain.fit(plain.params.clone(), FitConfig(), d).metrics  # no per-sample twin
+
+
 def test_evaluate_reports_loss_and_accuracy():
     trainer = TorchTrainer(model(), eval_batch_size=4)
     d = data(10)

@@ -11,6 +11,7 @@ never exchanged and stay with each client across rounds (``client.local_params``
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -67,6 +68,7 @@ class TorchTrainer:
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.loss = loss if loss is not None else OutputLoss()
+        self._per_sample_loss = _unreduced(self.loss)
         self.optimizer = optimizer
         self.momentum = momentum
         self.weight_decay = weight_decay
@@ -117,19 +119,27 @@ class TorchTrainer:
         step = self._make_step(params, config)
         gen = torch.Generator().manual_seed(config.seed)
         total_loss = torch.zeros((), device=self.device)
+        total_sq = torch.zeros((), device=self.device)  # sum of squared per-sample losses (Oort's utility)
         steps = 0
         samples = 0
         for xb, yb in iterate_batches(data, config, gen):
             self.grads.zero_()
-            loss = self.loss(self.model(xb), yb)
+            out = self.model(xb)
+            loss = self.loss(out, yb)
             loss.backward()
             step()
             total_loss += loss.detach() * len(yb)
+            if self._per_sample_loss is not None:
+                with torch.no_grad():  # from the same outputs: the loss the model trained on is untouched
+                    total_sq += self._per_sample_loss(out.detach(), yb).square().sum()
             samples += len(yb)
             steps += 1
-        mean_loss = float(total_loss) / max(samples, 1)  # one sync per fit, not per step
+        n = max(samples, 1)
+        mean_loss = float(total_loss) / n  # one sync per fit, not per step
         check_finite_loss(mean_loss, config)
         metrics.update(train_loss=mean_loss, samples=float(samples), steps=float(steps))
+        if self._per_sample_loss is not None:
+            metrics["train_loss_sq"] = float(total_sq) / n
         return metrics
 
     @torch.no_grad()
@@ -257,3 +267,13 @@ def batch_indices(n: int, config: FitConfig, gen: torch.Generator, device: torch
                 return
             left -= 1
             yield perm[start : start + bs]
+
+
+def _unreduced(loss: Any) -> Any:
+    """A per-sample twin of a loss module with ``reduction`` (None for a plain function): Oort ranks clients by
+    the root mean square of their samples' losses, which the mean loss alone cannot give."""
+    if getattr(loss, "reduction", None) not in ("mean", "sum"):
+        return None
+    twin = copy.copy(loss)
+    twin.reduction = "none"
+    return twin

@@ -54,9 +54,10 @@ class VectorizedRuntime:
             # where slices would each scatter into a full-size zero tensor
             named = {n: t.view(shape) for n, t, shape in zip(names, flat.split(sizes), shapes, strict=True)}
             per_sample = loss(functional_call(model, named, (xb,)), yb)
-            return (per_sample * wb).sum() / wb.sum().clamp_min(1.0)
+            squares = (per_sample.detach().square() * wb).sum()  # for Oort's utility, as the sequential trainer
+            return (per_sample * wb).sum() / wb.sum().clamp_min(1.0), squares
 
-        self._grads = vmap(grad_and_value(weighted_loss))
+        self._grads = vmap(grad_and_value(weighted_loss, has_aux=True))
         self._probe()
 
     @property
@@ -85,12 +86,14 @@ class VectorizedRuntime:
         w = g.unsqueeze(0).repeat(cohort, 1)  # (C, P): one row per client model
         momentum = torch.zeros_like(w) if self.trainer.momentum else None
         loss_sum = torch.zeros(cohort, device=g.device)
+        sq_sum = torch.zeros(cohort, device=g.device)
         self.trainer.model.train()
         for s in range(steps):
             rows, wb = idx[:, s], weights[:, s]
-            grads, losses = self._grads(w, fed.x[rows], fed.y[rows], wb)
+            grads, (losses, squares) = self._grads(w, fed.x[rows], fed.y[rows], wb)
             counts = wb.sum(1)
             loss_sum += losses.detach() * counts
+            sq_sum += squares
             active = (counts > 0).to(w.dtype).unsqueeze(1)  # clients whose data ran out take no step
             if config.proximal_mu:
                 grads.add_(w - g, alpha=config.proximal_mu)
@@ -103,10 +106,12 @@ class VectorizedRuntime:
         w.sub_(g)  # deltas, in place
         samples = weights.sum(dim=(1, 2))
         mean_loss = (loss_sum / samples.clamp_min(1)).tolist()
+        mean_sq = (sq_sum / samples.clamp_min(1)).tolist()
         for c, cid in enumerate(clients):
             check_finite_loss(mean_loss[c], config)
             metrics = {
                 "train_loss": mean_loss[c],
+                "train_loss_sq": mean_sq[c],
                 "samples": float(samples[c]),
                 "steps": float((weights[c].sum(1) > 0).sum()),
             }

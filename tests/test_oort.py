@@ -123,3 +123,30 @@ def test_registered_and_validated():
     assert isinstance(build_selector("oort", penalty=1.5), OortSelector)
     with pytest.raises(Exception, match="exploration must be in"):
         build_selector("oort", exploration=2.0)
+
+
+def test_registered_profiles_steer_exploration_to_fast_large_clients_and_set_t():
+    # 100 unexplored clients: the first 20 are fast (1 s) and hold 50 examples, the rest take 20 s and hold 10
+    fast = np.arange(100) < 20
+    durations = np.where(fast, 1.0, 20.0)
+    sizes = np.where(fast, 50.0, 10.0)
+    oort = OortSelector(sample_window=2.0)
+    oort.register(durations=durations, sizes=sizes)
+    assert oort.preferred_duration() == 20.0  # the 30th percentile of the registered durations
+    picked = np.concatenate([oort.select(100, 8, rnd, seed=3) for rnd in range(5)])  # nothing observed yet
+    # score = size x min(1, T / d)^2: 50 for the fast ones, 10 for the rest; the window (16 best) is all fast
+    assert fast[picked].all()
+    blind = np.concatenate([OortSelector().select(100, 8, rnd, seed=3) for rnd in range(5)])
+    assert fast[blind].mean() < 0.5  # without profiles exploration is uniform: ~20% fast
+
+
+def test_register_checks_its_input_and_reports_replace_expected_durations():
+    oort = OortSelector()
+    with pytest.raises(ValueError, match="finite number of seconds > 0"):
+        oort.register(durations=np.array([1.0, 0.0]))
+    with pytest.raises(ValueError, match="one length"):
+        oort.register(durations=np.ones(3), sizes=np.ones(2))
+    oort.register(durations=np.array([1.0, 2.0, 3.0]))
+    oort.select(3, 3, 0, seed=0)
+    oort.observe(0, report([0, 1, 2], loss=1.0, duration=[5.0, 2.0, 3.0]))
+    assert oort._duration.tolist() == [5.0, 2.0, 3.0]

@@ -5,9 +5,12 @@ import threading
 import pytest
 import torch
 
+from fedfleet.config import load_job
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
 from fedfleet.core.update import Update
+from fedfleet.deploy import Access, build_arbiter
+from fedfleet.errors import ConfigError
 from fedfleet.runtime.grpc import ArbiterServer, Connection, Party, PartyRejected
 from fedfleet.runtime.grpc.chunks import iter_chunks
 from fedfleet.runtime.grpc.runtime import GrpcRuntime
@@ -176,3 +179,9 @@ def test_mtls_refuses_a_certificate_from_another_ca(tmp_path):
             Party(EchoTrainer(FlatParams.zeros(spec), 1.0), None, None, conn).run()
     finally:
         server.stop(0.5)
+
+
+def test_an_arbiter_refuses_a_job_with_fedbuff(tmp_path):
+    job = load_job(str(write_job(tmp_path, "\nfedbuff: {buffer: 2}\n")), [])
+    with pytest.raises(ConfigError, match="fedbuff runs on the virtual clock of a simulation"):
+        build_arbiter(job, Access(True, "certs", job.network.address))

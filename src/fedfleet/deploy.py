@@ -51,6 +51,11 @@ class ArbiterJob:
 
 def build_arbiter(job: JobConfig, access: Access) -> ArbiterJob:
     """Every check that can fail, then the (not yet started) server and the round loop that drives it."""
+    if job.fedbuff is not None:
+        raise ConfigError(
+            "fedbuff runs on the virtual clock of a simulation (fedfleet simulate); a deployed federation runs "
+            "synchronous rounds: remove the fedbuff section"
+        )
     names = party_names(job)
     if job.cohort > len(names):
         raise ConfigError(f"cohort {job.cohort} is larger than the {len(names)} parties in network.parties")

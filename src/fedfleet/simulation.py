@@ -2,7 +2,8 @@
 
 ``Simulation.from_config(job)`` does every check that can fail (names, parameters, data paths, the model's
 output size) before it creates anything on disk; ``run()`` then trains, writes the run folder and
-returns the history.
+returns the history. A job with a ``fedbuff`` section runs asynchronously (``core.async_loop``): one record
+per server step instead of per round.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from torch import nn
 
 from fedfleet.assemble import build_parts, fit_config, resolve_device
 from fedfleet.client import TorchTrainer
-from fedfleet.config.schema import JobConfig
+from fedfleet.config.schema import FedBuffConfig, JobConfig
+from fedfleet.core.async_loop import AsyncLoop, FedBuff
+from fedfleet.core.async_staleness import build_staleness
 from fedfleet.core.clock import VirtualClock
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.loop import Callback, LoopConfig, RoundLoop, RoundRecord
@@ -61,8 +64,10 @@ class Simulation:
         traces: SystemTraces | None = None,
         round_end: RoundEnd | str | None = None,
         target_accuracy: float | None = None,
+        fedbuff: FedBuff | None = None,
     ) -> Simulation:
-        """The Python API: your model and data, no config file needed; ``ray`` trains on a Ray cluster."""
+        """The Python API: your model and data, no config file needed; ``ray`` trains on a Ray cluster;
+        ``fedbuff`` runs asynchronous buffered aggregation (``rounds`` server steps) instead of rounds."""
         dev = resolve_device(device)
         federation = federation.to(dev)
         test = test.to(dev) if test is not None and hasattr(test, "to") else test
@@ -73,48 +78,54 @@ class Simulation:
             if ray is None
             else RayRuntime(trainer, federation, test, strategy=strat, options=ray)
         )
-        loop = RoundLoop(
-            strat,
-            runtime,
-            build_selector(selector) if isinstance(selector, str) else selector,
-            trainer.params.clone(),
-            client or FitConfig(),
-            LoopConfig(rounds=rounds, cohort=cohort, seed=seed, eval_every=eval_every, target=target_accuracy),
-            callbacks,
-            **_system(traces, round_end, federation),
-        )
+        sel = build_selector(selector) if isinstance(selector, str) else selector
+        params, fit = trainer.params.clone(), client or FitConfig()
+        if fedbuff is not None:
+            if round_end is not None:
+                raise ValueError(
+                    "round_end ends synchronous rounds; a FedBuff server step ends after `buffer` arrivals"
+                )
+            config = LoopConfig(rounds, fedbuff.concurrency, seed, eval_every, target=target_accuracy)
+            sizes = federation.sizes().cpu().numpy()
+            clock = VirtualClock(traces=traces)
+            loop: RoundLoop = AsyncLoop(strat, runtime, sel, params, fit, config, fedbuff, sizes, callbacks, clock)
+            return cls(loop, trainer, federation)
+        config = LoopConfig(rounds=rounds, cohort=cohort, seed=seed, eval_every=eval_every, target=target_accuracy)
+        loop = RoundLoop(strat, runtime, sel, params, fit, config, callbacks, **_system(traces, round_end, federation))
         return cls(loop, trainer, federation)
 
     @classmethod
     def from_config(cls, job: JobConfig, callbacks: list[Callback] | tuple[Callback, ...] = ()) -> Simulation:
         strategy = build_strategy(job.strategy.name, **job.strategy.params)
         selector = build_selector(job.selector.name, **job.selector.params)
+        fedbuff = _fedbuff(job.fedbuff, job.cohort) if job.fedbuff is not None else None
         parts = build_parts(job)
         federation, trainer = parts.federation, parts.trainer
-        if job.cohort > federation.num_clients:
+        cohort, key = (job.cohort, "cohort") if fedbuff is None else (fedbuff.concurrency, "fedbuff.concurrency")
+        if cohort > federation.num_clients:
             raise ConfigError(
-                f"cohort {job.cohort} is larger than the {federation.num_clients} clients; "
-                f"lower cohort or raise data.clients"
+                f"{key} {cohort} is larger than the {federation.num_clients} clients; lower {key} or raise data.clients"
             )
         test_data = parts.test.to(parts.device) if len(parts.test.y) else None
         runtime = RUNTIMES[job.runtime.kind](job, trainer, federation, test_data, strategy)
         fit = fit_config(job)
-        loop = RoundLoop(
-            strategy,
-            runtime,
-            selector,
-            trainer.params.clone(),
-            fit,
-            LoopConfig(
-                rounds=job.rounds,
-                cohort=job.cohort,
-                seed=job.seed,
-                eval_every=job.eval_every,
-                target=job.system.target_accuracy if job.system is not None else None,
-            ),
-            callbacks,
-            **_job_system(job, federation),
+        config = LoopConfig(
+            rounds=job.rounds,
+            cohort=cohort,
+            seed=job.seed,
+            eval_every=job.eval_every,
+            target=job.system.target_accuracy if job.system is not None else None,
         )
+        params, system = trainer.params.clone(), _job_system(job, federation)
+        if fedbuff is None:
+            loop = RoundLoop(strategy, runtime, selector, params, fit, config, callbacks, **system)
+            return cls(loop, trainer, federation, job)
+        clock = system.get("clock", VirtualClock())  # no system section: every client on the default device
+        sizes = federation.sizes().cpu().numpy()
+        try:
+            loop = AsyncLoop(strategy, runtime, selector, params, fit, config, fedbuff, sizes, callbacks, clock)
+        except ValueError as exc:  # e.g. a strategy whose own aggregator would ignore the staleness weights
+            raise ConfigError(f"fedbuff: {exc}") from None
         return cls(loop, trainer, federation, job)
 
     def run(self) -> list[RoundRecord]:
@@ -142,6 +153,17 @@ def _job_system(job: JobConfig, federation: Any) -> dict[str, Any]:
         return {}
     traces = build_traces(job.system.traces.name, federation.num_clients, job.seed, **job.system.traces.params)
     return _system(traces, build_round_end(job.system.round_end.name, **job.system.round_end.params), federation)
+
+
+def _fedbuff(section: FedBuffConfig, cohort: int) -> FedBuff:
+    """The section's hyperparameters; ``concurrency`` defaults to the cohort (how many clients work at once)."""
+    return FedBuff(
+        buffer=section.buffer,
+        concurrency=section.concurrency if section.concurrency is not None else cohort,
+        staleness=build_staleness(section.staleness.name, **section.staleness.params),
+        weight_by_examples=section.weight_by_examples,
+        max_staleness=section.max_staleness,
+    )
 
 
 def _in_process(job: JobConfig, trainer: TorchTrainer, federation: FederatedDataset, test: Any, strategy: Any) -> Any:

@@ -51,7 +51,8 @@ def run_loop_in_folder(
     except KeyboardInterrupt:
         run.write_status("interrupted", round=loop.round)
         print(
-            f"\ninterrupted: rounds 1-{loop.round} are saved in {run.path}; continue with: {resume_command} --resume",
+            f"\ninterrupted: {loop.unit}s 1-{loop.round} are saved in {run.path}; "
+            f"continue with: {resume_command} --resume",
             file=sys.stderr,
         )
         return 130
@@ -66,13 +67,13 @@ def run_loop_in_folder(
     state = "finished" if loop.round == job.rounds else "stopped early"
     run.write_json("result.json", {"rounds": loop.round, "final": final})
     run.write_status(state, round=loop.round)
-    if job.system is not None:  # simulated devices: the time the run would have taken in the field
+    if job.system is not None or job.fedbuff is not None:  # the virtual clock: the time it would take in the field
         print(_time_summary(final, loop))
     accuracy = final.get("test_accuracy", final.get("test_party_accuracy"))
     if accuracy is not None:
-        print(f"final test accuracy: {accuracy:.2%} after {loop.round} rounds ({run.path})")
+        print(f"final test accuracy: {accuracy:.2%} after {loop.round} {loop.unit}s ({run.path})")
     else:
-        print(f"done: {loop.round} rounds ({run.path})")
+        print(f"done: {loop.round} {loop.unit}s ({run.path})")
     return 0
 
 
@@ -95,7 +96,7 @@ def _time_summary(final: dict[str, float], loop: RoundLoop) -> str:
         reached = loop.time_to_target
         line += (
             f"; {loop.config.target_metric} {target:g} reached after {_duration(reached['sim_time_s'])} simulated "
-            f"(round {int(reached['round']) + 1}, wall {_duration(reached['wall_time_s'])})"
+            f"({loop.unit} {int(reached['round']) + 1}, wall {_duration(reached['wall_time_s'])})"
             if reached is not None
             else f"; {loop.config.target_metric} {target:g} not reached"
         )

@@ -157,6 +157,29 @@ class SystemConfig:
 
 
 @dataclass(frozen=True)
+class FedBuffConfig:
+    """Asynchronous buffered aggregation (FedBuff, Nguyen et al. 2022) instead of synchronous rounds.
+
+    ``concurrency`` clients train at once (default: cohort), each from the model current when it starts; every
+    ``buffer`` arrivals the strategy's server step applies their mean (so ``strategy`` still picks FedAvg's
+    server_lr, FedYogi, ...), and ``rounds`` counts these server steps. Each arrival is scaled by its staleness
+    s (server steps since it started): polynomial (exponent; default 0.5, i.e. 1 / sqrt(1 + s)) | constant |
+    hinge (a, b). Arrivals more than ``max_staleness`` steps old are discarded (default: none are).
+    """
+
+    buffer: int = 10
+    concurrency: int | None = None
+    staleness: Named = field(default_factory=lambda: Named("polynomial"))
+    weight_by_examples: bool = True  # also weight each arrival by its examples, as FedAvg does
+    max_staleness: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive("fedbuff.buffer", self.buffer)
+        _positive("fedbuff.concurrency", self.concurrency)
+        _positive("fedbuff.max_staleness", self.max_staleness, allow_zero=True)
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str = "digits-fedavg"
     seed: int = 0
@@ -172,6 +195,7 @@ class JobConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     system: SystemConfig | None = None  # simulate device speeds, networks and availability (traces)
+    fedbuff: FedBuffConfig | None = None  # asynchronous buffered aggregation instead of rounds (simulate only)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
@@ -181,3 +205,13 @@ class JobConfig:
         _positive("eval_every", self.eval_every, allow_zero=True)
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.fedbuff is not None and self.system is not None and self.system.round_end.name != "all":
+            raise ValueError(
+                f"system.round_end {self.system.round_end.name!r} ends synchronous rounds, but with fedbuff a server "
+                f"step ends after fedbuff.buffer arrivals; remove system.round_end"
+            )
+        if self.fedbuff is not None and self.runtime.kind != "simulation":
+            raise ValueError(
+                f"fedbuff trains each client as it is dispatched, in this process; runtime.kind {self.runtime.kind!r} "
+                f"is not supported with it yet: use runtime.kind: simulation"
+            )

@@ -4,34 +4,30 @@
     -> aggregate (streaming) -> server step -> evaluate -> tell the selector -> callbacks
 
 The loop owns the server state (global params, strategy state, round, virtual clock) and nothing else:
-the maths is the strategy's, the transport is the runtime's, side effects are callbacks'.
-
-With system traces (simulation), a round is planned before anyone trains: each selected client's latency
-follows from its data size and the update's size, its availability from the trace, and the round-end
-policy (``core.round_end``) decides whose updates will count; only those clients are trained, so a
-dropped client costs no wall time. Without ``client_sizes`` (a deployed runtime) every selected party
-trains and the latencies are computed from the updates that arrive.
+the maths is the strategy's, the transport is the runtime's, who trains is the planner's
+(``core.round_plan``: with system traces a round is planned before anyone trains, so a dropped client
+costs no wall time), side effects are callbacks'. ``core.async_loop`` is the asynchronous variant (FedBuff):
+the same surface, one record per server step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import operator
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from fedfleet.core.aggregate import Aggregator
-from fedfleet.core.clock import VirtualClock, planned_samples
+from fedfleet.core.clock import VirtualClock
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
-from fedfleet.core.round_end import RoundEnd, RoundFeedback, RoundOutcome, WaitForAll
-from fedfleet.core.seeding import SELECT
+from fedfleet.core.round_end import RoundEnd, RoundFeedback
+from fedfleet.core.round_plan import Heard, RoundPlanner, reported_loss
 from fedfleet.core.signals import deferred_interrupt
 from fedfleet.core.update import Aggregate, Update
 
@@ -102,18 +98,9 @@ class LoopConfig:
 _REACHED = {"max": operator.ge, "min": operator.le}
 
 
-@dataclass
-class RoundPlan:
-    """Who trains this round, decided before training (``outcome``) or, without data sizes, after it."""
-
-    selected: np.ndarray  # int64: the clients asked to train
-    train: np.ndarray  # int64: the clients the runtime trains (their updates will be folded)
-    start: float  # virtual time the round starts (later than now if the server waited for a check-in)
-    outcome: RoundOutcome | None = None  # None: latencies are measured from the updates that arrive
-    online: int | None = None  # clients checked in at the start (None: no availability trace)
-
-
 class RoundLoop:
+    unit: ClassVar[str] = "round"  # what one record is: a synchronous round
+
     def __init__(
         self,
         strategy: StrategyLike,
@@ -133,10 +120,6 @@ class RoundLoop:
             raise ValueError(f"cohort {config.cohort} is larger than the population of {runtime.population}")
         if config.target_mode not in _REACHED:
             raise ValueError(f"target_mode must be one of {sorted(_REACHED)}, got {config.target_mode!r}")
-        if round_end is not None and client_sizes is None:
-            raise ValueError("a round-end policy needs client_sizes (examples per client) to plan each round")
-        if client_sizes is not None and len(client_sizes) != runtime.population:
-            raise ValueError(f"client_sizes has {len(client_sizes)} entries for {runtime.population} clients")
         traces = clock.traces if clock is not None else None
         if traces is not None and traces.num_clients != runtime.population:
             raise ValueError(
@@ -150,16 +133,15 @@ class RoundLoop:
         self.config = config
         self.callbacks = list(callbacks)
         self.clock = clock or VirtualClock()
-        self.client_sizes = None if client_sizes is None else np.asarray(client_sizes, dtype=np.int64)
-        self.round_end = round_end or (WaitForAll() if client_sizes is not None else None)
+        self.planner = RoundPlanner(
+            selector, self.clock, runtime.population, config.cohort, config.seed, round_end, client_sizes
+        )
         self.state = strategy.init_state(global_params)
         self.round = 0  # the next round to run; rounds [0, self.round) are committed
         self.history: list[RoundRecord] = []
         self.wall_time = 0.0  # wall seconds of the committed rounds
         self.time_to_target: dict[str, float] | None = None  # round, sim_time_s, wall_time_s at the target
         self._stop = False
-        self._selector_sees_available = "available" in inspect.signature(selector.select).parameters
-        self._observe = getattr(selector, "observe", None)
 
     # -- state that checkpoints carry ------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -228,74 +210,62 @@ class RoundLoop:
         """Train, fold and commit round ``rnd``; afterwards ``self.round == rnd + 1``."""
         wall = time.perf_counter()
         config = self.strategy.configure_fit(dataclasses.replace(self.fit_config, round=rnd, seed=self.config.seed))
-        plan = self.plan_round(rnd, config)
+        plan = self.planner.plan(rnd, config, self.global_params.nbytes)
         aggregator = self.strategy.aggregator(self.global_params)
         download = self.global_params.nbytes
-        heard: dict[int | str, tuple[float, float, float]] = {}  # client -> (loss, samples, latency)
+        heard: Heard = {}
         for update in self.runtime.fit(self.global_params, plan.train, config):
             samples = update.metrics.get("samples", update.weight)
             latency = self.clock.client_latency(update.client_id, samples, download, update.params.nbytes)
-            heard[update.client_id] = (_reported_loss(update.metrics), float(samples), latency)
+            heard[update.client_id] = (reported_loss(update.metrics), float(samples), latency)
             aggregator.add(update)
         # a planned round may lose every client (offline, too late); an unplanned one without updates is an error
         aggregate = aggregator.finish() if heard or plan.outcome is None else None
         # known from the plan, or (no data sizes: a deployed runtime) as long as the slowest update
         round_s = plan.outcome.duration if plan.outcome is not None else max((h[2] for h in heard.values()), default=0)
         duration = plan.start - self.clock.now + round_s  # plus any wait for the first client to check in
-        metrics: dict[str, float] = {}
-        if aggregate is not None:
-            metrics = {f"train_{k}" if not k.startswith("train_") else k: v for k, v in aggregate.metrics.items()}
+        metrics = train_metrics(aggregate)
         metrics.update(clients=float(aggregate.count if aggregate is not None else 0), sim_round_s=duration)
-        metrics.update(_plan_metrics(plan, plan.start - self.clock.now))
+        metrics.update(self.planner.metrics(plan, plan.start - self.clock.now))
         metrics.update(self.runtime.round_metrics())
         with deferred_interrupt():  # the commit: a Ctrl-C here waits, so no round is ever half-applied
-            if aggregate is not None:
-                self.strategy.server_step(self.global_params, aggregate, self.state)
-                if not self.global_params.isfinite():
-                    raise FloatingPointError(f"round {rnd}: the global params became NaN/inf after the server step")
-            metrics["sim_time_s"] = self.clock.advance(duration)
-            last = rnd == self.config.rounds - 1
-            if self.config.eval_every and ((rnd + 1) % self.config.eval_every == 0 or last):
-                metrics.update({f"test_{k}": v for k, v in self.runtime.evaluate(self.global_params).items()})
-            if self._observe is not None:
-                self._observe(rnd, _feedback(plan, heard, round_s))
-            metrics["wall_s"] = time.perf_counter() - wall
-            self.wall_time += metrics["wall_s"]
-            metrics["wall_time_s"] = self.wall_time
-            self._note_target(rnd, metrics)
-            record = RoundRecord(rnd, metrics)
-            self.round = rnd + 1
-            self.history.append(record)
+            return self.commit(rnd, aggregate, metrics, wall, duration, self.planner.feedback(plan, heard, round_s))
+
+    def commit(
+        self,
+        rnd: int,
+        aggregate: Aggregate | None,
+        metrics: dict[str, float],
+        wall: float,
+        advance: float = 0.0,
+        feedback: RoundFeedback | None = None,
+    ) -> RoundRecord:
+        """Apply ``aggregate`` (None: nothing arrived), move the clock ``advance`` seconds, evaluate, tell the
+        selector, and record ``rnd`` as committed. Call it inside ``deferred_interrupt``; ``wall`` is when the
+        round's work began (``time.perf_counter``)."""
+        if aggregate is not None:
+            self.strategy.server_step(self.global_params, aggregate, self.strategy_state)
+            if not self.global_params.isfinite():
+                raise FloatingPointError(f"{self.unit} {rnd}: the global params became NaN/inf after the server step")
+        metrics["sim_time_s"] = self.clock.advance(advance)
+        last = rnd == self.config.rounds - 1
+        if self.config.eval_every and ((rnd + 1) % self.config.eval_every == 0 or last):
+            metrics.update({f"test_{k}": v for k, v in self.runtime.evaluate(self.global_params).items()})
+        if feedback is not None:
+            self.planner.observe(rnd, feedback)
+        metrics["wall_s"] = time.perf_counter() - wall
+        self.wall_time += metrics["wall_s"]
+        metrics["wall_time_s"] = self.wall_time
+        self._note_target(rnd, metrics)
+        record = RoundRecord(rnd, metrics)
+        self.round = rnd + 1
+        self.history.append(record)
         return record
 
-    def plan_round(self, rnd: int, config: FitConfig) -> RoundPlan:
-        """Who checked in, whom to select, and (with client sizes) whose updates will count and when the round ends."""
-        start = self.clock.now
-        online = self.clock.online_clients(start)
-        if online is not None and len(online) == 0:  # nobody is connected: wait for the first to check in
-            start = self.clock.next_check_in(start)
-            online = self.clock.online_clients(start)
-        population = self.runtime.population
-        want = self.round_end.cohort_size(self.config.cohort) if self.round_end is not None else self.config.cohort
-        n = min(want, population if online is None else len(online))
-        clients = np.asarray(self._select(n, rnd, online), dtype=np.int64)
-        if self.client_sizes is None or self.round_end is None:
-            return RoundPlan(clients, clients, start)
-        samples = planned_samples(self.client_sizes[clients], config)
-        nbytes = self.global_params.nbytes  # the update is a delta of the exchanged params: the same size
-        latency = self.clock.latencies(clients, samples, nbytes, nbytes)
-        k = min(self.config.cohort, n)
-        outcome = self.round_end.decide(k, latency, self.clock.time_online(clients, start))
-        return RoundPlan(clients, clients[outcome.keep], start, outcome, None if online is None else len(online))
-
-    def _select(self, n: int, rnd: int, online: np.ndarray | None) -> np.ndarray:
-        seed = self.config.seed + SELECT
-        if online is None:
-            return self.selector.select(self.runtime.population, n, rnd, seed)
-        if self._selector_sees_available:
-            return self.selector.select(self.runtime.population, n, rnd, seed, available=online)  # type: ignore[call-arg]
-        # a selector that knows nothing of availability chooses among the checked-in clients by position
-        return np.sort(online[np.asarray(self.selector.select(len(online), n, rnd, seed), dtype=np.int64)])
+    @property
+    def strategy_state(self) -> dict[str, FlatParams]:
+        """What the strategy's server step sees (``state`` may hold more that checkpoints must carry)."""
+        return self.state
 
     def _note_target(self, rnd: int, metrics: dict[str, float]) -> None:
         cfg = self.config
@@ -312,37 +282,8 @@ class RoundLoop:
             }
 
 
-def _reported_loss(metrics: dict[str, float]) -> float:
-    """Oort's loss term sqrt(mean loss^2) when the trainer reports it, else the mean training loss."""
-    if "train_loss_sq" in metrics:
-        return float(np.sqrt(metrics["train_loss_sq"]))
-    return float(metrics.get("train_loss", metrics.get("loss", np.nan)))
-
-
-def _plan_metrics(plan: RoundPlan, waited: float) -> dict[str, float]:
-    if plan.outcome is None:
+def train_metrics(aggregate: Aggregate | None) -> dict[str, float]:
+    """The clients' reported metrics, averaged by the aggregator, under a ``train_`` prefix."""
+    if aggregate is None:
         return {}
-    out = {
-        "sim_wait_s": waited,  # nobody was online at the round's start: the server waited for a check-in
-        "selected": float(len(plan.selected)),
-        "dropped_offline": float(plan.outcome.offline.sum()),
-        "dropped_late": float(plan.outcome.late.sum()),
-    }
-    if plan.online is not None:
-        out["online"] = float(plan.online)
-    return out
-
-
-def _feedback(plan: RoundPlan, heard: dict[int | str, tuple[float, float, float]], duration: float) -> RoundFeedback:
-    """What the server saw of each selected client: the reports of those that delivered, and for the rest
-    how long it waited for them (``duration``, the round's length from its start)."""
-    clients = plan.selected
-    got = [heard.get(int(c)) for c in clients]
-    completed = np.array([g is not None for g in got], dtype=bool)
-    loss = np.array([g[0] if g is not None else np.nan for g in got], dtype=np.float64)
-    samples = np.array([g[1] if g is not None else 0.0 for g in got], dtype=np.float64)
-    waited = np.full(len(clients), duration)
-    if plan.outcome is not None:  # a client that disconnected tells nothing about its speed
-        waited[plan.outcome.offline] = np.nan
-    took = np.array([g[2] if g is not None else np.nan for g in got], dtype=np.float64)
-    return RoundFeedback(clients, completed, loss, samples, np.where(completed, took, waited))
+    return {f"train_{k}" if not k.startswith("train_") else k: v for k, v in aggregate.metrics.items()}

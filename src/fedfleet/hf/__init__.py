@@ -3,10 +3,23 @@
 ``FedAvgClient`` is a ``transformers.Trainer`` that syncs its trainable params with the other parties
 (every epoch, every N steps, or a fraction of the run); ``FedAvgServer`` is the arbiter, which needs no
 model. Contexts come from ``create_context`` (gRPC, mutual TLS) or ``LocalFederation`` (in-process).
+
+``FedAvgClient`` is imported on first use: contexts, arguments and the arbiter do not need transformers
+(a Lightning party or an arbiter starts seconds faster without it).
 """
+
+from typing import Any
 
 from fedfleet.hf.args import FedArguments
 from fedfleet.hf.context import Context, LocalFederation, create_context
-from fedfleet.hf.trainer import FedAvgClient, FedAvgServer
+from fedfleet.hf.server import FedAvgServer
 
 __all__ = ["Context", "FedArguments", "FedAvgClient", "FedAvgServer", "LocalFederation", "create_context"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FedAvgClient":
+        from fedfleet.hf.trainer import FedAvgClient
+
+        return FedAvgClient
+    raise AttributeError(f"module 'fedfleet.hf' has no attribute {name!r}")

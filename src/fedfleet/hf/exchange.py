@@ -2,8 +2,9 @@
 
 Plain PyTorch (one device, DDP): the trainable parameters are rebound as views into one flat buffer per
 dtype, so a sync reads and writes the model in place: no copy at all. Under DeepSpeed the optimizer
-owns fp32 master weights (ZeRO-1/2) or partitions every parameter (ZeRO-3): values are read and written
-through DeepSpeed's full-fp32 accessors, on every rank, so the master weights follow the aggregate.
+owns fp32 master weights (ZeRO-1/2) or partitions every parameter (ZeRO-3): values are read through
+DeepSpeed's full-fp32 accessors and written to both the master weights and the model's own, on every
+rank, so training goes on from the aggregate (tests/test_hf_deepspeed.py checks both on CPU).
 """
 
 from __future__ import annotations
@@ -43,26 +44,46 @@ class BoundAccess:
 
 
 class DeepSpeedAccess:
-    """Reads and writes the optimizer's fp32 master weights through DeepSpeed's safe accessors."""
+    """Reads and writes a DeepSpeed-trained model's weights: the optimizer's fp32 master copy and the model's own.
+
+    ZeRO-1/2 (and the bf16 optimizer) keep each rank's slice of the master weights apart from the model's
+    full weights; ZeRO-3 partitions both. DeepSpeed's ``safe_set_full_fp32_param`` writes the master copy
+    only, and the model would pick it up at the next optimizer step: the step after a sync would compute
+    its gradient at the old weights, and a sync at the last step would never reach the saved model. So
+    ``scatter`` also writes the model's weights (under ZeRO-3 through ``GatheredParameters``, which
+    repartitions them). Both are collectives: every rank calls ``gather`` and ``scatter``, in the same order.
+    Parameters no ZeRO optimizer holds a master copy of (stage 0 in fp32) are read from the model itself.
+    """
 
     def __init__(self, model: nn.Module, select: Selector) -> None:
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-        self._get, self._set = safe_get_full_fp32_param, safe_set_full_fp32_param
+        self._get, self._set, self._gathered = safe_get_full_fp32_param, safe_set_full_fp32_param, GatheredParameters
         # ZeRO-3 leaves each parameter with an empty local shard; ds_shape is the full shape
         self._chosen = select_params(model, select)
         shapes = [(n, tuple(getattr(p, "ds_shape", p.shape)), torch.float32) for n, p in self._chosen]
         self.params = FlatParams.zeros(ParamSpec(shapes), _device_of(self._chosen))
 
+    @torch.no_grad()
     def gather(self) -> None:
         views = self.params.tensors()
         for name, p in self._chosen:
-            views[name].copy_(self._get(p).reshape(views[name].shape))
+            master = self._get(p)  # None: no optimizer holds a master copy of p
+            if master is not None:
+                views[name].copy_(master.reshape(views[name].shape))
+                continue
+            with self._gathered([p]):  # a no-op unless p is a ZeRO-3 partition
+                views[name].copy_(p.data.reshape(views[name].shape))
 
+    @torch.no_grad()
     def scatter(self) -> None:
         views = self.params.tensors()
         for name, p in self._chosen:
-            self._set(p, views[name])
+            self._set(p, views[name])  # this rank's slice of the master weights (a no-op without one)
+            # every rank holds the same value; rank 0's is broadcast and repartitioned on exit under ZeRO-3
+            with self._gathered([p], modifier_rank=0):
+                p.data.copy_(views[name].reshape(p.data.shape))
 
 
 def _device_of(chosen: list[tuple[str, nn.Parameter]]) -> torch.device:

@@ -8,7 +8,7 @@ Guest and host::
     trainer.train()
     trainer.save_model("guest_model")
 
-Arbiter::
+Arbiter (``fedfleet.hf.server``)::
 
     FedAvgServer(create_context(("arbiter", "10000"), parties, session_id="s1")).train()
 """
@@ -21,12 +21,9 @@ from typing import Any
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from fedfleet.core.loop import RoundRecord
 from fedfleet.errors import ConfigError
 from fedfleet.hf.args import FedArguments
 from fedfleet.hf.callback import FedSyncCallback
-from fedfleet.hf.context import Context
-from fedfleet.sync_session import SyncArbiter, SyncSessionConfig
 
 
 class FedAvgClient(Trainer):
@@ -84,40 +81,6 @@ class FedAvgClient(Trainer):
             return super().train(*args, **kwargs)
         finally:
             self.fed_sync.close()  # also when training fails: leave the session instead of hanging it
-
-
-class FedAvgServer:
-    """The arbiter: folds the parties' updates every round; needs no model and no data."""
-
-    def __init__(
-        self,
-        ctx: Context,
-        fed_args: FedArguments | None = None,
-        rounds: int | None = None,
-        strategy: Any = "fedavg",
-        min_parties: int | None = None,
-        round_timeout: float = 24 * 3600.0,
-        wait_timeout: float = 3600.0,
-    ) -> None:
-        if not ctx.is_arbiter:
-            raise ConfigError(f"FedAvgServer runs on the arbiter; this context is {ctx.name}'s")
-        self.ctx = ctx
-        self.arbiter = SyncArbiter(
-            SyncSessionConfig(
-                session=ctx.session_id,
-                parties=ctx.data_parties,
-                address=ctx.arbiter_address,
-                certs=ctx.certs,
-                rounds=rounds,
-                min_parties=min_parties,
-                strategy=strategy,
-                round_timeout=round_timeout,
-                wait_timeout=wait_timeout,
-            )
-        )
-
-    def train(self) -> list[RoundRecord]:
-        return self.arbiter.serve()
 
 
 def _loss_adapter(loss_fn: Callable[..., Any]) -> Callable[..., Any]:

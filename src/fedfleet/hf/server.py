@@ -1,0 +1,48 @@
+"""FATE-LLM's FedAVGServer: the arbiter of a Hugging Face (or Lightning) federation.
+
+It imports no transformers: an arbiter holds no model, so it starts in the time the gRPC runtime takes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedfleet.core.loop import RoundRecord
+from fedfleet.errors import ConfigError
+from fedfleet.hf.args import FedArguments
+from fedfleet.hf.context import Context
+from fedfleet.sync_session import SyncArbiter, SyncSessionConfig
+
+
+class FedAvgServer:
+    """The arbiter: folds the parties' updates every round; needs no model and no data."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        fed_args: FedArguments | None = None,
+        rounds: int | None = None,
+        strategy: Any = "fedavg",
+        min_parties: int | None = None,
+        round_timeout: float = 24 * 3600.0,
+        wait_timeout: float = 3600.0,
+    ) -> None:
+        if not ctx.is_arbiter:
+            raise ConfigError(f"FedAvgServer runs on the arbiter; this context is {ctx.name}'s")
+        self.ctx = ctx
+        self.arbiter = SyncArbiter(
+            SyncSessionConfig(
+                session=ctx.session_id,
+                parties=ctx.data_parties,
+                address=ctx.arbiter_address,
+                certs=ctx.certs,
+                rounds=rounds,
+                min_parties=min_parties,
+                strategy=strategy,
+                round_timeout=round_timeout,
+                wait_timeout=wait_timeout,
+            )
+        )
+
+    def train(self) -> list[RoundRecord]:
+        return self.arbiter.serve()

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.loop import Callback, LoopConfig, RoundLoop, RoundRecord
+from fedfleet.core.params import FlatParams
 from fedfleet.errors import ConfigError
 from fedfleet.runtime.grpc import ArbiterServer, GrpcRuntime
+from fedfleet.runtime.grpc.runtime import PartiesMissingError
 from fedfleet.runtime.grpc.tls import ARBITER_NAME, server_credentials
 from fedfleet.select import build_selector
 from fedfleet.strategy import Strategy, build_strategy
@@ -39,6 +41,8 @@ class SyncSessionConfig:
     chunk_mib: float = 4.0
     seed: int = 0
     callbacks: Sequence[Callback] = field(default_factory=tuple)
+    # the arbiter's own initial params (it then fixes the layout and asks no party); None: the first party's
+    initial: FlatParams | None = None
 
 
 class SyncArbiter:
@@ -52,7 +56,7 @@ class SyncArbiter:
         self.server = ArbiterServer(
             session=config.session,
             parties=list(config.parties),
-            spec=None,
+            spec=None if config.initial is None else config.initial.spec,
             address=config.address,
             credentials=credentials,
             max_weight=config.max_weight,
@@ -79,7 +83,11 @@ class SyncArbiter:
         """Run the session to its end; returns the per-round records (aggregated party metrics)."""
         self.server.start()
         try:
-            initial = self.runtime.initial_params()
+            if self.config.initial is not None:
+                self._await_parties(every=False)  # the announced rounds come with the joins
+                initial = self.config.initial.clone()
+            else:
+                initial = self.runtime.initial_params()
             rounds = self.config.rounds or self._announced_rounds()
             self.server.rounds = rounds
             strategy = self.config.strategy
@@ -97,6 +105,29 @@ class SyncArbiter:
             return history
         finally:
             self.server.stop(grace=5.0)
+
+    def distribute(self) -> None:
+        """A hand-out session: send ``initial`` once to every party (which takes it with ``SyncParty.fetch``) and
+        end, with no rounds. Offsite-Tuning's model owner sends the sub model this way."""
+        if self.config.initial is None:
+            raise ConfigError("distribute() sends the arbiter's own params: give SyncSessionConfig(initial=...)")
+        self.server.start()
+        try:
+            self._await_parties(every=True)
+            self.runtime.finish("handed out", final_params=self.config.initial)
+        finally:
+            self.server.stop(grace=self.config.wait_timeout)  # returns once every party has read to the end
+
+    def _await_parties(self, every: bool) -> None:
+        need = len(self.config.parties) if every else 1
+        with self.server.changed:
+            ok = self.server.changed.wait_for(lambda: len(self.server.connected()) >= need, self.config.wait_timeout)
+        if not ok:
+            missing = sorted(set(self.config.parties) - set(self.server.connected()))
+            raise PartiesMissingError(
+                f"session {self.config.session}: {', '.join(missing)} did not connect within "
+                f"{self.config.wait_timeout:.0f} s; are they started, and do they dial port {self.server.port}?"
+            )
 
     def _announced_rounds(self) -> int:
         wanted = {n for n in self.server.rounds_wanted.values() if n > 0}

@@ -52,6 +52,23 @@ class SyncParty(PartySession):
             raise ConnectionError(f"the session ended before it started: {self._ended}")
         return params
 
+    def fetch(self, params: FlatParams, timeout: float | None = None) -> FlatParams:
+        """Take part in a hand-out session (``SyncArbiter.distribute``): receive the params the arbiter gives
+        every party once into ``params`` (in place), then leave."""
+        if params.spec != self.spec:
+            raise ValueError(f"fetch() got params of another layout ({params.spec}) than the party's {self.spec}")
+        self.rounds = 0
+        self._live = params
+        self._thread = threading.Thread(target=self._stream, name=f"party-{self.conn.name}", daemon=True)
+        self._thread.start()
+        try:
+            self._take(params, timeout)
+            if self._task is None:
+                raise ConnectionError(f"the hand-out session ended before the params arrived: {self._ended}")
+        finally:
+            self.close()
+        return params
+
     def sync(
         self, params: FlatParams, weight: float, metrics: dict[str, float] | None = None, timeout: float | None = None
     ) -> bool:

@@ -1,0 +1,159 @@
+"""The deployed protocol: the model owner is the arbiter; data owners never receive the full model.
+
+1. **Hand-out** (session ``<id>/handout``, at ``handout_address``, by default the arbiter's port + 1): the owner
+   sends every data owner the sub-model weights (adapters + emulator + extras) once, as one flat param set whose
+   layout the owner fixes; a data owner whose sub model has another layout is refused at join.
+2. **Tuning** (session ``<id>``, at the arbiter's address): data owners train the adapters (or LoRA on them) with
+   ``FedAvgClient``; the owner starts the session from its own trainable params (no data owner can impose a
+   start) and FedAvg-aggregates them at every sync (``aggregate_model=True``).
+3. **Plug-in**: the owner loads the final aggregate into its own copy of the sub model (merging LoRA) and copies
+   the tuned adapters into the full model.
+
+Two sessions on two ports rather than one: a party's param layout is fixed per session, and the hand-out (the
+whole sub model, frozen parts included) and the syncs (the trainable tensors only) have different layouts; the
+frozen emulator never travels again after the hand-out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedfleet.core.loop import RoundRecord
+from fedfleet.core.params import FlatParams
+from fedfleet.errors import ConfigError
+from fedfleet.hf.args import FedArguments
+from fedfleet.hf.context import Context
+from fedfleet.hf.trainer import FedAvgClient
+from fedfleet.offsite.models import AutoSubModel, OffsiteTuningMainModel, OffsiteTuningSubModel
+from fedfleet.offsite.tuning import LoraSettings, merge_lora, tunable
+from fedfleet.sync_session import SyncArbiter, SyncSessionConfig
+
+log = logging.getLogger("fedfleet.offsite")
+
+
+def handout_address(address: str) -> str:
+    host, _, port = address.rpartition(":")
+    return f"{host}:{int(port) + 1}"
+
+
+def handout_session(session_id: str) -> str:
+    return f"{session_id}/handout"
+
+
+def trainable_params(model: nn.Module) -> FlatParams:
+    return FlatParams.from_tensors({n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
+
+
+class OffsiteTuningServer:
+    """The model owner: ``OffsiteTuningServer(ctx, main).train()`` hands out, runs the rounds, plugs in."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        main: OffsiteTuningMainModel,
+        sub: OffsiteTuningSubModel | None = None,
+        lora: LoraSettings | None = None,
+        fed_args: FedArguments | None = None,
+        rounds: int | None = None,
+        handout_at: str | None = None,
+        wait_timeout: float = 3600.0,
+    ) -> None:
+        if not ctx.is_arbiter:
+            raise ConfigError(f"OffsiteTuningServer runs on the model owner (the arbiter); this is {ctx.name}")
+        self.ctx, self.main, self.lora = ctx, main, lora
+        p = main.plan
+        self.sub = sub or AutoSubModel(
+            main.model.config, p.emulator_layer_num, p.adapter_top_layer_num, p.adapter_bottom_layer_num
+        )
+        self.fed_args = fed_args or FedArguments()
+        self.rounds = rounds
+        self.handout_at = handout_at or handout_address(ctx.arbiter_address)
+        self.wait_timeout = wait_timeout
+        self.handout = FlatParams.from_tensors(main.get_submodel_weights())
+        self.sub.load_submodel_weights(self.handout.tensors())
+        self.tuned = tunable(self.sub, lora)  # the owner's mirror of what data owners train
+        self.arbiter: SyncArbiter | None = None
+
+    def train(self) -> list[RoundRecord]:
+        common = dict(parties=self.ctx.data_parties, certs=self.ctx.certs, wait_timeout=self.wait_timeout)
+        handout = SyncArbiter(
+            SyncSessionConfig(
+                session=handout_session(self.ctx.session_id), address=self.handout_at, initial=self.handout, **common
+            )
+        )
+        errors: list[BaseException] = []
+        thread = threading.Thread(target=_capture(handout.distribute, errors), name="handout", daemon=True)
+        thread.start()
+        log.info("handing out %d tensors (%.1f MB) of the sub model", len(self.handout.spec), self.handout.nbytes / 1e6)
+        self.arbiter = SyncArbiter(
+            SyncSessionConfig(
+                session=self.ctx.session_id,
+                address=self.ctx.arbiter_address,
+                rounds=self.rounds,
+                initial=trainable_params(self.tuned),
+                **common,
+            )
+        )
+        history = self.arbiter.serve()
+        thread.join()
+        if errors:
+            raise errors[0]
+        self.plug_in(self.arbiter.loop.global_params)
+        return history
+
+    def plug_in(self, final: FlatParams) -> None:
+        """Final aggregate -> the owner's sub model (LoRA merged) -> adapters of the full model."""
+        params = dict(self.tuned.named_parameters())
+        with torch.no_grad():
+            for name, t in final.tensors().items():
+                params[name].copy_(t)
+        merge_lora(self.tuned)
+        self.main.load_submodel_weights(self.sub.get_submodel_weights())
+
+
+def receive_submodel(
+    ctx: Context, sub: OffsiteTuningSubModel, handout_at: str | None = None, timeout: float | None = 3600.0
+) -> FlatParams:
+    """A data owner's hand-out: the owner's adapters, emulator and extras, loaded into ``sub``; returns them."""
+    where = handout_at or handout_address(ctx.arbiter_address)
+    hctx = dataclasses.replace(ctx, session_id=handout_session(ctx.session_id), arbiter_address=where)
+    received = FlatParams.from_tensors(sub.get_submodel_weights())  # the layout; the values are overwritten
+    party = hctx.channel(received.spec, rounds=0)
+    party.fetch(received, timeout)
+    sub.load_submodel_weights(received.tensors())
+    return received
+
+
+class OffsiteTuningClient(FedAvgClient):
+    """A data owner: receives the sub model, then trains its adapters (``lora``: LoRA on them) as a
+    ``FedAvgClient``; every other argument is FedAvgClient's (``training_args``, ``train_set``, ...)."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        sub: OffsiteTuningSubModel,
+        lora: LoraSettings | None = None,
+        handout_at: str | None = None,
+        **client_kwargs: Any,
+    ) -> None:
+        if getattr(ctx, "is_arbiter", False):
+            raise ConfigError("the arbiter is the model owner: use OffsiteTuningServer there")
+        self.sub = sub
+        self.received = receive_submodel(ctx, sub, handout_at)
+        super().__init__(ctx=ctx, model=tunable(sub, lora), **client_kwargs)
+
+
+def _capture(fn: Any, errors: list[BaseException]) -> Any:
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    return run

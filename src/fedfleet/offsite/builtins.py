@@ -17,8 +17,23 @@ from fedfleet.offsite.models import OffsiteTuningMainModel, OffsiteTuningSubMode
 
 
 class _Builtin:
+    """FATE-LLM's constructor and the family facts of a built-in model; the main or sub base class follows it
+    in the MRO and takes the layer numbers."""
+
     model_class_name: str
     blocks_path: tuple[str, ...]
+
+    def __init__(
+        self,
+        model_name_or_path: Any,
+        emulator_layer_num: int,
+        adapter_top_layer_num: int = 2,
+        adapter_bottom_layer_num: int = 2,
+        fp16_mix_precision: bool = False,
+        seed: int | None = 0,
+    ) -> None:
+        self.model_name_or_path, self.seed = model_name_or_path, seed
+        super().__init__(emulator_layer_num, adapter_top_layer_num, adapter_bottom_layer_num, fp16_mix_precision)
 
     def _model_class(self) -> Any:
         import transformers
@@ -33,18 +48,6 @@ class _Builtin:
 
 
 class _BuiltinMain(_Builtin, OffsiteTuningMainModel):
-    def __init__(
-        self,
-        model_name_or_path: Any,
-        emulator_layer_num: int,
-        adapter_top_layer_num: int = 2,
-        adapter_bottom_layer_num: int = 2,
-        fp16_mix_precision: bool = False,
-        seed: int | None = 0,
-    ) -> None:
-        self.model_name_or_path, self.seed = model_name_or_path, seed
-        super().__init__(emulator_layer_num, adapter_top_layer_num, adapter_bottom_layer_num, fp16_mix_precision)
-
     def get_base_model(self) -> nn.Module:
         if isinstance(self.model_name_or_path, str):
             return self._model_class().from_pretrained(self.model_name_or_path)
@@ -52,18 +55,6 @@ class _BuiltinMain(_Builtin, OffsiteTuningMainModel):
 
 
 class _BuiltinSub(_Builtin, OffsiteTuningSubModel):
-    def __init__(
-        self,
-        model_name_or_path: Any,
-        emulator_layer_num: int,
-        adapter_top_layer_num: int = 2,
-        adapter_bottom_layer_num: int = 2,
-        fp16_mix_precision: bool = False,
-        seed: int | None = 0,
-    ) -> None:
-        self.model_name_or_path, self.seed = model_name_or_path, seed
-        super().__init__(emulator_layer_num, adapter_top_layer_num, adapter_bottom_layer_num, fp16_mix_precision)
-
     def get_base_model(self) -> nn.Module:
         # initialised from the config: random weights, replaced by what the model owner sends
         return _instantiate(self._model_class(), sub_config(_config(self.model_name_or_path), self.plan), self.seed)

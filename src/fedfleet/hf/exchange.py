@@ -9,7 +9,7 @@ rank, so training goes on from the aggregate (tests/test_hf_deepspeed.py checks 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -104,13 +104,17 @@ ACCESS_KINDS: list[AccessKind] = [
 ]
 
 
-def param_access(trainer: Any, model: nn.Module, select: Selector = "trainable") -> ParamAccess:
+def param_access(
+    trainer: Any, model: nn.Module, select: Selector = "trainable", kinds: Sequence[AccessKind] = ACCESS_KINDS
+) -> ParamAccess:
+    """How to read and write ``model``'s exchanged params: the first of ``kinds`` that applies to ``trainer``
+    (an HF Trainer by default; Lightning passes its own table)."""
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(
             f"{type(model).__name__} has no trainable parameters: nothing would be federated "
             f"(unfreeze some, or add a PEFT adapter)"
         )
-    for kind in ACCESS_KINDS:
+    for kind in kinds:
         if kind.applies(trainer):
             return kind.build(model, select)
     raise AssertionError("the last access kind always applies")

@@ -14,7 +14,7 @@ from torch import nn
 
 from fedfleet.core.params import Selector
 from fedfleet.errors import ConfigError
-from fedfleet.hf.exchange import AccessKind, BoundAccess, DeepSpeedAccess, ParamAccess
+from fedfleet.hf.exchange import AccessKind, BoundAccess, DeepSpeedAccess, ParamAccess, param_access
 
 
 def _strategy_named(*names: str) -> Any:
@@ -46,12 +46,4 @@ LIGHTNING_ACCESS_KINDS: list[AccessKind] = [
 
 def lightning_access(trainer: Any, module: nn.Module, select: Selector = "trainable") -> ParamAccess:
     """The access for ``module`` (the unwrapped ``LightningModule``) under ``trainer``'s strategy."""
-    if not any(p.requires_grad for p in module.parameters()):
-        raise ConfigError(
-            f"{type(module).__name__} has no trainable parameters: nothing would be federated "
-            f"(unfreeze some, or add a PEFT adapter)"
-        )
-    for kind in LIGHTNING_ACCESS_KINDS:
-        if kind.applies(trainer):
-            return kind.build(module, select)
-    raise AssertionError("the last access kind always applies")
+    return param_access(trainer, module, select, LIGHTNING_ACCESS_KINDS)

@@ -2,7 +2,10 @@
 
 import numpy as np
 import pytest
+import torch
 
+from fedfleet.core.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint
+from fedfleet.core.params import FlatParams
 from fedfleet.core.round_end import RoundFeedback
 from fedfleet.select import OortSelector, build_selector
 
@@ -150,3 +153,44 @@ def test_register_checks_its_input_and_reports_replace_expected_durations():
     oort.select(3, 3, 0, seed=0)
     oort.observe(0, report([0, 1, 2], loss=1.0, duration=[5.0, 2.0, 3.0]))
     assert oort._duration.tolist() == [5.0, 2.0, 3.0]
+
+
+def test_state_survives_a_checkpoint_file_and_the_next_selections_are_the_same(tmp_path):
+    # 45 rounds: the pacer has moved T's percentile and the blacklist is active; registration told sizes
+    make = lambda: OortSelector(pacer_step=5, blacklist_rounds=8)  # noqa: E731
+    oort = make()
+    oort.register(durations=DURATION * 1.5, sizes=np.arange(40) + 10)
+    run(oort, 45)
+    params = FlatParams.from_tensors({"w": torch.zeros(1)})
+    snap = {
+        "global": params,
+        "state": {},
+        "round": 45,
+        "sim_time": 0.0,
+        "seed": 0,
+        "parts": {"selector": oort.state_dict()},
+    }
+    save_checkpoint(tmp_path / "c", snap)
+    restored = make()
+    restored.load_state_dict(load_checkpoint(tmp_path / "c", params, {})["parts"]["selector"])
+    assert restored.preferred_percentile == oort.preferred_percentile != 30.0
+    for rnd in range(45, 60):
+        a, b = oort.select(40, 4, rnd, seed=7), restored.select(40, 4, rnd, seed=7)
+        assert np.array_equal(a, b)
+        for s in (oort, restored):
+            s.observe(rnd, report(a, LOSS[a], DURATION[a]))
+    fresh = make()
+    fresh.register(durations=DURATION * 1.5, sizes=np.arange(40) + 10)
+    assert any(not np.array_equal(fresh.select(40, 4, r, 7), oort.select(40, 4, r, 7)) for r in range(60, 63))
+
+
+def test_a_checkpoint_of_another_selector_or_population_is_refused():
+    oort = OortSelector()
+    run(oort, 3)
+    state = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in oort.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match="not oort's"):
+        OortSelector().load_state_dict({**state, "kind": "uniform"})
+    bigger = OortSelector()
+    bigger.select(50, 4, 0, seed=7)
+    with pytest.raises(CheckpointMismatchError, match="covers 40 clients, this job 50"):
+        bigger.load_state_dict(state)

@@ -141,11 +141,31 @@ def test_params_kept_per_client_stay_with_their_client(ray_session, digits):
     def personal():
         return make_trainer(keep_local=[r"^0\.bias$"])
 
-    expected = single_process(digits, strat, trainer=personal, rounds=2)
+    sequential = SequentialRuntime(personal(), fed, test)
+    expected = run(sequential, strat, trainer=personal, rounds=2)
     with RayRuntime(personal(), fed, test, strategy=strat, options=RayOptions(workers=2)) as runtime:
         got = run(runtime, strat, rounds=2, trainer=personal)
+        kept = runtime.state_dict()  # gathered from both workers, for a checkpoint
     assert_same_run(expected, got)
     assert got[1][-1].metrics["train_local_rows"] > 0
+    assert_same_rows(kept, sequential.state_dict())
+
+    # a resumed run: the checkpoint's rows reach the worker that trains each client
+    with RayRuntime(personal(), fed, test, strategy=strat, options=RayOptions(workers=3)) as runtime:
+        runtime.load_state_dict(kept)
+        assert_same_rows(runtime.state_dict(), kept)  # not started yet: held for the workers
+        runtime.start()
+        assert_same_rows(runtime.state_dict(), kept)  # from the three workers
+
+
+def assert_same_rows(a, b):
+    pairs = [tuple(e) for e in a["entries"]]
+    assert sorted(pairs) == sorted(tuple(e) for e in b["entries"]) and pairs
+    where = {tuple(e): i for i, e in enumerate(b["entries"])}
+    for i, pair in enumerate(pairs):
+        j = where[pair]
+        assert torch.equal(a[f"{i}/index"], b[f"{j}/index"])
+        assert torch.allclose(a[f"{i}/values"], b[f"{j}/values"], rtol=0, atol=1e-5)
 
 
 def test_a_users_error_in_a_worker_keeps_its_message(ray_runtime):

@@ -17,10 +17,12 @@ from __future__ import annotations
 import re
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from fedfleet.core.checkpoint import CheckpointMismatchError
 from fedfleet.errors import ConfigError
 
 Rows = dict[str, tuple[Tensor, Tensor]]  # param name -> (row indices, row values)
@@ -113,6 +115,55 @@ class LocalParams:
             written.append((name, unique))
         return written
 
+    def state_dict(self) -> dict[str, Any]:
+        return rows_state(self.rows)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = self.rows_from(state)
+
+    def rows_from(self, state: dict[str, Any]) -> dict[Hashable, Rows]:
+        """The rows of a :func:`rows_state`, checked against this model's local params and on their device."""
+        rows: dict[Hashable, Rows] = {}
+        for i, (client, name) in enumerate(state.get("entries", [])):
+            param = self.params.get(name)
+            values = state[f"{i}/values"]
+            if param is None or values.shape[1:] != _rows(param.data).shape[1:] or values.dtype != param.dtype:
+                raise CheckpointMismatchError(
+                    f"the checkpoint keeps rows of {name!r} {tuple(values.shape[1:])} {values.dtype} on the clients, "
+                    f"but this job keeps {', '.join(self.params) or 'nothing'} local; resume the run with the "
+                    f"model and client.keep_local it started with, or start a new run (--overwrite)"
+                )
+            device = param.device  # JSON keeps the client key's type: an int in simulation, None in a party
+            rows.setdefault(client, {})[name] = (state[f"{i}/index"].to(device), values.to(device))
+        return rows
+
     @property
     def stored_rows(self) -> int:
         return sum(len(index) for rows in self.rows.values() for index, _ in rows.values())
+
+
+def rows_state(rows: dict[Hashable, Rows]) -> dict[str, Any]:
+    """Clients' kept rows as a checkpoint part: ``entries`` lists (client, param) pairs; the n-th pair's row
+    indices and values are ``n/index`` and ``n/values``."""
+    entries = [(client, name) for client, tables in rows.items() for name in tables]
+    state: dict[str, Any] = {"entries": [[c, n] for c, n in entries]}
+    for i, (client, name) in enumerate(entries):
+        state[f"{i}/index"], state[f"{i}/values"] = rows[client][name]
+    return state
+
+
+def local_state(trainer: Any) -> dict[str, Any]:
+    """A simulation runtime's checkpoint part: its trainer's clients' kept rows (none without keep_local)."""
+    local = getattr(trainer, "local", None)
+    return local.state_dict() if local is not None else {}
+
+
+def load_local_state(trainer: Any, state: dict[str, Any]) -> None:
+    local = getattr(trainer, "local", None)
+    if local is not None:
+        local.load_state_dict(state)
+    elif state.get("entries"):
+        raise CheckpointMismatchError(
+            "the checkpoint holds rows the clients kept (client.keep_local) but this job keeps none; resume with "
+            "the client.keep_local the run started with, or start a new run (--overwrite)"
+        )

@@ -1,4 +1,8 @@
-"""Server checkpoints: global params, strategy state, round, virtual clock and history in ONE safetensors file.
+"""Server checkpoints: global params, strategy state, round, virtual clock, history and the state of stateful
+parts (the selector's memory of clients, rows clients keep locally) in ONE safetensors file.
+
+A part's state (``snap["parts"][name]``) is a flat dict of arrays (stored as tensors) and JSON values (stored in
+the metadata); it comes back with every array as a CPU tensor.
 
 Written atomically (temp file, fsync, rename, fsync of the folder): after a crash the file is either the
 previous committed round or the new one, never a mix.
@@ -10,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -30,7 +36,20 @@ def save_checkpoint(path: str | Path, snap: dict[str, Any]) -> None:
     for key, params in snap["state"].items():
         tensors.update({f"state/{key}/{k}": v.clone() for k, v in params.tensors().items()})
     meta = {k: snap[k] for k in ("round", "sim_time", "seed")}
-    metadata = {"format": FORMAT, "meta": json.dumps(meta), "history": json.dumps(snap.get("history", []))}
+    values: dict[str, dict[str, Any]] = {}
+    for part, state in snap.get("parts", {}).items():
+        values[part] = {}
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor | np.ndarray):
+                tensors[f"part/{part}/{key}"] = _tensor(value)
+            else:
+                values[part][key] = value
+    metadata = {
+        "format": FORMAT,
+        "meta": json.dumps(meta),
+        "history": json.dumps(snap.get("history", [])),
+        "parts": json.dumps(values),
+    }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     fsync_replace(tmp, path)
@@ -48,7 +67,19 @@ def load_checkpoint(path: str | Path, global_like: FlatParams, state_like: dict[
     snap["history"] = json.loads(metadata.get("history", "[]"))
     snap["global"] = _fill(global_like, stored, "global/", path)
     snap["state"] = {key: _fill(like, stored, f"state/{key}/", path) for key, like in state_like.items()}
+    parts: dict[str, dict[str, Any]] = json.loads(metadata.get("parts", "{}"))
+    for name, tensor in stored.items():
+        if name.startswith("part/"):
+            part, key = name[len("part/") :].split("/", 1)
+            parts.setdefault(part, {})[key] = tensor
+    snap["parts"] = parts
     return snap
+
+
+def _tensor(value: torch.Tensor | np.ndarray) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value)).clone()
+    return value.detach().cpu().contiguous().clone()
 
 
 def _fill(like: FlatParams, stored: dict, prefix: str, path: Path) -> FlatParams:

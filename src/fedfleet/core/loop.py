@@ -52,6 +52,15 @@ class SelectorLike(Protocol):
     def select(self, population: int, k: int, round: int, seed: int) -> np.ndarray: ...
 
 
+class Stateful(Protocol):
+    """A selector or runtime whose state a checkpoint must carry. ``state_dict`` is a flat dict of arrays
+    (NumPy or torch) and JSON values; ``load_state_dict`` gets it back with the arrays as CPU tensors."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class Runtime(Protocol):
     """Executes a round's training on the selected parties and yields their updates as they arrive."""
 
@@ -152,9 +161,25 @@ class RoundLoop:
             "sim_time": self.clock.now,
             "seed": self.config.seed,
             "history": [dataclasses.asdict(r) for r in self.history],
+            "parts": {name: part.state_dict() for name, part in self.stateful_parts().items()},
         }
 
+    def stateful_parts(self) -> dict[str, Stateful]:
+        """The parts with state of their own that a resumed run needs, e.g. Oort's memory of every client,
+        or the rows clients keep locally (``client.keep_local``)."""
+        parts = {"selector": self.selector, "runtime": self.runtime}
+        return {name: part for name, part in parts.items() if hasattr(part, "state_dict")}
+
     def restore(self, snap: dict[str, Any]) -> None:
+        saved, parts = snap.get("parts", {}), self.stateful_parts()
+        for name, part in parts.items():
+            if name in saved:
+                part.load_state_dict(saved[name])
+            else:
+                log.warning("the checkpoint holds no %s state: it starts afresh", name)
+        for name in saved.keys() - parts.keys():
+            if saved[name]:  # e.g. Oort's memory, resumed with a selector that keeps none
+                log.warning("this job's %s keeps no state: the checkpoint's is left unused", name)
         self.global_params.copy_(snap["global"])
         for key, value in snap["state"].items():
             self.state[key].copy_(value)

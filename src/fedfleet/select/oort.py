@@ -30,9 +30,11 @@ selection takes milliseconds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 
+from fedfleet.core.checkpoint import CheckpointMismatchError
 from fedfleet.core.round_end import RoundFeedback
 from fedfleet.core.seeding import generator
 from fedfleet.select.base import SELECTORS, check_k
@@ -224,6 +226,39 @@ class OortSelector:
         exploited = self._exploited.pop(round, np.empty(0, dtype=np.int64))
         delivered = c[ok][np.isin(c[ok], exploited)]
         self._exploit_util[round + 1] = float(self._reward[delivered].sum())
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    _ARRAYS: ClassVar[tuple[str, ...]] = ("_reward", "_duration", "_inv_sqrt_last", "_count")
+    _SCALARS: ClassVar[tuple[str, ...]] = ("_registered", "_paced_until", "_reported", "preferred_percentile")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything Oort learned (per-client arrays, the pacer's position), for a checkpoint."""
+        state: dict[str, Any] = {"kind": "oort", **{name: getattr(self, name) for name in self._SCALARS}}
+        state.update({name: getattr(self, name) for name in self._ARRAYS})
+        if self._size is not None:
+            state["_size"] = self._size
+        state["exploit_util"] = {str(r): u for r, u in self._exploit_util.items()}
+        state.update({f"exploited/{r}": picks for r, picks in self._exploited.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "oort":
+            raise CheckpointMismatchError(
+                f"the checkpoint holds the state of selector {state.get('kind', 'unknown')!r}, not oort's; resume "
+                f"with the selector the run started with, or start a new run (--overwrite)"
+            )
+        if len(self._reward) and len(self._reward) != len(state["_reward"]):
+            raise CheckpointMismatchError(
+                f"the checkpoint's Oort state covers {len(state['_reward'])} clients, this job {len(self._reward)}"
+            )
+        for name in self._ARRAYS:
+            setattr(self, name, np.array(state[name].numpy()))
+        self._size = np.array(state["_size"].numpy()) if "_size" in state else None
+        self._registered, self._paced_until = bool(state["_registered"]), int(state["_paced_until"])
+        self._reported, self.preferred_percentile = int(state["_reported"]), float(state["preferred_percentile"])
+        self._exploit_util = {int(r): float(u) for r, u in state["exploit_util"].items()}
+        prefix = "exploited/"
+        self._exploited = {int(k[len(prefix) :]): np.array(v.numpy()) for k, v in state.items() if k.startswith(prefix)}
 
     def _ensure(self, population: int) -> None:
         if len(self._reward) == population:

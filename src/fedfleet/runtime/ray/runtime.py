@@ -26,7 +26,7 @@ ends the run with the cause.
 
 Params a trainer keeps per client (``client.keep_local``) live in the worker that trains the client, so then
 client c always goes to worker c mod workers (no balancing), and the central evaluation gathers every
-worker's rows. A replaced worker's clients start again from their initial rows.
+worker's rows; checkpoints carry them. A replaced worker's clients start again from their initial rows.
 
 Differences from the single-process runtime: float sums are grouped per worker (agreement to rounding, not
 bit for bit), and state a model keeps beside its exchanged params (BatchNorm statistics) evolves per worker.
@@ -44,13 +44,14 @@ from typing import Any
 
 import numpy as np
 
+from fedfleet.client.local_params import load_local_state, rows_state
 from fedfleet.client.torch_trainer import TorchTrainer
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
 from fedfleet.core.update import Update
 from fedfleet.errors import ConfigError, UserError
 from fedfleet.runtime.ray.partial import folds_weighted_sum
-from fedfleet.runtime.ray.ship import ship
+from fedfleet.runtime.ray.ship import land, ship
 from fedfleet.runtime.ray.worker import TrainerFactory, Worker, WorkerResult, land_params
 from fedfleet.runtime.sim import VECTORIZE_MODES
 
@@ -122,6 +123,8 @@ class RayRuntime:
         # params kept per client (client.keep_local) live in the trainer that trained the client: every
         # client then always goes to the same worker, and evaluation gathers every worker's rows
         self._sticky = trainer.local is not None
+        self._local = trainer.local  # the driver's copy: checks a checkpoint's rows against the model
+        self._restored_rows: dict[Any, Any] | None = None  # from a checkpoint, for the workers when they start
         self._sizes = [float(s) for s in federation.sizes().tolist()]
         self._partial_sum: tuple[Any, bool] | None = None  # (strategy, its decision): decided once per strategy
         self._started_ray = False
@@ -159,6 +162,7 @@ class RayRuntime:
             )
             self.workers = [self._spawn() for _ in range(count)]
             self._get([w.ready.remote() for w in self.workers])  # a worker that cannot start fails here, clearly
+            self._push_restored_rows()
         except BaseException:
             self.close()
             raise
@@ -214,6 +218,35 @@ class RayRuntime:
 
     def round_metrics(self) -> dict[str, float]:
         return dict(self._metrics)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The rows every worker's clients keep (``client.keep_local``); nothing without it."""
+        if self._local is None:
+            return {}
+        if not self.workers:  # not started since a restore: the restored rows are the state
+            return rows_state(self._restored_rows or {})
+        rows: dict[Any, Any] = {}
+        for i, worker in enumerate(self.workers):  # disjoint: each client is trained by one worker only
+            rows.update(land(self._result(i, _local_rows(worker), _local_rows, None)))
+        return rows_state(rows)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._local is None:
+            load_local_state(None, state)  # refuses rows this job would not keep
+            return
+        self._restored_rows = self._local.rows_from(state)
+        if self.workers:
+            self._push_restored_rows()
+
+    def _push_restored_rows(self) -> None:
+        """Each worker gets the restored rows of its clients (client c trains on worker c mod workers)."""
+        if self._restored_rows is None:
+            return
+        n, rows = len(self.workers), self._restored_rows
+        shares = [{c: tables for c, tables in rows.items() if c % n == k} for k in range(n)]
+        self._get([w.set_local_rows.remote(ship(share)) for w, share in zip(self.workers, shares, strict=True)])
+        self._restored_rows = None
 
     # -- internals -----------------------------------------------------------------------------------
     @property

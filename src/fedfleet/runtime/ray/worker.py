@@ -154,6 +154,13 @@ class Worker:
         """The rows of ``keep_local`` params this worker's clients keep (clients stay on one worker)."""
         return ship(self.trainer.local.rows if self.trainer.local is not None else {})
 
+    def set_local_rows(self, rows: Shipped) -> None:
+        """Put back the rows a checkpoint kept for this worker's clients."""
+        self.trainer.local.rows = {
+            client: {n: (i.to(self.device), v.to(self.device)) for n, (i, v) in tables.items()}
+            for client, tables in land(rows).items()
+        }
+
     def evaluate(self, global_params: Shipped, *other_rows: Shipped) -> dict[str, float]:
         """Central evaluation; ``other_rows``: the other workers' clients' local rows, which a personalised
         central model needs too (see ``LocalParams.applied``)."""

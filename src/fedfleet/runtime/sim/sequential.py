@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from fedfleet.client.local_params import load_local_state, local_state
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
 from fedfleet.core.seeding import CLIENT, derive_seed
@@ -42,6 +43,12 @@ class SequentialRuntime:
 
     def round_metrics(self) -> dict[str, float]:
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return local_state(self.trainer)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_local_state(self.trainer, state)
 
     def evaluate(self, global_params: FlatParams) -> dict[str, float]:
         if self.test_data is None:

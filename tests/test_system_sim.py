@@ -92,3 +92,25 @@ def test_cli_reports_simulated_time_next_to_wall_time(tmp_path):
     lines = out.stdout.strip().splitlines()
     assert lines[-2].startswith("simulated time: ") and "(wall " in lines[-2] and "test_accuracy 0.8" in lines[-2]
     assert lines[-1].startswith("final test accuracy: ")
+
+
+def test_oort_with_profiles_registers_every_client_before_round_one(tmp_path):
+    system = {"traces": {"name": "generate", "online_fraction": 1.0}, "round_end": {"name": "overcommit"}}
+    runs = {}
+    for profiles in (False, True):
+        selector = {"name": "oort", "profiles": profiles}
+        sim = Simulation.from_config(job(tmp_path, system, selector=selector, rounds=1, cohort=8))
+        sim.run()
+        runs[profiles] = sim
+    blind, told = runs[False].loop.selector, runs[True].loop.selector
+    assert not blind._registered and told._registered
+    sizes = runs[True].federation.sizes().numpy()
+    assert np.array_equal(told._size, sizes)
+    loop = runs[True].loop
+    samples = sizes.astype(float)  # epochs: 1
+    nbytes = loop.global_params.nbytes
+    expected = loop.clock.latencies(np.arange(40), samples, nbytes, nbytes)
+    never = np.isnan(told._reward)  # not selected: the duration is still the registered one
+    assert np.allclose(told._duration[never], expected[never])
+    # explorers drawn by profile are faster than blind ones: the round's slowest kept client finishes sooner
+    assert runs[True].loop.history[0].metrics["sim_round_s"] < runs[False].loop.history[0].metrics["sim_round_s"]

@@ -253,6 +253,7 @@ class AsyncLoop(RoundLoop):
         # the first refill after a step draws exactly as a synchronous round would; later ones draw anew
         k, self._refills = self._refills, self._refills + 1
         seed = self.config.seed if k == 0 else derive_seed(self.config.seed, k)
+        self.planner.register_profiles(self.fit_config, self.global_params.nbytes)  # once, if the selector asks
         clients = np.asarray(self.planner.select(n, version, available, seed=seed + SELECT), dtype=np.int64)
         online_for = self.clock.time_online(clients, now)
         staying = online_for > 0  # one checked in at the very end of its session is gone before it starts

@@ -67,6 +67,8 @@ class RoundPlanner:
         self.round_end = round_end or (WaitForAll() if client_sizes is not None else None)
         self._sees_available = "available" in inspect.signature(selector.select).parameters
         self._observe = getattr(selector, "observe", None)
+        # a selector that asks for the clients' profiles (Oort with profiles=True) gets them before round 1
+        self._register = getattr(selector, "register", None) if getattr(selector, "profiles", False) else None
 
     def plan(self, rnd: int, config: FitConfig, nbytes: int) -> RoundPlan:
         """Who checked in, whom to select, and (with client sizes) whose updates will count and when the round
@@ -76,6 +78,8 @@ class RoundPlanner:
         if online is not None and len(online) == 0:  # nobody is connected: wait for the first to check in
             start = self.clock.next_check_in(start)
             online = self.clock.online_clients(start)
+        if self._register is not None:
+            self.register_profiles(config, nbytes)
         want = self.round_end.cohort_size(self.cohort) if self.round_end is not None else self.cohort
         n = min(want, self.population if online is None else len(online))
         clients = np.asarray(self.select(n, rnd, online), dtype=np.int64)
@@ -86,6 +90,17 @@ class RoundPlanner:
         k = min(self.cohort, n)
         outcome = self.round_end.decide(k, latency, self.clock.time_online(clients, start))
         return RoundPlan(clients, clients[outcome.keep], start, outcome, None if online is None else len(online))
+
+    def register_profiles(self, config: FitConfig, nbytes: int) -> None:
+        """Tell the selector what each client reports when it checks in: its examples and its device's expected
+        seconds for a round (from the capacity trace, without availability). Once, before the first round."""
+        register, self._register = self._register, None
+        if register is None or self.client_sizes is None:
+            return  # a deployed runtime: the parties' sizes are unknown before they train
+        every = np.arange(self.population)
+        samples = planned_samples(self.client_sizes, config)
+        durations = self.clock.latencies(every, samples, nbytes, nbytes) if self.clock.traces is not None else None
+        register(durations=durations, sizes=self.client_sizes)
 
     def select(self, n: int, rnd: int, available: np.ndarray | None, seed: int | None = None) -> np.ndarray:
         """``n`` clients among ``available`` (None: the whole population); ``seed`` defaults to the job's

@@ -20,7 +20,8 @@ them. Oort then explores as in its reference implementation: each unexplored cli
 the ``sample_window x n`` best. Why it matters: while most of the cohort explores (the first few dozen
 rounds), exploring blindly makes rounds as slow as uniform selection's; measured in
 ``benchmarks/oort_vs_uniform.py``. Without ``register`` the server knows nothing of unexplored clients and
-explores uniformly.
+explores uniformly. With ``profiles=True`` a simulation registers every client before its first round, from
+the device traces and data sizes (what each client's device would report).
 
 Everything else the selector knows comes from ``observe`` (what clients reported back); the state is a few
 arrays over the population and every step is vectorised, so 1,000,000 clients cost ~30 MB and a
@@ -56,6 +57,9 @@ class OortSelector:
     cutoff: float = 0.95  # the exploitation pool: utility >= cutoff x the k-th best utility
     staleness_weight: float = 0.1
     sample_window: float = 5.0  # explorers are drawn from the sample_window x n best-scored unexplored clients
+    # clients tell their data size and expected round time when they check in (FedScale's registration); the
+    # simulation's planner then calls ``register`` before the first round
+    profiles: bool = False
 
     _reward: np.ndarray = field(init=False, repr=False, default_factory=lambda: np.empty(0))
     _duration: np.ndarray = field(init=False, repr=False, default_factory=lambda: np.empty(0))

@@ -1,7 +1,9 @@
+import dataclasses
+
 import pytest
 
 from fedfleet.config import JobConfig, Named, load_job, to_dict
-from fedfleet.config.loader import apply_overrides, parse
+from fedfleet.config.loader import Identifier, apply_overrides, load, parse
 from fedfleet.errors import ConfigError
 
 
@@ -71,3 +73,45 @@ def test_overrides_dotted_and_typed():
 def test_round_trip_through_dict():
     job = load_job(None, ["strategy.name=fedprox", "strategy.mu=0.1"])
     assert parse(JobConfig, to_dict(job)) == job
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    k: int = 1
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            raise ConfigError("k must be >= 0")  # a dataclass from elsewhere may raise ConfigError, not ValueError
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outer:
+    pairs: tuple[tuple[str, Identifier], ...] = ()
+    who: Identifier = "a"
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+
+
+def test_fixed_length_tuples_identifiers_and_foreign_post_init():
+    got = parse(_Outer, {"pairs": [["guest", 9999], ["host", "x"]], "who": 7})
+    assert got == _Outer((("guest", "9999"), ("host", "x")), "7")
+    with pytest.raises(ConfigError, match=r"^pairs\[1\]: expected a list of 2 values"):
+        parse(_Outer, {"pairs": [["guest", 1], ["host"]]})
+    with pytest.raises(ConfigError, match=r"^pairs\[0\]\[0\]: expected a string, got 3"):
+        parse(_Outer, {"pairs": [[3, 1]]})
+    with pytest.raises(ConfigError, match=r"^who: expected a string, got True"):
+        parse(_Outer, {"who": True})
+    with pytest.raises(ConfigError, match=r"^inner: k must be >= 0$"):
+        parse(_Outer, {"inner": {"k": -1}})
+
+
+def test_load_names_the_file_in_every_error(tmp_path):
+    path = write(tmp_path, "inner: {kk: 1}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: inner\.kk: unknown key \(did you mean 'k'\?\)"):
+        load(_Outer, path)
+    path = write(tmp_path, "whoo: 1\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: whoo: unknown key \(did you mean 'who'\?\)"):
+        load(_Outer, path)
+    path = write(tmp_path, "- 1\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: the job must be a mapping"):
+        load(_Outer, path)
+    assert load(_Outer, write(tmp_path, "who: b\n")) == _Outer(who="b")

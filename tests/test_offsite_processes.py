@@ -12,9 +12,9 @@ import yaml
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
+from fedfleet.config.offsite import load_job, parse_job
 from fedfleet.errors import ConfigError
 from fedfleet.offsite import AutoMainModel
-from fedfleet.offsite.config import load_job, parse_job
 from tests.grpc_jobs import free_port
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "offsite"
@@ -37,7 +37,7 @@ def test_owner_and_two_data_owners_as_processes(tmp_path, lora):
     jobs = write_jobs(tmp_path, lora=lora)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "fedfleet.offsite.cli", str(j)],
+            [sys.executable, "-m", "fedfleet.cli.offsite", str(j)],
             env=ENV,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -82,9 +82,9 @@ def party_numel(main):
 
 def test_a_bad_job_file_names_the_key(tmp_path):
     raw = yaml.safe_load((EXAMPLES / "guest.yaml").read_text())
-    with pytest.raises(ConfigError, match=r"unknown key.*'emulator_layers'"):
+    with pytest.raises(ConfigError, match=r"offsite\.emulator_layers: unknown key \(did you mean 'emulator_layer_num'"):
         parse_job({**raw, "offsite": {"emulator_layers": 2}})
-    with pytest.raises(ConfigError, match=r"unknown key.*'epochs'"):
+    with pytest.raises(ConfigError, match=r"^epochs: unknown key"):
         parse_job({**raw, "epochs": 2})
-    with pytest.raises(ConfigError, match="missing 'offsite'"):
+    with pytest.raises(ConfigError, match="missing required key 'offsite'"):
         parse_job({k: v for k, v in raw.items() if k != "offsite"})

@@ -163,13 +163,14 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
         "examples/offsite/ and docs/offsite-tuning.md.",
     )
     offsite.add_argument("job", help="this side's YAML, e.g. examples/offsite/owner.yaml")
+    offsite.add_argument("--dry-run", action="store_true", help="check the YAML, print the resolved job, run nothing")
     offsite.set_defaults(func=_offsite)
 
 
 def _offsite(args: argparse.Namespace) -> int:
-    from fedfleet.offsite.cli import main as offsite_main
+    from fedfleet.cli.offsite import offsite_command
 
-    return offsite_main([args.job])
+    return offsite_command(args.job, dry_run=args.dry_run)
 
 
 def _arbiter(args: argparse.Namespace) -> int:

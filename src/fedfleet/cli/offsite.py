@@ -1,4 +1,5 @@
-"""``python -m fedfleet.offsite.cli job.yaml``: run one side of an Offsite-Tuning job; prints one JSON summary.
+"""``fedfleet offsite job.yaml`` (or ``python -m fedfleet.cli.offsite job.yaml``): run one side of an
+Offsite-Tuning job; prints one JSON summary.
 
 The model owner (role arbiter) hands out the sub model, aggregates the adapters and saves the plugged-in full
 model; a data owner (guest / host) receives the sub model, tunes the adapters on its share of the data and prints
@@ -7,20 +8,17 @@ the paper's table rows it can compute (emulator zero-shot, emulator fine-tuned) 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from fedfleet.errors import UserError
-from fedfleet.offsite.config import OffsiteJob, load_job
+from fedfleet.config.offsite import OffsiteJob, load_job
 
 
 def run_owner(job: OffsiteJob, ctx: Any) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    from fedfleet.hf.args import FedArguments
     from fedfleet.offsite.models import AutoMainModel
     from fedfleet.offsite.session import OffsiteTuningServer
 
@@ -29,9 +27,7 @@ def run_owner(job: OffsiteJob, ctx: Any) -> dict[str, Any]:
     main = AutoMainModel(
         source, p.emulator_layer_num, p.adapter_top_layer_num, p.adapter_bottom_layer_num, seed=job.seed
     )
-    server = OffsiteTuningServer(
-        ctx, main, lora=job.lora, fed_args=FedArguments(**vars(job.fed)), handout_at=job.handout_address
-    )
+    server = OffsiteTuningServer(ctx, main, lora=job.lora, fed_args=job.fed, handout_at=job.handout_address)
     history = server.train()
     out = Path(job.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -53,7 +49,6 @@ def run_data_owner(job: OffsiteJob, ctx: Any) -> dict[str, Any]:
     from safetensors.torch import save_file
     from transformers import TrainingArguments
 
-    from fedfleet.hf.args import FedArguments
     from fedfleet.hf.data import gpt2_tokenizer
     from fedfleet.offsite.data import LmBlocks, review_texts, split
     from fedfleet.offsite.evaluate import perplexity
@@ -88,7 +83,7 @@ def run_data_owner(job: OffsiteJob, ctx: Any) -> dict[str, Any]:
         training_args=args,
         train_set=train,
         tokenizer=tok,
-        fed_args=FedArguments(**vars(job.fed)),
+        fed_args=job.fed,
     )
     zero_shot = perplexity(client.model, held_out)
     client.train()
@@ -113,24 +108,29 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedfleet-offsite", description=__doc__.splitlines()[0])
-    parser.add_argument("job", help="this side's YAML")
-    args = parser.parse_args(argv)
-    try:
-        from fedfleet.hf.context import create_context
+def offsite_command(job_path: str, *, dry_run: bool = False) -> int:
+    """Run this side of the job and print its JSON summary; a :class:`~fedfleet.errors.UserError` (a bad key
+    or value, a party that is not in ``parties``) is raised for the command line to report."""
+    from fedfleet.hf.context import create_context
 
-        job = load_job(args.job)
-        ctx = create_context(
-            (job.role, job.party_id), job.parties, job.session, job.address, job.certs, insecure=job.insecure
-        )
-        summary = run_owner(job, ctx) if ctx.is_arbiter else run_data_owner(job, ctx)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    job = load_job(job_path)
+    ctx = create_context(
+        (job.role, job.party_id), job.parties, job.session, job.address, job.certs, insecure=job.insecure
+    )
+    if dry_run:
+        import yaml
+
+        from fedfleet.config import to_dict
+
+        job.model_config()  # model_type and its keys are checked by transformers
+        print(yaml.safe_dump(to_dict(job), sort_keys=False), end="")
+        return 0
+    summary = run_owner(job, ctx) if ctx.is_arbiter else run_data_owner(job, ctx)
     print(json.dumps(summary), flush=True)
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the same command, errors reported the same way: `fedfleet: error: ...`, exit 2
+    from fedfleet.cli.main import main
+
+    sys.exit(main(["offsite", *sys.argv[1:]]))

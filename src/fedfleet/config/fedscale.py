@@ -10,7 +10,8 @@ keys a job leaves out take FedScale's defaults, so the translated job is the one
 2. ``--set key=value`` overrides (fedfleet keys), as for any job file.
 
 An unknown key is an error naming the closest known one; a known key that has no meaning in fedfleet (the
-parameter server's address, loader workers) is a warning that says why; a dataset or model fedfleet cannot
+parameter server's address, loader workers) is a warning that says why, and so is one that fedfleet applies
+with a difference (FedScale's FedBuff normalises its buffer otherwise); a dataset or model fedfleet cannot
 provide offline is an error that lists what it can. ``FedScaleImport.to_yaml()`` is the translated job as a
 fedfleet job file, for users who switch.
 """
@@ -18,6 +19,7 @@ fedfleet job file, for users who switch.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import math
 import os
@@ -32,12 +34,12 @@ import yaml
 
 from fedfleet.config import fedscale_keys as keys
 from fedfleet.config.loader import apply_overrides, parse
-from fedfleet.config.schema import JobConfig
+from fedfleet.config.schema import DataConfig, FedBuffConfig, JobConfig
 from fedfleet.errors import ConfigError
 
 # the order in which sections appear in the printed job file (as in examples/*.yaml)
 _ORDER = ("name", "seed", "rounds", "cohort", "eval_every", "selector", "data", "model", "strategy", "client",
-          "runtime", "system", "output")  # fmt: skip
+          "runtime", "system", "fedbuff", "output")  # fmt: skip
 
 
 class FedScaleKeyWarning(UserWarning):
@@ -54,17 +56,21 @@ class FedScaleImport:
     mapped: tuple[tuple[str, str], ...]  # (FedScale key and value, what it became), in the file's order
     ignored: tuple[tuple[str, str], ...]  # (FedScale key, why it does not apply)
     notes: tuple[str, ...] = ()  # substitutions worth knowing (e.g. the dataset fedfleet uses instead)
+    differs: tuple[tuple[str, str], ...] = ()  # (FedScale key, how fedfleet's counterpart differs)
     extension: bool = False  # the conf has a `fedfleet:` section (merged over the translation)
     overrides: tuple[str, ...] = ()  # --set overrides applied last
 
     def warning(self) -> str | None:
-        """One message naming the keys that do not apply, grouped by reason; None when every key applied."""
-        if not self.ignored:
-            return None
-        lines = [f"  {line}" for line in self._ignored_lines()]
-        return f"{self.source}: FedScale keys that do not apply to a fedfleet simulation (ignored):\n" + "\n".join(
-            lines
-        )
+        """One message naming the keys that do not apply, grouped by reason, and the keys applied with a
+        difference; None when every key applied as in FedScale."""
+        blocks = []
+        if self.ignored:
+            lines = "".join(f"\n  {line}" for line in self._ignored_lines())
+            blocks.append(f"FedScale keys that do not apply to a fedfleet simulation (ignored):{lines}")
+        if self.differs:
+            lines = "".join(f"\n  {key}: {what}" for key, what in self.differs)
+            blocks.append(f"FedScale keys applied, but not exactly as FedScale applies them:{lines}")
+        return "\n".join(f"{self.source}: {block}" for block in blocks) or None
 
     def _ignored_lines(self) -> list[str]:
         by_reason: dict[str, list[str]] = {}
@@ -79,6 +85,9 @@ class FedScaleImport:
         if self.ignored:
             head.append("# not applied:")
             head += [f"#   {line}" for line in self._ignored_lines()]
+        if self.differs:
+            head.append("# applied with a difference:")
+            head += [f"#   {key}: {what}" for key, what in self.differs]
         head += [f"# note: {note}" for note in self.notes]
         if self.extension:
             head.append("# then the conf's `fedfleet:` section, merged over the above")
@@ -97,7 +106,7 @@ def from_fedscale(path: str | Path, overrides: list[str] | None = None, *, warn:
     conf = _read(path)
     job_conf = _job_conf(conf, path)
     _check_known(job_conf, path)
-    translation = _Translation(job_conf, path)
+    translation = _Translation(job_conf, path, conf.get("aggregator_entry"))
     data = translation.run()
     extension = conf.get(keys.EXTENSION)
     if extension is not None:
@@ -107,7 +116,9 @@ def from_fedscale(path: str | Path, overrides: list[str] | None = None, *, warn:
     translation.fill_sgd_client(data)
     data = apply_overrides(data, list(overrides or []))
     translation.finish_system(data)
-    ignored = [(key, keys.IGNORED[key]) for key in conf if key in keys.TOP_LEVEL_IGNORED] + translation.ignored
+    translation.finish_async(data)
+    top = [key for key in conf if key in keys.TOP_LEVEL_IGNORED and key not in translation.top_level_used]
+    ignored = [(key, keys.IGNORED[key]) for key in top] + translation.ignored
     data = {k: data[k] for k in (*_ORDER, *data) if k in data}  # sections in the usual order
     try:
         job = parse(JobConfig, copy.deepcopy(data))
@@ -120,6 +131,7 @@ def from_fedscale(path: str | Path, overrides: list[str] | None = None, *, warn:
         tuple(translation.mapped),
         tuple(ignored),
         tuple(translation.notes),
+        tuple(translation.differs),
         extension=extension is not None,
         overrides=tuple(overrides or ()),
     )
@@ -191,14 +203,17 @@ def _with_hints(names: list[str], known: list[str]) -> str:
 class _Translation:
     """One pass over the tables; records what each key became (``mapped``) or why it does not apply."""
 
-    def __init__(self, job_conf: dict[str, Any], path: Path) -> None:
+    def __init__(self, job_conf: dict[str, Any], path: Path, aggregator_entry: Any = None) -> None:
         self.given = job_conf
         self.path = path
+        self.aggregator_entry = aggregator_entry  # conf.yml's top level: FedScale's switch to asynchronous FL
         self.data: dict[str, Any] = {}
         self.values: dict[str, Any] = {}  # converted values (given or FedScale's default), for derived params
         self.mapped: list[tuple[str, str]] = []
         self.ignored: list[tuple[str, str]] = []
         self.notes: list[str] = []
+        self.differs: list[tuple[str, str]] = []
+        self.top_level_used: set[str] = set()  # top-level keys that the translation read (aggregator_entry)
         self.targets: dict[str, str] = {}  # fedfleet key -> the FedScale key it came from (for error messages)
         self.overcommit = 0.0
         self._overcommit_given = False
@@ -210,6 +225,7 @@ class _Translation:
             self._choice(key, spec)
         self._dataset()
         self._system()
+        self._async()
         self.ignored += [(key, keys.IGNORED[key]) for key in self.given if key in keys.IGNORED]
         order = list(self.given)  # report in the file's order; defaults (not in the file) last
         self.mapped.sort(key=lambda m: order.index(m[0].split(":")[0]) if m[0].split(":")[0] in order else len(order))
@@ -342,6 +358,39 @@ class _Translation:
         path = Path(text)
         return str(path if path.is_absolute() else (self.path.parent / path))  # relative to conf.yml's folder
 
+    def _async(self) -> None:
+        """FedScale's FedBuff: a fedbuff section with its concurrency, buffer, staleness cut-off and weighting."""
+        mode, _ = self._value(keys.ASYNC_MODE, keys.to_bool, None)
+        entry = self.aggregator_entry
+        by_entry = isinstance(entry, str) and keys.ASYNC_ENTRY.search(entry.strip()) is not None
+        if not mode and not by_entry:
+            if mode is False:
+                self._record(keys.ASYNC_MODE, mode, True, "synchronous rounds (no fedbuff section)")
+            self.ignored += [(key, keys.ASYNC_ONLY) for key in keys.ASYNC if key in self.given]
+            return
+        section: dict[str, Any] = {}
+        for key, spec in keys.ASYNC.items():
+            value, given = self._value(key, spec.convert, spec.default)
+            if value is not None:
+                section[spec.target.split(".", 1)[1]] = value
+                self.targets[spec.target] = key
+                self._record(key, value, given, f"{spec.target}: {value}")
+        if "buffer" not in section:  # FedScale's FedBuff aggregator folds num_participants arrivals per round
+            section["buffer"] = self.values["num_participants"]
+            self.targets["fedbuff.buffer"] = "num_participants"
+            given = "num_participants" in self.given
+            self._record("num_participants", section["buffer"], given, f"fedbuff.buffer: {section['buffer']}")
+        section.update(copy.deepcopy(keys.ASYNC_FIXED))
+        order = [f.name for f in dataclasses.fields(FedBuffConfig)]  # as a fedfleet job file writes them
+        self.data["fedbuff"] = {k: section[k] for k in sorted(section, key=order.index)}
+        key = keys.ASYNC_MODE if mode else "aggregator_entry"
+        if by_entry:
+            self.top_level_used.add("aggregator_entry")  # read here: not a cluster key that does not apply
+        shown = f"{key}: {self.given[key] if mode else entry}"
+        self.mapped.append((shown, f"fedbuff: {_flow(keys.ASYNC_FIXED)} (FedScale's FedBuff)"))
+        self.targets["fedbuff"] = key
+        self.differs.append((key, keys.ASYNC_DIFFERS))
+
     # steps that run after the `fedfleet:` section and --set overrides, which may change what they depend on
     def fill_sgd_client(self, data: dict[str, Any]) -> None:
         """FedScale's client optimizer (SGD, momentum 0.9, weight decay 5e-4), unless the job chose another."""
@@ -356,7 +405,10 @@ class _Translation:
     def finish_system(self, data: dict[str, Any]) -> None:
         """Over-commitment needs simulated devices: from device_conf_file, or traces in the `fedfleet:` section."""
         system = data.get("system")
-        if isinstance(system, dict) and system.get("traces") is not None:
+        if data.get("fedbuff") is not None:  # a server step ends after fedbuff.buffer arrivals, not at a round end
+            if self._overcommit_given:
+                self.ignored.append(("overcommitment", keys.SYNC_ONLY_OVERCOMMIT))
+        elif isinstance(system, dict) and system.get("traces") is not None:
             if "round_end" not in system:
                 round_end = {"name": "overcommit", "factor": self.overcommit}
                 system["round_end"] = round_end
@@ -371,6 +423,28 @@ class _Translation:
                     "(system: {traces: {name: generate}})",
                 )
             )
+
+    def finish_async(self, data: dict[str, Any]) -> None:
+        """FedScale's max_concurrency against the clients there are (known once the `fedfleet:` section and
+        --set have applied): FedScale's default of 100 is lowered to the population, a given value must fit."""
+        fedbuff, section = data.get("fedbuff"), data.get("data")
+        if not isinstance(fedbuff, dict) or self.targets.get("fedbuff.concurrency") != "max_concurrency":
+            return
+        clients = section.get("clients", DataConfig.clients) if isinstance(section, dict) else DataConfig.clients
+        concurrency = fedbuff.get("concurrency")
+        if not isinstance(clients, int) or not isinstance(concurrency, int) or concurrency <= clients:
+            return  # clients None: one per user of the dataset, counted when it is read
+        if concurrency != self.values["max_concurrency"]:
+            return  # set again by the `fedfleet:` section or --set: fedfleet's own check names it
+        if "max_concurrency" in self.given:
+            raise ConfigError(
+                f"{self.path}: job_conf max_concurrency {concurrency} is larger than the {clients} clients "
+                f"(data.clients): at most every client trains at once; lower max_concurrency, or raise data.clients "
+                f"in the `fedfleet:` section"
+            )
+        fedbuff["concurrency"] = clients  # every client training at once
+        became = f"fedbuff.concurrency: {clients} (all {clients} clients; FedScale's default is more)"
+        self.mapped = [(m, became if m.startswith("max_concurrency:") else t) for m, t in self.mapped]
 
     def origin_of(self, message: str) -> str:
         """' (from FedScale's learning_rate)' when an error names a fedfleet key that a FedScale key set."""

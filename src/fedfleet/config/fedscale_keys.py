@@ -9,6 +9,8 @@ same file would under FedScale. A key is exactly one of:
                    parameters come from further keys          yogi_eta -> strategy.server_lr
     SYSTEM         the simulated devices (traces, round end)  device_conf_file, overcommitment
     DATA_KEYS      the dataset                                data_set
+    ASYNC          the fedbuff section, when the job is       async_mode, max_concurrency -> fedbuff.concurrency
+                   asynchronous
     IGNORED        known, but does not apply (with why)       ps_ip, use_cuda's cuda_device, num_loaders
 """
 
@@ -288,6 +290,38 @@ SYSTEM_KEYS = ("device_conf_file", "device_avail_file", "overcommitment")
 OVERCOMMITMENT_DEFAULT = 1.3
 
 
+# -- asynchronous FL: FedScale's FedBuff -> fedfleet's fedbuff section -------------------------------
+# FedScale runs a job asynchronously when its top-level aggregator_entry is one of its async aggregators:
+# fedscale/cloud/aggregation/async_aggregator.py (FedBuff: max_concurrency clients in flight, each from the
+# model current at its start; every num_participants fresh arrivals, the staleness-weighted mean is the next
+# model; arrivals more than max_staleness rounds old are dropped and do not count) or the older
+# examples/async_fl/async_aggregator.py (the same, with async_buffer arrivals per step). config_parser.py also
+# declares an async_mode flag. Either one makes the translation a fedbuff section.
+ASYNC_MODE = "async_mode"
+ASYNC_ENTRY = re.compile(r"(^|/)async_aggregator\.py$")  # aggregator_entry of FedScale's async aggregators
+ASYNC: dict[str, Direct] = {
+    "max_concurrency": Direct("fedbuff.concurrency", to_int, 100),
+    "max_staleness": Direct("fedbuff.max_staleness", to_int, 5),
+    "async_buffer": Direct("fedbuff.buffer", to_int),  # absent: num_participants, what FedScale's FedBuff collects
+}
+ASYNC_KEYS = (ASYNC_MODE, *ASYNC)
+# FedScale's FedBuff scales each arrival by 1 / sqrt(1 + staleness) and counts every client alike
+ASYNC_FIXED: dict[str, Any] = {"staleness": {"name": "polynomial", "exponent": 0.5}, "weight_by_examples": False}
+ASYNC_DIFFERS = (
+    "FedScale divides the buffer's staleness-scaled sum by the sum of the staleness factors (a buffer of stale "
+    "updates moves the model as far as a fresh one); fedfleet divides by the buffer size, as the FedBuff paper "
+    "does, so stale buffers move it less. FedScale's FedBuff aggregator also averages the clients' models (each "
+    "trained from its own, older start) where fedfleet adds the averaged deltas to the current model"
+)
+ASYNC_ONLY = (
+    "applies to asynchronous jobs only (async_mode: true, or an async_aggregator.py aggregator_entry); this job "
+    "runs synchronous rounds"
+)
+SYNC_ONLY_OVERCOMMIT = (
+    "an asynchronous job asks one client for each freed training slot, as FedScale's FedBuff aggregator does: "
+    "over-commitment applies to synchronous rounds only"
+)
+
 # -- known keys that do not apply, and why ---------------------------------------------------------
 _CLUSTER = (
     "fedfleet simulate runs the whole job in one process (runtime.kind: ray scales it out): "
@@ -297,7 +331,6 @@ _LOADERS = "client data lives in memory as tensors; there are no loader workers 
 _FROM_DATA = "fedfleet reads it from the dataset (input shape, classes, DLRM's dense/sparse columns and table sizes)"
 _OTHER_TASKS = "a setting of FedScale's NLP / detection / speech / RL tasks, which fedfleet's simulate does not have"
 _LOGGING = "fedfleet writes metrics.csv, metrics.jsonl and TensorBoard events (tb/) into <output.dir>/<name>/"
-_ASYNC = "asynchronous FL is not translated from FedScale's keys yet: this job runs synchronous rounds"
 _DP = "differential privacy is not part of fedfleet simulate yet: updates are folded without noise"
 _CONSTANT_LR = "fedfleet keeps the client learning rate constant (FedScale decays it every decay_round rounds)"
 _EVERY_CLIENT = "fedfleet keeps every client, however few or many samples it holds"
@@ -307,8 +340,6 @@ _CLUSTER_KEYS = ("ps_ip", "ps_port", "worker_ips", "exp_path", "executor_entry",
                  "experiment_mode", "engine")  # fmt: skip
 _FROM_DATA_KEYS = ("input_shape", "input_dim", "output_dim", "num_classes", "dense_feature_dim",
                    "sparse_feature_number", "num_field")  # fmt: skip
-_ASYNC_KEYS = ("max_concurrency", "max_staleness", "async_buffer", "checkin_period", "arrival_interval",
-               "async_mode")  # fmt: skip
 _OTHER_TASK_KEYS = ("embedding_file", "cfg_file", "test_output_dir", "train_size_file", "test_size_file", "backbone",
                     "line_by_line", "clf_block_size", "mlm", "mlm_probability", "overwrite_cache", "block_size",
                     "adam_epsilon", "vocab_token_size", "vocab_tag_size", "epsilon", "gamma", "memory_capacity",
@@ -338,7 +369,11 @@ IGNORED: dict[str, str] = {
     "exploration_alpha": "unused by FedScale's Oort as well (its staleness term is fixed)",
     "malicious_factor": "fedfleet validates every update instead (names, shapes, finite values, weight bounds)",
     "upload_step": "fedfleet's clients send one update per round",
-    **dict.fromkeys(_ASYNC_KEYS, _ASYNC),
+    "arrival_interval": "FedScale's example async aggregator (examples/async_fl) starts a client every "
+    "arrival_interval seconds; fedfleet's FedBuff, like FedScale's FedBuff aggregator, starts one whenever a "
+    "training slot frees, among the clients the traces have online",
+    "checkin_period": "declared in FedScale's config_parser.py ('number of rounds to sample async clients') but "
+    "read by neither of its async aggregators; fedfleet refills a freed training slot at once",
     **dict.fromkeys(("noise_factor", "clip_threshold", "target_delta"), _DP),
     **dict.fromkeys(_OTHER_TASK_KEYS, _OTHER_TASKS),
 }
@@ -360,4 +395,4 @@ def group_of() -> dict[str, tuple[str, list[str]]]:
 
 
 def known_keys() -> list[str]:
-    return sorted({*DIRECT, *CHOICES, *group_of(), "data_set", *SYSTEM_KEYS, *IGNORED})
+    return sorted({*DIRECT, *CHOICES, *group_of(), "data_set", *SYSTEM_KEYS, *ASYNC_KEYS, *IGNORED})

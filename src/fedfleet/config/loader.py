@@ -2,7 +2,9 @@
 
 Every problem becomes a :class:`ConfigError` that names the full key path (``client.lr``), what is wrong and
 the fix, before any work starts: unknown keys (with a did-you-mean), wrong types, values a dataclass's
-``__post_init__`` rejects.
+``__post_init__`` rejects. Any dataclass works, wherever it is defined: fields typed with scalars, ``Literal``,
+unions, lists, ``tuple[X, ...]`` and fixed-length tuples (``tuple[str, str]``), dicts, :class:`Named`,
+:data:`Identifier` and nested dataclasses.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Annotated, Any, TypeVar, Union
 
 import yaml
 
@@ -19,6 +21,10 @@ from fedfleet.errors import ConfigError
 from fedfleet.registry import did_you_mean
 
 T = TypeVar("T")
+
+_IDENTIFIER = "identifier"
+#: A string that YAML may read as a number (``party_id: 9999``): a whole number is taken as its digits.
+Identifier = Annotated[str, _IDENTIFIER]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,28 +38,45 @@ class Named:
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def parse(cls: type[T], data: Any, where: str = "") -> T:
-    """Build dataclass ``cls`` from ``data`` (a dict), recursively, with precise errors."""
+def parse(cls: type[T], data: Any, where: str = "", *, source: str = "") -> T:
+    """Build dataclass ``cls`` from ``data`` (a dict), recursively, with precise errors.
+
+    ``where`` is the key path of ``data`` inside a larger config; ``source`` (the file ``data`` was read from)
+    starts every message, for a job made of several files.
+    """
+    here = where or source or "the job"
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'the job'}: expected a mapping of keys, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
+        raise ConfigError(f"{here}: expected a mapping of keys, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
             raise ConfigError(
-                f"{_join(where, str(key))}: unknown key{did_you_mean(str(key), list(fields))}; "
-                f"valid keys here: {', '.join(fields)}"
+                _from(source, f"{_join(where, str(key))}: unknown key{did_you_mean(str(key), list(fields))}; ")
+                + f"valid keys here: {', '.join(fields)}"
             )
-    kwargs = {key: _convert(hints[key], value, _join(where, key)) for key, value in data.items()}
+    try:
+        kwargs = {key: _convert(hints[key], value, _join(where, key)) for key, value in data.items()}
+    except ConfigError as exc:
+        raise ConfigError(_from(source, str(exc))) from None
     missing = [n for n, f in fields.items() if n not in kwargs and _required(f)]
     if missing:
-        raise ConfigError(f"{where or 'the job'}: missing required key {missing[0]!r}")
+        raise ConfigError(f"{here}: missing required key {missing[0]!r}")
     try:
         return cls(**kwargs)
-    except ValueError as exc:
-        raise ConfigError(f"{where or 'the job'}: {exc}") from None
+    except (ValueError, ConfigError) as exc:  # a __post_init__ check
+        raise ConfigError(f"{here}: {exc}") from None
+
+
+def load(cls: type[T], path: str | Path) -> T:
+    """:func:`parse` the YAML file ``path`` into ``cls``; every error names the file."""
+    return parse(cls, read_yaml(path), source=str(path))
+
+
+def _from(source: str, message: str) -> str:
+    return f"{source}: {message}" if source else message
 
 
 def _required(f: dataclasses.Field) -> bool:
@@ -67,6 +90,10 @@ def _join(where: str, key: str) -> str:
 def _convert(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is Annotated:
+        if _IDENTIFIER in hint.__metadata__ and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        return _convert(args[0], value, where)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -85,6 +112,10 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:  # fixed length: tuple[str, int]
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+            return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
         return origin(_convert(args[0] if args else Any, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):

@@ -14,21 +14,24 @@ Model owner::
     lora: {r: 8, alpha: 16}  # optional: LoRA on the adapters
     output: out/owner
 
-A data owner adds ``data`` and ``training`` (and ``fed``); ``role`` is guest or host.
+A data owner adds ``data`` and ``training`` (and ``fed``); ``role`` is guest or host. Parsed by
+:mod:`fedfleet.config.loader`, as a job file is: a typo'd key names its path and the closest valid key.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
-
+from fedfleet.config.loader import Identifier, load, parse
 from fedfleet.errors import ConfigError
+from fedfleet.hf.args import FedArguments
 from fedfleet.offsite.plan import OffsitePlan
 from fedfleet.offsite.tuning import LoraSettings
+from fedfleet.registry import did_you_mean
+
+Role = Literal["arbiter", "guest", "host"]
 
 
 @dataclass(frozen=True)
@@ -47,21 +50,16 @@ class TrainingSection:
     batch_size: int = 8
     learning_rate: float = 1e-2
     seed: int = 0
-    deepspeed: dict[str, Any] | None = None  # a DeepSpeed config, passed to TrainingArguments as is
-
-
-@dataclass(frozen=True)
-class FedSection:
-    aggregate_strategy: str = "epoch"
-    aggregate_freq: int | float = 1
+    # a DeepSpeed config (or the path of its JSON file), passed to TrainingArguments as is
+    deepspeed: dict[str, Any] | str | None = None
 
 
 @dataclass(frozen=True)
 class OffsiteJob:
-    role: str
-    party_id: str
+    role: Role
+    party_id: Identifier
     session: str
-    parties: tuple[tuple[str, str], ...]
+    parties: tuple[tuple[Role, Identifier], ...]
     offsite: OffsitePlan
     address: str = "127.0.0.1:50051"
     handout_address: str | None = None
@@ -74,10 +72,14 @@ class OffsiteJob:
     output: str = "out"
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
-    fed: FedSection = field(default_factory=FedSection)
+    fed: FedArguments = field(default_factory=FedArguments)  # when data owners sync (aggregate_strategy, _freq)
+
+    def __post_init__(self) -> None:
+        if self.model is None and self.model_path is None:
+            raise ConfigError("give model (a config) or model_path")
 
     def model_config(self) -> Any:
-        from transformers import AutoConfig
+        from transformers import CONFIG_MAPPING, AutoConfig
 
         if self.model_path is not None:
             return AutoConfig.from_pretrained(self.model_path)
@@ -85,45 +87,19 @@ class OffsiteJob:
         model_type = cfg.pop("model_type", None)
         if model_type is None:
             raise ConfigError("model: needs model_type (e.g. gpt2), or give model_path")
-        return AutoConfig.for_model(model_type, **cfg)
-
-
-_SECTIONS = {
-    "offsite": OffsitePlan,
-    "lora": LoraSettings,
-    "data": DataSection,
-    "training": TrainingSection,
-    "fed": FedSection,
-}
+        if model_type not in CONFIG_MAPPING:
+            known = list(CONFIG_MAPPING.keys())
+            raise ConfigError(f"model.model_type: unknown {model_type!r}{did_you_mean(str(model_type), known)}")
+        try:
+            return AutoConfig.for_model(model_type, **cfg)
+        except (TypeError, ValueError) as exc:  # a value the config class rejects
+            raise ConfigError(f"model: {exc}") from None
 
 
 def load_job(path: str | Path) -> OffsiteJob:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    return parse_job(raw, str(path))
+    """Read one side's YAML; errors name the file and the key path (``guest.yaml: training.max_step: ...``)."""
+    return load(OffsiteJob, path)
 
 
-def parse_job(raw: dict[str, Any], where: str = "job") -> OffsiteJob:
-    known = {f.name for f in dataclasses.fields(OffsiteJob)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    for key in ("role", "party_id", "session", "parties", "offsite"):
-        if key not in raw:
-            raise ConfigError(f"{where}: missing {key!r}")
-    values = dict(raw)
-    for key, cls in _SECTIONS.items():
-        if values.get(key) is not None:
-            section = values[key]
-            if not isinstance(section, dict):
-                raise ConfigError(f"{where}: {key} must be a mapping")
-            names = {f.name for f in dataclasses.fields(cls)}
-            bad = sorted(set(section) - names)
-            if bad:
-                raise ConfigError(f"{where}: unknown key(s) {bad} in {key}; known: {sorted(names)}")
-            values[key] = cls(**section)
-    values["parties"] = tuple((str(r), str(i)) for r, i in raw["parties"])
-    values["party_id"] = str(raw["party_id"])
-    job = OffsiteJob(**values)
-    if job.model is None and job.model_path is None:
-        raise ConfigError(f"{where}: give model (a config) or model_path")
-    return job
+def parse_job(raw: dict[str, Any], where: str = "") -> OffsiteJob:
+    return parse(OffsiteJob, raw, where)

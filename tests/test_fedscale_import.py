@@ -149,7 +149,7 @@ def test_the_dlrm_guide_conf_translates_key_by_key(tmp_path):
     assert job.model.name == "dlrm"
     assert job.model.params == {"embedding_dim": 16, "bottom": [122, 64], "top": [512, 256]}
     assert job.selector.name == "oort"
-    assert job.selector.params == {"preferred_percentile": 20.0, "blacklist_rounds": None}
+    assert job.selector.params == {"preferred_percentile": 20.0, "blacklist_rounds": None, "profiles": True}
     # the keys given, and FedScale's defaults for the rest of the policy (yogi_tau 1e-8, betas 0.9 / 0.99)
     assert job.strategy.name == "fedyogi"
     assert job.strategy.params == {"server_lr": 0.01, "tau": 1e-8, "beta1": 0.9, "beta2": 0.99}

@@ -152,6 +152,11 @@ def _qfedavg(values: Mapping[str, Any]) -> dict[str, Any]:
     return {"lipschitz": 1.0 / values["learning_rate"]}
 
 
+def _oort(values: Mapping[str, Any]) -> dict[str, Any]:
+    # FedScale's clients register their data size and device speed with Oort before round 1
+    return {"profiles": True}
+
+
 def _dlrm(values: Mapping[str, Any]) -> dict[str, Any]:
     """The guide's layer lists include the ends that fedfleet's DLRM fixes: the bottom MLP's last width is
     the embedding size (its output joins the dot products) and the top MLP's last width is the one click logit."""
@@ -216,7 +221,7 @@ class ChoiceKey:
 
 CHOICES: dict[str, ChoiceKey] = {
     "sample_mode": ChoiceKey(
-        "selector", {"random": Choice("uniform"), "oort": Choice("oort", _OORT)}, default="random"
+        "selector", {"random": Choice("uniform"), "oort": Choice("oort", _OORT, derive=_oort)}, default="random"
     ),
     "gradient_policy": ChoiceKey(
         "strategy",

@@ -6,6 +6,8 @@ a deployed run can be checked against its simulation; this module is the one pla
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,12 @@ from fedfleet.errors import ConfigError, DataError
 from fedfleet.models import build_model
 from fedfleet.registry import construct
 
+log = logging.getLogger(__name__)
+
+# Below this many params one training step is too short for torch's intra-op threads to share: they spin-wait
+# on each other, 6-70x slower on 2 cores, up to 100x beside any other busy process (benchmarks/threads.py)
+ONE_THREAD_BELOW = 10_000_000
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -29,6 +37,19 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"runtime.device is {name!r} but no CUDA device is available; use runtime.device: cpu")
     return device
+
+
+def set_threads(threads: int | None, model: nn.Module, device: torch.device) -> int:
+    """Set torch's intra-op threads for local training and return them: ``threads`` if given; else (auto) one
+    thread for a model under ``ONE_THREAD_BELOW`` params on a CPU, unless OMP_NUM_THREADS says otherwise."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        size = sum(p.numel() for p in model.parameters())
+        if size < ONE_THREAD_BELOW and torch.get_num_threads() > 1:
+            log.info("training with 1 torch thread: the model has %d params (runtime.threads sets more)", size)
+            torch.set_num_threads(1)
+    return torch.get_num_threads()
 
 
 def check_model_output(model: nn.Module, x: torch.Tensor, num_classes: int, model_name: str) -> None:
@@ -73,6 +94,7 @@ def build_parts(job: JobConfig, clients: int | None = None) -> JobParts:
         job.model.name, dataset.input_shape, dataset.num_classes, features=dataset.features, **job.model.params
     )
     check_model_output(model, train.x, dataset.num_classes, job.model.name)
+    set_threads(job.runtime.threads, model, device)
     trainer = construct(
         TorchTrainer,
         {

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from fedfleet.assemble import build_parts, fit_config, resolve_device
+from fedfleet.assemble import build_parts, fit_config, resolve_device, set_threads
 from fedfleet.client import TorchTrainer
 from fedfleet.config.schema import FedBuffConfig, JobConfig
 from fedfleet.core.async_loop import AsyncLoop, FedBuff
@@ -65,10 +65,13 @@ class Simulation:
         round_end: RoundEnd | str | None = None,
         target_accuracy: float | None = None,
         fedbuff: FedBuff | None = None,
+        threads: int | None = None,
     ) -> Simulation:
         """The Python API: your model and data, no config file needed; ``ray`` trains on a Ray cluster;
-        ``fedbuff`` runs asynchronous buffered aggregation (``rounds`` server steps) instead of rounds."""
+        ``fedbuff`` runs asynchronous buffered aggregation (``rounds`` server steps) instead of rounds;
+        ``threads``: torch threads for training (default: one for a small model on a CPU, see ``set_threads``)."""
         dev = resolve_device(device)
+        set_threads(threads, model, dev)
         federation = federation.to(dev)
         test = test.to(dev) if test is not None and hasattr(test, "to") else test
         trainer = TorchTrainer(model, loss, optimizer=optimizer, device=dev)

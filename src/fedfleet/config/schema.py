@@ -65,6 +65,8 @@ class RuntimeConfig:
     kind: Literal["simulation", "ray"] = "simulation"
     vectorize: Literal["auto", "on", "off"] = "auto"  # train the whole cohort at once with torch.func.vmap
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
+    # torch threads for local training; default: 1 on a CPU for models under 10M params (more only spin-wait)
+    threads: int | None = None
     # kind: ray only
     workers: int | None = None  # Ray actors training shares of the cohort (default: one per free CPU)
     address: str | None = None  # join this Ray cluster ("auto", "ray://head:10001"); default: start one here
@@ -78,6 +80,7 @@ class RuntimeConfig:
         if ray_only and self.kind != "ray":
             raise ValueError(f"runtime.{ray_only[0]} applies to runtime.kind: ray only (kind is {self.kind!r})")
         _positive("runtime.workers", self.workers)
+        _positive("runtime.threads", self.threads)
         _positive("runtime.cpus_per_worker", self.cpus_per_worker)
         _positive("runtime.gpus_per_worker", self.gpus_per_worker, allow_zero=True)
 

@@ -314,3 +314,18 @@ def test_cli_runs_the_example_and_writes_one_row_per_server_step(tmp_path):
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     assert {"staleness_mean", "staleness_max", "dropped_offline", "sim_time_s", "wall_time_s"} <= rows[0].keys()
     assert "test_accuracy" in rows[1] and (run / "checkpoint.safetensors").is_file()
+
+
+def test_progress_rows_are_server_steps():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from fedfleet.callbacks import ProgressCallback
+
+    buf = StringIO()
+    loop, _ = async_loop([0.1, 0.2, 0.3], FedBuff(buffer=1, concurrency=2), rounds=2)
+    loop.callbacks.append(ProgressCallback(Console(file=buf, width=100), columns=("clients",)))
+    loop.run()
+    lines = buf.getvalue().splitlines()
+    assert lines[0].split() == ["step", "clients"] and [line.split()[0] for line in lines[1:]] == ["1", "2"]

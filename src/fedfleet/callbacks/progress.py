@@ -1,4 +1,5 @@
-"""A progress bar over rounds and one table row per round (plain lines when the output is not a terminal)."""
+"""A progress bar over rounds (or FedBuff's server steps) and one table row for each (plain lines when the output
+is not a terminal)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ class ProgressCallback(Callback):
         self._task = None
 
     def on_run_start(self, loop: RoundLoop) -> None:
-        header = "round".rjust(6) + "".join(c.rjust(WIDTH + 2) for c in self.columns)
+        unit = "step" if loop.unit == "server step" else loop.unit  # FedBuff: one row per server step
+        header = unit.rjust(6) + "".join(c.rjust(WIDTH + 2) for c in self.columns)
         self.console.print(header, style="bold", highlight=False)
         if self.console.is_terminal:
             self._progress = Progress(
@@ -46,7 +48,7 @@ class ProgressCallback(Callback):
                 console=self.console,
                 transient=True,
             )
-            self._task = self._progress.add_task("rounds", total=loop.config.rounds, completed=loop.round)
+            self._task = self._progress.add_task(f"{unit}s", total=loop.config.rounds, completed=loop.round)
             self._progress.start()
 
     def on_round_end(self, loop: RoundLoop, record: RoundRecord) -> None:

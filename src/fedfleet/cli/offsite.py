@@ -27,6 +27,7 @@ def run_owner(job: OffsiteJob, ctx: Any) -> dict[str, Any]:
     main = AutoMainModel(
         source, p.emulator_layer_num, p.adapter_top_layer_num, p.adapter_bottom_layer_num, seed=job.seed
     )
+    distilled = distill(job, main) if job.distill is not None else {}
     server = OffsiteTuningServer(ctx, main, lora=job.lora, fed_args=job.fed, handout_at=job.handout_address)
     history = server.train()
     out = Path(job.output)
@@ -42,7 +43,41 @@ def run_owner(job: OffsiteJob, ctx: Any) -> dict[str, Any]:
         "handout_tensors": len(server.handout.spec),
         "handout_numel": server.handout.numel,
         "main_numel": sum(t.numel() for t in main.model.parameters()),
+        **distilled,
     }
+
+
+def distill(job: OffsiteJob, main: Any) -> dict[str, Any]:
+    """Distil the emulator on public text (job.distill) and say how much closer to the full middle it came."""
+    import torch
+
+    from fedfleet.hf.data import gpt2_tokenizer
+    from fedfleet.offsite.data import LmBlocks, review_texts
+    from fedfleet.offsite.distill import distill_emulator, emulator_gap
+    from fedfleet.offsite.models import AutoSubModel
+
+    d, p = job.distill, job.offsite
+    assert d is not None
+    texts = review_texts(seed=d.seed)[-d.texts :]  # the far end: not the data owners' texts
+    held = max(1, len(texts) // 10)
+    tok = gpt2_tokenizer()
+    train, test = LmBlocks(tok, texts[held:], d.block), LmBlocks(tok, texts[:held], d.block)
+
+    def batches(blocks: LmBlocks, epochs: int = 1) -> Any:
+        gen = torch.Generator().manual_seed(d.seed)
+        for _ in range(epochs):
+            order = torch.randperm(len(blocks), generator=gen)
+            for chunk in order.split(d.batch_size):
+                yield {"input_ids": blocks.ids[chunk]}
+
+    sub = AutoSubModel(main.model.config, p.emulator_layer_num, p.adapter_top_layer_num, p.adapter_bottom_layer_num)
+    before = emulator_gap(main, sub, batches(test))
+    say = f"distilling the emulator on {len(train)} blocks of public text x {d.epochs} epoch(s)"
+    print(say, file=sys.stderr, flush=True)
+    losses = distill_emulator(main, sub, batches(train, d.epochs), lr=d.lr)
+    after = emulator_gap(main, sub, batches(test))
+    print(f"emulator gap on held-out text: {before:.4g} -> {after:.4g}", file=sys.stderr, flush=True)
+    return {"emulator_gap_before": before, "emulator_gap_after": after, "distill_steps": len(losses)}
 
 
 def run_data_owner(job: OffsiteJob, ctx: Any) -> dict[str, Any]:

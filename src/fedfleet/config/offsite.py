@@ -55,6 +55,28 @@ class TrainingSection:
 
 
 @dataclass(frozen=True)
+class DistillSection:
+    """The model owner distils the emulator on public text before handing it out (``offsite.distill``).
+
+    The public text here is the LAST ``texts`` reviews of the shuffled set, disjoint from the data owners' first
+    ``data.texts`` as long as the two together stay under the set's 19,818 reviews."""
+
+    texts: int = 400
+    block: int = 64
+    batch_size: int = 8
+    epochs: int = 1
+    lr: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("texts", "block", "batch_size", "epochs"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
 class OffsiteJob:
     role: Role
     party_id: Identifier
@@ -73,10 +95,13 @@ class OffsiteJob:
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     fed: FedArguments = field(default_factory=FedArguments)  # when data owners sync (aggregate_strategy, _freq)
+    distill: DistillSection | None = None  # model owner only: send a distilled emulator, not the layer drop
 
     def __post_init__(self) -> None:
         if self.model is None and self.model_path is None:
             raise ConfigError("give model (a config) or model_path")
+        if self.distill is not None and self.role != "arbiter":
+            raise ConfigError("distill: only the model owner (role arbiter) distils the emulator it hands out")
 
     def model_config(self) -> Any:
         from transformers import CONFIG_MAPPING, AutoConfig

@@ -9,10 +9,12 @@ plugs the tuned adapters into the full model.
 - :mod:`plan` / :mod:`extract` -- the cut and moving weights; :mod:`models` -- the FATE-LLM base classes and the
   generic ``AutoMainModel`` / ``AutoSubModel``; :mod:`builtins` -- GPT-2 and LLaMA main/sub models;
 - :mod:`tuning` -- adapter-only (or LoRA) training setup; :mod:`evaluate` -- the paper's table;
+- :mod:`distill` -- the paper's distilled emulator (trained on public text to mimic the full middle);
 - :mod:`session` -- the deployed protocol (model owner = arbiter, data owners over gRPC).
 """
 
 from fedfleet.offsite.builtins import GPT2LMHeadMainModel, GPT2LMHeadSubModel, LlamaMainModel, LlamaSubModel
+from fedfleet.offsite.distill import distill_emulator, emulator_gap
 from fedfleet.offsite.families import FAMILIES, FamilySpec, family_of, register_family
 from fedfleet.offsite.models import AutoMainModel, AutoSubModel, OffsiteTuningMainModel, OffsiteTuningSubModel
 from fedfleet.offsite.plan import OffsitePlan, uniform_stride
@@ -29,6 +31,8 @@ __all__ = [
     "OffsitePlan",
     "OffsiteTuningMainModel",
     "OffsiteTuningSubModel",
+    "distill_emulator",
+    "emulator_gap",
     "family_of",
     "register_family",
     "uniform_stride",

@@ -115,10 +115,19 @@ class _OffsiteTuningModel(nn.Module):
 
 
 class OffsiteTuningMainModel(_OffsiteTuningModel):
-    """The model owner's full model. ``get_emulator`` is the uniform-stride subset of the middle blocks."""
+    """The model owner's full model. ``get_emulator`` is the uniform-stride subset of the middle blocks; a
+    distilled emulator (``offsite.distill``), when there is one, is sent in their place."""
+
+    distilled_emulator: dict[str, Tensor] | None = None  # emulator.k.* tensors, kept beside the full model
 
     def section_layers(self) -> dict[str, tuple[int, ...]]:
         return self.plan.section_layers(len(self.blocks))
+
+    def get_submodel_weights(self, with_emulator: bool = True) -> dict[str, Tensor]:
+        weights = super().get_submodel_weights(with_emulator)
+        if with_emulator and self.distilled_emulator is not None:
+            weights.update(self.distilled_emulator)  # the same keys: the layer-drop blocks' roles
+        return weights
 
     def load_submodel_weights(self, submodel_weights: Mapping[str, Tensor], with_additional: bool = False) -> None:
         """The plug-in: copy the tuned adapters into the full model. The emulator is never loaded back (the full

@@ -14,17 +14,9 @@ from fedfleet.errors import ConfigError, DataError
 from fedfleet.models import DLRM, build_model
 from fedfleet.runtime.sim import make_runtime
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LAYOUT = FeatureLayout(("a", "b", "c"), ("user", "item"), (5, 7))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # models this small gain nothing from intra-op threads, and on a busy 2-core machine their spin-waits
-    # made one fit 100x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def ctr_data(n: int = 240, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

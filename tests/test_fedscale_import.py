@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
 from fedfleet.cli.main import main
 from fedfleet.config import Named, load_job
@@ -88,15 +87,6 @@ def fedfleet(*args: str, cwd: Path, timeout: float = 180) -> subprocess.Complete
 
 
 DIGITS = ("data_set: digits", "model: mlp")
-
-
-@pytest.fixture
-def one_thread():
-    # a small model: intra-op threads only spin-wait on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- the guide's shape, key by key -----------------------------------------------------------------

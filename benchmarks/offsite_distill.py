@@ -73,14 +73,14 @@ def train_lm(model: torch.nn.Module, data: Iterator[dict[str, torch.Tensor]], lr
         opt.step()
 
 
-def arm(main: AutoMainModel, s: Setup, own: LmBlocks, test: LmBlocks, distilled: bool) -> dict[str, float]:
-    """Tune adapters against ``main``'s emulator (distilled or not), plug them in; the table's rows."""
+def arm(main: AutoMainModel, s: Setup, own: LmBlocks, test: LmBlocks, public: LmBlocks | None) -> dict[str, float]:
+    """Tune adapters against ``main``'s emulator (distilled on ``public`` text, or the layer drop without it),
+    plug them in; the table's rows."""
     main = copy.deepcopy(main)
     sub = AutoSubModel(main.model.config, s.emulator, 1, 1)
     out: dict[str, float] = {}
-    if distilled:
+    if public is not None:
         start = time.perf_counter()
-        public = LmBlocks(gpt2_tokenizer(), review_texts(seed=1)[: s.public_texts], s.block)
         before = emulator_gap(main, sub, batches(test, s.batch, None, 0))
         distill_emulator(main, sub, batches(public, s.batch, s.distill_epochs * -(-len(public) // s.batch), 2), 1e-3)
         out.update(gap_before=before, distill_s=time.perf_counter() - start)
@@ -118,7 +118,7 @@ def main() -> None:
     pretrain_s = time.perf_counter() - start
     main_model = AutoMainModel(model, s.emulator, 1, 1)
     full = perplexity(main_model.model, test)
-    rows = {"layer drop": arm(main_model, s, own, test, False), "distilled": arm(main_model, s, own, test, True)}
+    rows = {"layer drop": arm(main_model, s, own, test, None), "distilled": arm(main_model, s, own, test, public)}
     print(f"{'emulator':12s} {'full 0-shot':>12s} {'emu 0-shot':>12s} {'emu tuned':>12s} {'plug-in':>12s} {'gap':>8s}")
     for name, r in rows.items():
         print(

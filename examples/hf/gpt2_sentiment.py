@@ -25,6 +25,8 @@ import os
 import sys
 from pathlib import Path
 
+from _common import add_session_args, context, data_owners, parties, review_split, serve
+
 SIZES = {  # GPT2Config fields
     "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
     "small": {"n_layer": 4, "n_embd": 256, "n_head": 4},
@@ -34,15 +36,7 @@ SIZES = {  # GPT2Config fields
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--role", choices=["guest", "host", "arbiter"], required=True)
-    p.add_argument("--party-id", required=True, help="this party's id (guest 9999, host 10000, arbiter 10000)")
-    p.add_argument("--guest", default="9999", help="the guest's party id")
-    p.add_argument("--hosts", default="10000", help="the hosts' party ids, comma-separated")
-    p.add_argument("--arbiter-id", default="10000")
-    p.add_argument("--session", default="gpt2-sentiment", help="the federation session id (the same everywhere)")
-    p.add_argument("--address", default="127.0.0.1:50051", help="where the arbiter listens / parties dial")
-    p.add_argument("--certs", default="certs", help="folder from `fedfleet certs` (ca.crt, <role>-<id>.crt/.key)")
-    p.add_argument("--insecure", action="store_true", help="plaintext, for a trusted network only")
+    add_session_args(p, "gpt2-sentiment")
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     p.add_argument("--epochs", type=float, default=2)
     p.add_argument("--batch-size", type=int, default=16)
@@ -65,28 +59,17 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def parties(args: argparse.Namespace) -> list[tuple[str, str]]:
-    hosts = [("host", h) for h in args.hosts.split(",") if h]
-    return [("guest", args.guest), *hosts, ("arbiter", args.arbiter_id)]
-
-
 def main() -> int:
     args = parse()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from fedfleet.hf import FedArguments, FedAvgClient, FedAvgServer, create_context
-
-    everyone = parties(args)
-    ctx = create_context(
-        (args.role, args.party_id), everyone, args.session, args.address, certs=args.certs, insecure=args.insecure
-    )
+    ctx = context(args)
     if ctx.is_arbiter:
-        history = FedAvgServer(ctx).train()
-        print(json.dumps({"rounds": len(history), "train_loss": [r.metrics.get("train_loss") for r in history]}))
-        return 0
+        return serve(ctx)
 
     import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification, TrainingArguments
 
+    from fedfleet.hf import FedArguments, FedAvgClient
     from fedfleet.hf.data import TokenizerDataset, gpt2_tokenizer
 
     work = Path(args.work) / ctx.name
@@ -115,7 +98,7 @@ def main() -> int:
     )
     tokenizer = gpt2_tokenizer()
     with training_args.main_process_first(desc="writing this party's data"):  # one rank writes, then the others
-        csv_path = Path(args.csv) if args.csv else share_of_reviews(args, everyone, ctx.name, work)
+        csv_path = Path(args.csv) if args.csv else share_of_reviews(args, ctx.name, work)
         train_set = TokenizerDataset(tokenizer, max_length=args.max_length, padding="max_length").load(csv_path)
 
     torch.manual_seed(0)  # the arbiter starts everyone from the first party's params anyway
@@ -158,14 +141,10 @@ def main() -> int:
     return 0
 
 
-def share_of_reviews(args: argparse.Namespace, everyone: list[tuple[str, str]], name: str, work: Path) -> Path:
+def share_of_reviews(args: argparse.Namespace, name: str, work: Path) -> Path:
     """The demo's private data: this party's share of the review table (in reality, its own CSV)."""
-    from fedfleet.hf.data import split_csv, write_reviews_csv
-
-    owners = [f"{r}-{i}" for r, i in everyone if r != "arbiter"]
-    all_reviews = write_reviews_csv(work / "all", limit=args.reviews, seed=0)
-    split = split_csv(all_reviews, work / "split", len(owners), seed=0)
-    return split.parties[owners.index(name)]
+    owners = data_owners(parties(args))
+    return review_split(work, len(owners), args.reviews).parties[owners.index(name)]
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fedfleet.offsite.evaluate import _device
 from fedfleet.offsite.extract import section_state
 from fedfleet.offsite.models import OffsiteTuningMainModel, OffsiteTuningSubModel
 
@@ -94,7 +95,3 @@ def _top_input(m: OffsiteTuningMainModel | OffsiteTuningSubModel, batch: Batch) 
     (with no top adapter, the last hidden state, after the final norm in both)."""
     top = m.layers["adapter_top"]
     return _hidden(m.model, batch)[top[0] if top else -1].float()
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device

@@ -7,6 +7,7 @@ starting Ray and its workers costs seconds on 2 cores.
 import ast
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,20 @@ def test_more_workers_than_the_cluster_holds_is_a_config_error(ray_session, digi
     runtime = RayRuntime(make_trainer(), fed, test, options=RayOptions(workers=64))
     with pytest.raises(ConfigError, match=r"runtime\.workers=64 needs 64 CPUs"):
         runtime.start()
+
+
+def test_workers_waiting_for_cpus_other_jobs_hold_time_out_with_the_cause(ray_session, digits, ray_runtime):
+    """The module's runtime holds some of the session's 4 CPUs: one worker more than the free CPUs fits the
+    cluster but not what is free, and Ray would queue it forever."""
+    ray_runtime.start()
+    free = int(ray.available_resources().get("CPU", 0))
+    fed, test = digits
+    # long enough for the workers that have CPUs to start (a cold worker imports torch: seconds)
+    runtime = RayRuntime(make_trainer(), fed, test, options=RayOptions(workers=free + 1, start_timeout=15))
+    with pytest.raises(ConfigError, match=rf"{free} of {free + 1} Ray workers started within 15 s.*free now: 0 CPUs"):
+        runtime.start()
+    assert runtime.workers == []  # those that started were stopped, their CPUs given back
+    deadline = time.monotonic() + 20
+    while int(ray.available_resources().get("CPU", 0)) < free and time.monotonic() < deadline:
+        time.sleep(0.2)  # Ray frees a killed actor's CPUs asynchronously
+    assert int(ray.available_resources().get("CPU", 0)) == free

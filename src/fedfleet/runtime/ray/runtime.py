@@ -83,6 +83,7 @@ class RayOptions:
     gpus_per_worker: float = 0.0  # > 0: workers train on a CUDA device (fractions share one GPU)
     vectorize: str = "auto"  # how each worker trains its share: as ``make_runtime`` (auto: vmap on a GPU only)
     max_replacements: int = 3  # dead workers replaced within one round before the run fails
+    start_timeout: float = 300.0  # seconds for every worker to start (Ray queues actors for busy resources)
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
@@ -95,6 +96,8 @@ class RayOptions:
             raise ValueError(f"vectorize must be one of {VECTORIZE_MODES}, got {self.vectorize!r}")
         if self.max_replacements < 0:
             raise ValueError(f"max_replacements must be >= 0, got {self.max_replacements}")
+        if not self.start_timeout > 0:
+            raise ValueError(f"start_timeout must be > 0 seconds, got {self.start_timeout}")
 
 
 class RayRuntime:
@@ -161,7 +164,7 @@ class RayRuntime:
                 ray.put(ship(self.test_data)) if self.test_data is not None else None,
             )
             self.workers = [self._spawn() for _ in range(count)]
-            self._get([w.ready.remote() for w in self.workers])  # a worker that cannot start fails here, clearly
+            self._await_workers()
             self._push_restored_rows()
         except BaseException:
             self.close()
@@ -299,6 +302,23 @@ class RayRuntime:
                 self._metrics["workers_replaced"] = self._metrics.get("workers_replaced", 0.0) + 1
                 ref = call(self.workers[index])
         raise AssertionError("unreachable")
+
+    def _await_workers(self) -> None:
+        """Every worker up within ``start_timeout``, or an error naming what they wait for: Ray queues an
+        actor whose CPUs (or GPUs) other jobs hold, and would wait for them forever."""
+        opts = self.options
+        refs = [w.ready.remote() for w in self.workers]
+        ready, waiting = self._ray.wait(refs, num_returns=len(refs), timeout=opts.start_timeout)
+        if waiting:
+            free = self._ray.available_resources()
+            gpus = f" and {opts.gpus_per_worker:g} GPU" if opts.gpus_per_worker else ""
+            raise ConfigError(
+                f"{len(ready)} of {len(refs)} Ray workers started within {opts.start_timeout:g} s; the others wait "
+                f"for {opts.cpus_per_worker:g} CPU{gpus} each, which other jobs hold (free now: "
+                f"{free.get('CPU', 0):g} CPUs, {free.get('GPU', 0):g} GPUs). Lower runtime.workers, wait for the "
+                "other jobs, or raise RayOptions.start_timeout"
+            )
+        self._get(refs)  # a worker that could not start fails here with its own error
 
     def _get(self, ref: Any) -> Any:
         try:

@@ -73,7 +73,7 @@ class Recorder(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         sync = self.client.fed_sync
         if self.phase == "before":
-            if state.global_step - sync._last_step >= sync.interval or state.global_step >= state.max_steps:
+            if sync.due(state.global_step):
                 self.record()
         elif sync.syncs > len(self.log["after"]) - 1:
             self.record()

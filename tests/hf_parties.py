@@ -40,7 +40,7 @@ class Before(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         sync = self.client.fed_sync
-        if state.global_step - sync._last_step >= sync.interval or state.global_step >= state.max_steps:
+        if sync.due(state.global_step):
             self.snapshots.append(sync.access.params.clone())
 
 

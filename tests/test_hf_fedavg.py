@@ -18,10 +18,14 @@ from tests.hf_parties import make_client, review_shares, tiny_gpt2
 
 
 def test_fed_arguments_schedule_and_errors():
-    assert FedArguments("epoch", 1).interval(2, 24, 12) == 12
-    assert FedArguments("epoch", 2).rounds(3, 36, 12) == 2  # epochs 2 and 3 (the end)
-    assert FedArguments("step", 5).rounds(2, 24, 12) == 5
-    assert FedArguments("step", 0.25).interval(2, 24, 12) == 6
+    assert FedArguments("epoch", 1).sync_steps(24, 12) == (12, 24)
+    assert FedArguments("epoch", 2).sync_steps(36, 12) == (24, 36)  # epochs 2 and 3 (the end)
+    assert FedArguments("step", 5).sync_steps(24, 12) == (5, 10, 15, 20, 24)
+    assert FedArguments("step", 0.25).sync_steps(24, 12) == (6, 12, 18, 24)
+    assert FedArguments("step", 0.25).sync_steps(18, 9) == (5, 9, 14, 18)  # four, as documented (not 5)
+    assert FedArguments("step", 0.3).sync_steps(100, 9) == (30, 60, 90, 100)
+    assert FedArguments("step", 0.25).sync_steps(2, 2) == (1, 2)  # never more syncs than steps
+    assert FedArguments("step", 5).sync_steps(24, 12, start=12) == (15, 20, 24)  # a resumed run
     with pytest.raises(ConfigError, match="not available yet"):
         FedArguments(aggregator="secure")
     with pytest.raises(ConfigError, match="fraction"):

@@ -39,15 +39,26 @@ class FedArguments:
                 f"aggregate_freq={freq}: a fraction is only meaningful with aggregate_strategy='step' and below 1"
             )
 
-    def interval(self, epochs: int, total_steps: int, steps_per_epoch: int) -> int:
-        """Optimizer steps between syncs."""
-        freq = self.aggregate_freq
-        if self.aggregate_strategy == "epoch":
-            return max(1, int(freq) * steps_per_epoch)
-        if isinstance(freq, float) and not freq.is_integer():
-            return max(1, round(freq * total_steps))
-        return int(freq)
+    def sync_steps(self, total_steps: int, steps_per_epoch: int, start: int = 0) -> tuple[int, ...]:
+        """The optimizer steps after which a party syncs, ascending; the last is always the run's end.
 
-    def rounds(self, epochs: int, total_steps: int, steps_per_epoch: int) -> int:
-        """How many syncs a run of ``total_steps`` makes (the last one at the end of training)."""
-        return math.ceil(total_steps / self.interval(epochs, total_steps, steps_per_epoch))
+        Every ``aggregate_freq`` epochs or steps; a fraction ``f`` syncs after each ``f`` of the run
+        (``0.25`` of 18 steps: after steps 5, 9, 14 and 18), so the count is exact even when ``f * total``
+        is not a whole number. Steps at or before ``start`` (a resumed run) are already behind.
+        """
+        if total_steps < 1:
+            raise ConfigError(f"a federated run needs at least one optimizer step, got max_steps={total_steps}")
+        freq = self.aggregate_freq
+        if self.aggregate_strategy == "step" and isinstance(freq, float) and not freq.is_integer():
+            points = {math.ceil(k * freq * total_steps - 1e-9) for k in range(1, math.ceil(1 / freq) + 1)}
+        else:
+            every = max(1, int(freq) * (steps_per_epoch if self.aggregate_strategy == "epoch" else 1))
+            points = set(range(every, total_steps, every))
+        points = {p for p in points if 0 < p < total_steps} | {total_steps}
+        return tuple(sorted(p for p in points if p > start))
+
+
+def steps_text(steps: tuple[int, ...], shown: int = 6) -> str:
+    """A schedule for a log line: ``5, 9, 14, 18`` or ``10, 20, ... 400``."""
+    head = ", ".join(map(str, steps[:shown]))
+    return head if len(steps) <= shown else f"{head}, ... {steps[-1]}"

@@ -1,14 +1,16 @@
 """The sync points of a Hugging Face training run: a ``TrainerCallback`` that FedAvgClient installs.
 
 At the start of training every party loads the session's initial params (the first party's), so all
-train the same model. Every ``interval`` optimizer steps (an epoch, N steps or a fraction of the run) and
-at the last step, the party sends its trainable params and waits for the weighted mean, which then
-continues training with the same optimizer state and learning-rate schedule. With several ranks
-(torchrun, deepspeed) only rank 0 talks to the arbiter and broadcasts the result.
+train the same model. After every ``aggregate_freq`` of the run (N epochs, N optimizer steps or a
+fraction) and at the last step, the party sends its trainable params (with its mean training loss since
+the last sync) and waits for the weighted mean, which then continues training with the same optimizer
+state and learning-rate schedule. With several ranks (torchrun, deepspeed) only rank 0 talks to the
+arbiter and broadcasts the result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -17,66 +19,90 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from fedfleet.hf.args import FedArguments
+from fedfleet.hf.args import FedArguments, steps_text
 from fedfleet.hf.exchange import ParamAccess, param_access
 
 log = logging.getLogger("fedfleet.hf")
 
 
 class FedSyncCallback(TrainerCallback):
-    def __init__(self, ctx: Any, fed_args: FedArguments, select: Any = "trainable") -> None:
+    """``timeout``: seconds to wait for the others at a sync (None: the context's own limit)."""
+
+    def __init__(
+        self, ctx: Any, fed_args: FedArguments, select: Any = "trainable", timeout: float | None = None
+    ) -> None:
         self.ctx = ctx
         self.fed_args = fed_args
         self.select = select
+        self.timeout = timeout
         self.trainer: Any = None  # set by FedAvgClient
         self.access: ParamAccess | None = None
         self.channel: Any = None
-        self.interval = 1
-        self.rounds = 0
+        self.schedule: tuple[int, ...] = ()  # the optimizer steps after which this party syncs
         self.syncs = 0
         self.weights: list[float] = []  # the weight of each sync (examples trained on)
+        self.losses: list[float] = []  # the mean training loss this rank reported at each sync
         self.sync_seconds = 0.0  # time spent in syncs (waiting for the others included)
         self._last_step = 0
         self._examples = 0  # trained on since the last sync, by this rank
+        self._loss_sum: torch.Tensor | float = 0.0  # a tensor: no device sync per step, only at a sync
         self._ended = False
+        self._turn: Any = None
+
+    @property
+    def rounds(self) -> int:
+        return len(self.schedule)
+
+    def due(self, step: int) -> bool:
+        """Whether the party syncs at the end of optimizer step ``step``."""
+        return not self._ended and self.syncs < len(self.schedule) and step >= self.schedule[self.syncs]
 
     def count_examples(self, inputs: dict[str, Any]) -> None:
         first = next((v for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
         self._examples += int(first.shape[0]) if first is not None else 1
 
+    def count_loss(self, loss: Any) -> None:
+        """``training_step``'s loss (already divided by the gradient-accumulation steps)."""
+        if isinstance(loss, torch.Tensor):
+            self._loss_sum = self._loss_sum + loss.detach().float()
+
+    def turn(self, seed: int) -> Any:
+        """Held around the whole run: in-process parties train in turns with their own random-number state
+        (the context's ``turn``), so a seeded run repeats; nothing for networked parties."""
+        make = getattr(self.ctx, "turn", None)
+        self._turn = make(seed) if make is not None else None
+        return self._turn if self._turn is not None else contextlib.nullcontext()
+
     # -- HF hooks ------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         model = self.trainer.model
         self.access = param_access(self.trainer, model, self.select)
-        epochs = max(1, math.ceil(state.num_train_epochs))
         steps_per_epoch = _steps_per_epoch(args, len(self.trainer.train_dataset))
-        self.interval = self.fed_args.interval(epochs, state.max_steps, steps_per_epoch)
-        self.rounds = self.fed_args.rounds(epochs, state.max_steps, steps_per_epoch)
+        self.schedule = self.fed_args.sync_steps(state.max_steps, steps_per_epoch, start=state.global_step)
         self._last_step = state.global_step
         spec = self.access.params.spec
         log.info(
-            "%s: %d syncs of %d tensors (%.1f MB), every %d steps",
+            "%s: %d syncs of %d tensors (%.1f MB), after steps %s",
             getattr(self.ctx, "name", "party"),
             self.rounds,
             len(spec),
             spec.nbytes / 1e6,
-            self.interval,
+            steps_text(self.schedule),
         )
         if _is_main(args):
             self.channel = self.ctx.channel(spec, self.rounds)
-        self._exchange(args, lambda: self.channel.start(self.access.params))
+        self._exchange(args, lambda: self.channel.start(self.access.params, self.timeout))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        if self._ended:
-            return
         step = state.global_step
-        if (step - self._last_step) < self.interval and step < state.max_steps:
+        if not self.due(step):
             return
         weight = float(max(1, self._examples) * _world(args))  # ranks see equal shares of the data
-        metrics = _recent_loss(state)
+        metrics = self._round_loss(step)
         self.weights.append(weight)
-        going = self._exchange(args, lambda: self.channel.sync(self.access.params, weight, metrics))
-        self._last_step, self._examples = step, 0
+        self.losses.append(metrics.get("loss", math.nan))
+        going = self._exchange(args, lambda: self.channel.sync(self.access.params, weight, metrics, self.timeout))
+        self._last_step, self._examples, self._loss_sum = step, 0, 0.0
         self.syncs += 1
         if not going:
             self._ended = True
@@ -93,11 +119,19 @@ class FedSyncCallback(TrainerCallback):
             self.channel = None
 
     # -- internals -----------------------------------------------------------------------------------
+    def _round_loss(self, step: int) -> dict[str, float]:
+        """This rank's mean loss per optimizer step since the last sync (what the arbiter's table shows)."""
+        steps = step - self._last_step
+        if not isinstance(self._loss_sum, torch.Tensor) or steps < 1:
+            return {}
+        return {"loss": float(self._loss_sum.item()) / steps}
+
     def _exchange(self, args: TrainingArguments, talk: Any) -> bool:
         """gather on every rank, talk to the arbiter on rank 0, broadcast, scatter on every rank."""
         start = time.perf_counter()
         self.access.gather()
-        going = talk() if _is_main(args) else True
+        with self._turn.released() if self._turn is not None else contextlib.nullcontext():
+            going = talk() if _is_main(args) else True
         if _world(args) > 1:
             flag = torch.tensor([1 if going else 0], device=self.access.params.device)
             torch.distributed.broadcast(flag, src=0)
@@ -121,10 +155,3 @@ def _steps_per_epoch(args: TrainingArguments, examples: int) -> int:
     per_step = args.per_device_train_batch_size * max(1, args.world_size)
     batches = examples // per_step if args.dataloader_drop_last else math.ceil(examples / per_step)
     return max(1, batches // args.gradient_accumulation_steps)
-
-
-def _recent_loss(state: TrainerState) -> dict[str, float]:
-    for entry in reversed(state.log_history):
-        if "loss" in entry:
-            return {"loss": float(entry["loss"])}
-    return {}

@@ -8,10 +8,13 @@ threads of one process and the weighted mean is taken in memory.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+import torch
 
 from fedfleet.core.params import FlatParams, ParamSpec
 from fedfleet.errors import ConfigError
@@ -108,49 +111,92 @@ def create_context(
 
 
 class LocalFederation:
-    """In-process parties (threads): the same sync semantics as the gRPC runtime, no network."""
+    """In-process parties (threads): the same sync semantics as the gRPC runtime, no network.
 
-    def __init__(self, parties: int) -> None:
+    Every party must plan the same number of syncs (as the arbiter demands); a party whose training fails
+    or stops early leaves, and the others' next sync raises instead of waiting. ``timeout``: seconds a
+    party waits for the others at the start or a sync. ``reproducible``: the parties train in turns
+    (between syncs, one after another), each with its own random-number state seeded from its
+    ``TrainingArguments.seed``, so dropout draws and data order do not depend on how the threads were
+    scheduled and a seeded run gives the same result every time. False lets the parties train at once:
+    faster where each party alone cannot use the machine, not reproducible.
+    """
+
+    def __init__(self, parties: int, timeout: float | None = 600.0, reproducible: bool = True) -> None:
         if parties < 1:
             raise ConfigError("a local federation needs at least one party")
         self.size = parties
+        self.timeout = timeout
+        self.reproducible = reproducible
         self._cv = threading.Condition()
+        self._floor = threading.Lock()  # held by the party whose turn it is to train
         self._initial: FlatParams | None = None
-        self._sum: FlatParams | None = None
-        self._weight = 0.0
-        self._arrived = 0
+        self._planned: dict[int, int] = {}
+        self._left: str | None = None  # why the federation cannot go on
+        self._arrived: dict[int, tuple[FlatParams, float]] = {}
         self._generation = 0
         self._result: FlatParams | None = None
         self.rounds = 0
 
     def context(self, index: int) -> LocalContext:
+        if not 0 <= index < self.size:
+            raise ConfigError(f"party index {index}: this federation has parties 0..{self.size - 1}")
         return LocalContext(self, index)
 
-    def _start(self, index: int, params: FlatParams) -> None:
+    def _wait(self, ready: Callable[[], bool], what: str, timeout: float | None) -> None:
+        """Wait (holding the condition) until ``ready`` or a party left; raise on either failure."""
+        limit = self.timeout if timeout is None else timeout
+        if not self._cv.wait_for(lambda: ready() or self._left is not None, limit):
+            raise TimeoutError(f"waited {limit:.0f} s for the other parties {what}; none came")
+        if self._left is not None and not ready():
+            raise RuntimeError(f"the federation cannot go on: {self._left}")
+
+    def _start(self, index: int, params: FlatParams, rounds: int, timeout: float | None) -> None:
         with self._cv:
+            self._planned[index] = rounds
             if index == 0:  # every party starts from party 0's params, as over gRPC
                 self._initial = params.clone()
-                self._cv.notify_all()
-            self._cv.wait_for(lambda: self._initial is not None)
+            self._cv.notify_all()
+            self._wait(lambda: len(self._planned) == self.size, "to start", timeout)
+            plans = {r for r in self._planned.values() if r > 0}
+            if len(plans) > 1:
+                listed = ", ".join(f"party-{i}: {r}" for i, r in sorted(self._planned.items()))
+                raise ConfigError(
+                    f"the parties plan different numbers of syncs ({listed}); give every party the same "
+                    "epochs or max_steps and FedArguments, or the others would wait forever for the last syncs"
+                )
             params.copy_(self._initial)
 
-    def _sync(self, params: FlatParams, weight: float) -> None:
+    def _sync(self, index: int, params: FlatParams, weight: float, timeout: float | None) -> None:
         with self._cv:
+            if self._left is not None:
+                raise RuntimeError(f"the federation cannot go on: {self._left}")
             generation = self._generation
-            if self._sum is None:
-                self._sum = params.zeros_like()
-            self._sum.add_(params, alpha=weight)
-            self._weight += weight
-            self._arrived += 1
-            if self._arrived == self.size:
-                self._result = self._sum.mul_(1.0 / self._weight)
-                self._sum, self._weight, self._arrived = None, 0.0, 0
+            self._arrived[index] = (params, weight)  # a party's params stay untouched while it waits here
+            if len(self._arrived) == self.size:
+                self._result = self._mean()
+                self._arrived = {}
                 self._generation += 1
                 self.rounds += 1
                 self._cv.notify_all()
             else:
-                self._cv.wait_for(lambda: self._generation != generation)
+                self._wait(lambda: self._generation != generation, f"at sync {self.rounds + 1}", timeout)
             params.copy_(self._result)
+
+    def _mean(self) -> FlatParams:
+        """The weighted mean, summed in party order: the same bits whichever thread arrived first."""
+        total = sum(weight for _, weight in self._arrived.values())
+        mean = next(iter(self._arrived.values()))[0].zeros_like()
+        for index in sorted(self._arrived):
+            params, weight = self._arrived[index]
+            mean.add_(params, alpha=weight / total)
+        return mean
+
+    def _leave(self, index: int, syncs: int, rounds: int) -> None:
+        with self._cv:
+            if self._left is None:
+                self._left = f"party-{index} left after {syncs} of {rounds} syncs (its training failed or stopped)"
+            self._cv.notify_all()
 
 
 class LocalContext:
@@ -163,13 +209,18 @@ class LocalContext:
     def channel(self, spec: ParamSpec, rounds: int) -> SyncChannel:
         return _LocalChannel(self.federation, self.index, rounds)
 
+    def turn(self, seed: int) -> _Turn | None:
+        """What makes this party's run reproducible in a shared process (None: the parties overlap freely)."""
+        return _Turn(self.federation._floor, seed) if self.federation.reproducible else None
+
 
 class _LocalChannel:
     def __init__(self, federation: LocalFederation, index: int, rounds: int) -> None:
         self.federation, self.index, self.rounds, self.syncs = federation, index, rounds, 0
+        self._closed = False
 
     def start(self, params: FlatParams, timeout: float | None = None) -> FlatParams:
-        self.federation._start(self.index, params)
+        self.federation._start(self.index, params, self.rounds, timeout)
         return params
 
     def sync(
@@ -177,9 +228,58 @@ class _LocalChannel:
     ) -> bool:
         if not weight > 0:
             raise ValueError(f"sync weight must be > 0 (examples trained on), got {weight}")
-        self.federation._sync(params, weight)
+        self.federation._sync(self.index, params, weight, timeout)
         self.syncs += 1
         return self.syncs < self.rounds
 
     def close(self) -> None:
-        pass
+        if not self._closed and self.syncs < self.rounds:  # leaving early: the others must not wait for us
+            self.federation._leave(self.index, self.syncs, self.rounds)
+        self._closed = True
+
+
+class _Turn:
+    """One in-process party's run: it holds the federation's floor while it trains and lets go only while it
+    waits at a start or sync, and it brings its own random-number state. torch's generators are
+    process-wide, so otherwise the threads' dropout draws and data-order seeds would interleave at random.
+    The first turn seeds torch with the party's seed, as a process of its own would."""
+
+    def __init__(self, lock: threading.Lock, seed: int) -> None:
+        self.lock = lock
+        self.seed = seed
+        self.cpu: torch.Tensor | None = None
+        self.cuda: list[torch.Tensor] | None = None
+        self._outer: tuple[torch.Tensor, list[torch.Tensor] | None] | None = None
+
+    def __enter__(self) -> _Turn:
+        self.lock.acquire()
+        cuda = torch.cuda.is_initialized()
+        self._outer = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None)
+        if self.cpu is None:
+            torch.manual_seed(self.seed)  # every device, like transformers' set_seed
+        else:
+            torch.set_rng_state(self.cpu)
+            if cuda and self.cuda is not None:
+                torch.cuda.set_rng_state_all(self.cuda)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.cpu = torch.get_rng_state()
+            outer_cpu, outer_cuda = self._outer
+            if torch.cuda.is_initialized():
+                self.cuda = torch.cuda.get_rng_state_all()
+                if outer_cuda is not None:
+                    torch.cuda.set_rng_state_all(outer_cuda)
+            torch.set_rng_state(outer_cpu)
+        finally:
+            self.lock.release()
+
+    @contextlib.contextmanager
+    def released(self) -> Iterator[None]:
+        """Let the others train while this party waits for them."""
+        self.__exit__(None, None, None)
+        try:
+            yield
+        finally:
+            self.__enter__()

@@ -31,7 +31,8 @@ class FedAvgClient(Trainer):
 
     ``loss_fn(logits, labels)`` replaces the model's own loss when given. Only the trainable parameters
     (``requires_grad``: all of them in full fine-tuning, the adapters with PEFT) are exchanged; pass
-    ``select`` (``"all"``, ``"re:<regex>"`` or a callable) to choose otherwise.
+    ``select`` (``"all"``, ``"re:<regex>"`` or a callable) to choose otherwise. ``sync_timeout``: seconds
+    to wait for the other parties at a sync (None: the context's limit).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class FedAvgClient(Trainer):
         compute_metrics: Callable[..., dict] | None = None,
         callbacks: Sequence[Any] = (),
         select: Any = "trainable",
+        sync_timeout: float | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         if getattr(ctx, "is_arbiter", False):
@@ -56,7 +58,7 @@ class FedAvgClient(Trainer):
             raise ConfigError("FedAvgClient needs train_set: the party's own training data")
         _check_vocab(tokenizer, model)
         self.fed_args = fed_args or FedArguments()
-        self.fed_sync = FedSyncCallback(ctx, self.fed_args, select)
+        self.fed_sync = FedSyncCallback(ctx, self.fed_args, select, sync_timeout)
         super().__init__(
             model=model,
             args=training_args,
@@ -74,11 +76,14 @@ class FedAvgClient(Trainer):
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         self.fed_sync.count_examples(inputs)  # a sync's weight is the examples trained on since the last one
-        return super().training_step(model, inputs, *args, **kwargs)
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        self.fed_sync.count_loss(loss)
+        return loss
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return super().train(*args, **kwargs)
+            with self.fed_sync.turn(self.args.seed):
+                return super().train(*args, **kwargs)
         finally:
             self.fed_sync.close()  # also when training fails: leave the session instead of hanging it
 

@@ -4,8 +4,8 @@
     trainer.fit(module, datamodule)
 
 When training starts every party loads the session's initial params (the first party's), so all train
-the same model. Every ``interval`` optimizer steps (N epochs, N steps or a fraction of the run) and at
-the last step, the party sends its trainable params, weighted by the examples it trained on since the
+the same model. After every ``aggregate_freq`` of the run (N epochs, N optimizer steps or a fraction)
+and at the last step, the party sends its trainable params, weighted by the examples it trained on since the
 last sync, and continues from the weighted mean with its own optimizer state and LR schedule. The sync
 runs at the end of the batch, before Lightning's validation, so validation sees the aggregated model.
 With several ranks (DDP, DeepSpeed) only global rank 0 talks to the arbiter and broadcasts the result.
@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from fedfleet.core.params import Selector
 from fedfleet.errors import ConfigError
-from fedfleet.hf.args import FedArguments
+from fedfleet.hf.args import FedArguments, steps_text
 from fedfleet.hf.exchange import ParamAccess
 from fedfleet.lightning.access import lightning_access
 from fedfleet.lightning.batches import batch_loss, batch_size
@@ -62,8 +62,7 @@ class FedLightningCallback(pl.Callback):
         self.timeout = timeout
         self.access: ParamAccess | None = None
         self.channel: Any = None
-        self.interval = 1  # optimizer steps between syncs
-        self.rounds = 0  # syncs this run makes
+        self.schedule: tuple[int, ...] = ()  # the optimizer steps after which this party syncs
         self.total_steps = 0
         self.history: list[SyncRecord] = []
         self._ended = False
@@ -74,6 +73,10 @@ class FedLightningCallback(pl.Callback):
         return len(self.history)
 
     @property
+    def rounds(self) -> int:
+        return len(self.schedule)
+
+    @property
     def weights(self) -> list[float]:
         return [r.weight for r in self.history]
 
@@ -81,7 +84,7 @@ class FedLightningCallback(pl.Callback):
         """Whether a sync happens at the end of the batch that brought the run to ``global_step``."""
         if self._ended or global_step <= self._last_step:  # no optimizer step since (gradient accumulation)
             return False
-        return global_step - self._last_step >= self.interval or global_step >= self.total_steps
+        return self.syncs < len(self.schedule) and global_step >= self.schedule[self.syncs]
 
     # -- Lightning hooks -----------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -90,12 +93,12 @@ class FedLightningCallback(pl.Callback):
         self.access = lightning_access(trainer, pl_module, self.select)
         spec = self.access.params.spec
         log.info(
-            "%s: %d syncs of %d tensors (%.2f MB), every %d optimizer steps",
+            "%s: %d syncs of %d tensors (%.2f MB), after optimizer steps %s",
             getattr(self.ctx, "name", "party"),
             self.rounds,
             len(spec),
             spec.nbytes / 1e6,
-            self.interval,
+            steps_text(self.schedule),
         )
         if trainer.is_global_zero:
             self.channel = self.ctx.channel(spec, self.rounds)
@@ -154,10 +157,8 @@ class FedLightningCallback(pl.Callback):
             )
         accumulate = max(1, trainer.accumulate_grad_batches)
         steps_per_epoch = max(1, math.ceil(batches / accumulate)) if math.isfinite(batches) else int(total)
-        epochs = max(1, trainer.max_epochs or 1)
         self.total_steps = int(total)
-        self.interval = self.fed_args.interval(epochs, self.total_steps, steps_per_epoch)
-        self.rounds = self.fed_args.rounds(epochs, self.total_steps, steps_per_epoch)
+        self.schedule = self.fed_args.sync_steps(self.total_steps, steps_per_epoch, start=trainer.global_step)
 
     def _sync(self, trainer: pl.Trainer) -> None:
         examples, loss_sum, loss_examples = self._party_totals(trainer)

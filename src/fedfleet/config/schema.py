@@ -65,7 +65,8 @@ class RuntimeConfig:
     kind: Literal["simulation", "ray"] = "simulation"
     vectorize: Literal["auto", "on", "off"] = "auto"  # train the whole cohort at once with torch.func.vmap
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
-    # torch threads for local training; default: 1 on a CPU for models under 10M params (more only spin-wait)
+    # torch threads for local training; default: 1 on a CPU for models under 10M params (more spin-wait beside
+    # any busy process; on an otherwise idle machine 2+ win for 1-10M params: benchmarks/RESULTS.md)
     threads: int | None = None
     # kind: ray only
     workers: int | None = None  # Ray actors training shares of the cohort (default: one per free CPU)

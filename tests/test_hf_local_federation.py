@@ -10,8 +10,10 @@ from transformers import TrainerCallback
 
 from fedfleet.core.params import FlatParams, ParamSpec
 from fedfleet.errors import ConfigError
-from fedfleet.hf import FedArguments, LocalFederation
-from tests.hf_parties import make_client, review_shares
+from fedfleet.hf import FedArguments, FedAvgServer, LocalFederation, create_context
+from fedfleet.runtime.grpc import SessionFailed
+from tests.grpc_jobs import free_port
+from tests.hf_parties import make_client, review_shares, tiny_gpt2
 
 
 def train_all(clients, join_s=120):
@@ -106,3 +108,39 @@ def test_the_loss_sent_at_a_sync_is_the_mean_over_that_round(tmp_path):
     assert len(logged) == 6
     expected = [sum(logged[:3]) / 3, sum(logged[3:]) / 3]
     assert client.fed_sync.losses == pytest.approx(expected, abs=2e-4)  # the Trainer logs 4 decimals
+
+
+def test_parties_with_different_architectures_are_named_in_process_and_over_grpc(tmp_path):
+    csvs = review_shares(tmp_path / "data", 2, reviews=32)
+    fed = LocalFederation(2, timeout=60)
+    a, *_ = make_client(fed.context(0), csvs[0], 0, FedArguments(), tmp_path / "a", model=tiny_gpt2(0, n_embd=32))
+    b, *_ = make_client(fed.context(1), csvs[1], 1, FedArguments(), tmp_path / "b", model=tiny_gpt2(1, n_embd=16))
+    error_a, error_b = train_all([a, b])
+    assert isinstance(error_b, ConfigError)
+    assert "party-1's model has another param layout than party-0's" in str(error_b)
+    assert "transformer.wte.weight is [50257, 16] float32, expected [50257, 32]" in str(error_b)
+    assert "party-1 left after 0 of" in str(error_a)  # party 0 is told, not left waiting
+
+    parties = [("guest", "1"), ("host", "2"), ("arbiter", "3")]
+    address = f"127.0.0.1:{free_port()}"
+    ctxs = [create_context(p, parties, "s-arch", address, insecure=True) for p in parties]
+    server = FedAvgServer(ctxs[2], wait_timeout=8)  # then it gives up on the refused host
+    ended = []
+    threading.Thread(target=lambda: ended.append(train_all([server], join_s=60)), daemon=True).start()
+    guest, *_ = make_client(ctxs[0], csvs[0], 0, FedArguments(), tmp_path / "g", model=tiny_gpt2(0, n_embd=32))
+    host, *_ = make_client(ctxs[1], csvs[1], 1, FedArguments(), tmp_path / "h", model=tiny_gpt2(1, n_embd=16))
+    guest_error = []
+    guest_thread = threading.Thread(target=lambda: guest_error.extend(train_all([guest], join_s=60)), daemon=True)
+    guest_thread.start()  # first: its layout becomes the session's
+    time.sleep(1.0)
+    (error_host,) = train_all([host], join_s=60)
+    assert error_host is not None
+    assert "another param layout than the session's" in str(error_host)
+    assert "transformer.wte.weight is [50257, 16] float32, expected [50257, 32]" in str(error_host)
+    guest_thread.join(60)
+    deadline = time.monotonic() + 10
+    while not ended and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "missing host-2" in str(ended[0][0])  # the arbiter gave up on the refused party ...
+    assert isinstance(guest_error[0], SessionFailed)  # ... and told the guest why, instead of leaving it waiting
+    assert "missing host-2" in str(guest_error[0])

@@ -8,6 +8,7 @@ with the first differing tensors named). The number of rounds is the job's, or w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -103,6 +104,11 @@ class SyncArbiter:
             history = self.loop.run()
             self.runtime.finish(final_params=self.loop.global_params)
             return history
+        except BaseException as exc:
+            # tell the connected parties why, or they would wait and redial for many minutes
+            with contextlib.suppress(Exception):
+                self.runtime.finish(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, failed=True)
+            raise
         finally:
             self.server.stop(grace=5.0)
 

@@ -19,6 +19,7 @@ import torch
 from fedfleet.core.params import FlatParams, ParamSpec
 from fedfleet.errors import ConfigError
 from fedfleet.runtime.grpc import Connection, SyncParty
+from fedfleet.runtime.grpc.chunks import spec_difference
 from fedfleet.runtime.grpc.tls import channel_credentials
 
 ARBITER_ROLE = "arbiter"
@@ -158,6 +159,11 @@ class LocalFederation:
                 self._initial = params.clone()
             self._cv.notify_all()
             self._wait(lambda: len(self._planned) == self.size, "to start", timeout)
+            if params.spec != self._initial.spec:
+                raise ConfigError(
+                    f"party-{index}'s model has another param layout than party-0's (is it the same architecture?): "
+                    f"{spec_difference(self._initial.spec, params.spec)}"
+                )
             plans = {r for r in self._planned.values() if r > 0}
             if len(plans) > 1:
                 listed = ", ".join(f"party-{i}: {r}" for i, r in sorted(self._planned.items()))

@@ -44,6 +44,10 @@ class PartyRejected(UserError):
     """The arbiter refused this party; retrying would not help."""
 
 
+class SessionFailed(UserError):
+    """The arbiter ended the session because it cannot go on (a party missing, a bad layout ...)."""
+
+
 @dataclass
 class Connection:
     """Where and as whom a party connects."""
@@ -140,6 +144,8 @@ class PartySession:
                     log.info("%s joined session %s as party %d", self.conn.name, self.conn.session, msg.index)
                 elif isinstance(msg, Reject):
                     raise PartyRejected(f"the arbiter refused {self.conn.name}: {msg.reason}")
+                elif isinstance(msg, Done) and msg.failed:
+                    raise SessionFailed(f"the arbiter ended session {self.conn.session}: {msg.reason}")
                 elif isinstance(msg, Done):
                     log.info("%s: %s", self.conn.name, msg.reason)
                     self.on_done(msg.reason)

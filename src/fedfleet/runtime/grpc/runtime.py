@@ -128,13 +128,16 @@ class GrpcRuntime:
     def round_metrics(self) -> dict[str, float]:
         return dict(self._metrics)
 
-    def finish(self, reason: str = "the session is complete", final_params: FlatParams | None = None) -> None:
-        """Tell every connected party the session is over (in sync mode, after sending it the final params)."""
+    def finish(
+        self, reason: str = "the session is complete", final_params: FlatParams | None = None, failed: bool = False
+    ) -> None:
+        """Tell every connected party the session is over (in sync mode, after sending it the final params);
+        ``failed``: the parties raise ``reason`` rather than end normally."""
         if self.sync_mode and final_params is not None:
             for name in self.server.connected():
                 self._send(name, Task(task_id=uuid.uuid4().hex, round=self._round + 1, task=TaskKind.FINAL))
                 self._send(name, iter_chunks(final_params, self.chunk_bytes))
-        self.server.broadcast(Done(reason=reason))
+        self.server.broadcast(Done(reason=reason, failed=failed))
 
     @property
     def sync_mode(self) -> bool:

@@ -127,10 +127,11 @@ class Task(Message):
 
 @dataclass
 class Done(Message):
-    """The session is over; the party exits normally."""
+    """The session is over: the party exits normally, or with the reason as its error when ``failed``."""
 
     kind: ClassVar[str] = "done"
     reason: str = ""
+    failed: bool = False  # the arbiter gave up (it cannot go on): waiting or redialling would not help
 
 
 # -- both ways --------------------------------------------------------------------------------------

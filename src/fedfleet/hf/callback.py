@@ -42,7 +42,7 @@ class FedSyncCallback(TrainerCallback):
         self.syncs = 0
         self.weights: list[float] = []  # the weight of each sync (examples trained on)
         self.losses: list[float] = []  # the mean training loss this rank reported at each sync
-        self.sync_seconds = 0.0  # time spent in syncs (waiting for the others included)
+        self.sync_seconds = 0.0  # time spent in syncs, waiting for the others included (not the start)
         self._last_step = 0
         self._examples = 0  # trained on since the last sync, by this rank
         self._loss_sum: torch.Tensor | float = 0.0  # a tensor: no device sync per step, only at a sync
@@ -101,7 +101,9 @@ class FedSyncCallback(TrainerCallback):
         metrics = self._round_loss(step)
         self.weights.append(weight)
         self.losses.append(metrics.get("loss", math.nan))
+        started = time.perf_counter()
         going = self._exchange(args, lambda: self.channel.sync(self.access.params, weight, metrics, self.timeout))
+        self.sync_seconds += time.perf_counter() - started
         self._last_step, self._examples, self._loss_sum = step, 0, 0.0
         self.syncs += 1
         if not going:
@@ -128,7 +130,6 @@ class FedSyncCallback(TrainerCallback):
 
     def _exchange(self, args: TrainingArguments, talk: Any) -> bool:
         """gather on every rank, talk to the arbiter on rank 0, broadcast, scatter on every rank."""
-        start = time.perf_counter()
         self.access.gather()
         with self._turn.released() if self._turn is not None else contextlib.nullcontext():
             going = talk() if _is_main(args) else True
@@ -139,7 +140,6 @@ class FedSyncCallback(TrainerCallback):
                 torch.distributed.broadcast(buf, src=0)
             going = bool(flag.item())
         self.access.scatter()
-        self.sync_seconds += time.perf_counter() - start
         return going
 
 

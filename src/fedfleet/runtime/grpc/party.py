@@ -111,6 +111,8 @@ class PartySession:
             try:
                 return self._serve()
             except _StreamBroken as exc:
+                if self._closing():  # this side closed the stream: nothing was lost, nothing to redial
+                    return "stopped"
                 if exc.welcomed:  # it was up: start the backoff from the bottom
                     delays, failures = backoff_delays(cap=self.conn.reconnect_max_s), 0
                 failures += 1
@@ -120,6 +122,10 @@ class PartySession:
                 log.warning("%s: %s; reconnecting in %.1f s", self.conn.name, exc, delay)
                 if self._wait_before_retry(delay):
                     return "stopped"
+
+    def _closing(self) -> bool:
+        """Whether this party is closing its own stream (a SyncParty's ``close``)."""
+        return False
 
     def _wait_before_retry(self, delay: float) -> bool:
         """Sleep before reconnecting; True ends the party instead (a SyncParty being closed)."""

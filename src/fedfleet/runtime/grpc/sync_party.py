@@ -179,6 +179,9 @@ class SyncParty(PartySession):
             self._ended = reason
             self._cv.notify_all()
 
+    def _closing(self) -> bool:
+        return self._stopping.is_set()
+
     def _wait_before_retry(self, delay: float) -> bool:
         with self._cv:
             self._receiving = False  # a half-received task is void; the arbiter sends the round again

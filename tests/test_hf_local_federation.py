@@ -75,10 +75,10 @@ def test_a_sync_without_the_others_times_out():
     fed = LocalFederation(2, timeout=0.3)
     channel = fed.context(0).channel(spec, rounds=2)
     params = FlatParams.zeros(spec)
-    with pytest.raises(TimeoutError, match="to start"):
+    with pytest.raises(TimeoutError, match="at the start for party-1"):
         channel.start(params)
     started = time.monotonic()
-    with pytest.raises(TimeoutError, match="at sync 1"):
+    with pytest.raises(TimeoutError, match="at sync 1 for party-1"):
         channel.sync(params, 1.0, timeout=0.2)  # a call's own limit wins over the federation's
     assert time.monotonic() - started < 0.29
 

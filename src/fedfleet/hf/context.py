@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -144,11 +144,13 @@ class LocalFederation:
             raise ConfigError(f"party index {index}: this federation has parties 0..{self.size - 1}")
         return LocalContext(self, index)
 
-    def _wait(self, ready: Callable[[], bool], what: str, timeout: float | None) -> None:
-        """Wait (holding the condition) until ``ready`` or a party left; raise on either failure."""
+    def _wait(self, ready: Callable[[], bool], what: str, here: Collection[int], timeout: float | None) -> None:
+        """Wait (holding the condition) until ``ready`` or a party left; raise on either failure.
+        ``here``: the parties that have arrived (the error names the others)."""
         limit = self.timeout if timeout is None else timeout
         if not self._cv.wait_for(lambda: ready() or self._left is not None, limit):
-            raise TimeoutError(f"waited {limit:.0f} s for the other parties {what}; none came")
+            missing = ", ".join(f"party-{i}" for i in range(self.size) if i not in here)
+            raise TimeoutError(f"waited {limit:g} s {what} for {missing}; did its training start, or hang?")
         if self._left is not None and not ready():
             raise RuntimeError(f"the federation cannot go on: {self._left}")
 
@@ -158,7 +160,7 @@ class LocalFederation:
             if index == 0:  # every party starts from party 0's params, as over gRPC
                 self._initial = params.clone()
             self._cv.notify_all()
-            self._wait(lambda: len(self._planned) == self.size, "to start", timeout)
+            self._wait(lambda: len(self._planned) == self.size, "at the start", self._planned, timeout)
             if params.spec != self._initial.spec:
                 raise ConfigError(
                     f"party-{index}'s model has another param layout than party-0's (is it the same architecture?): "
@@ -186,7 +188,8 @@ class LocalFederation:
                 self.rounds += 1
                 self._cv.notify_all()
             else:
-                self._wait(lambda: self._generation != generation, f"at sync {self.rounds + 1}", timeout)
+                arrived = self._arrived  # the same dict until the round completes
+                self._wait(lambda: self._generation != generation, f"at sync {self.rounds + 1}", arrived, timeout)
             params.copy_(self._result)
 
     def _mean(self) -> FlatParams:

@@ -11,7 +11,8 @@ the same batches in the same order for the same steps. Rows:
 
 Throughput is samples/s over the steps after the first ``--warmup`` ones, timed at the Trainer's step ends
 after the sync callback, so a sync's round trip (gather, send, the arbiter's mean, receive, load) counts
-against the party. The ``sync_s`` figures are the time inside the syncs as the party measured it. Each side
+against the party. ``sync_s`` is the time inside the syncs as the party measured it, and ``sync_share`` that
+time over the timed span: the overhead measured inside each run, which run-to-run noise does not blur. Each side
 is warmed up once, then the sides run interleaved ``--repeats`` times and the medians are compared. Target
 (issue 4): ``party-epoch`` keeps >= 97% of ``plain``'s samples/s.
 
@@ -163,8 +164,12 @@ def train_once(args: argparse.Namespace, side: str, data: Any, tokenizer: Any, o
     samples = (len(ends) - 1) * args.batch_size * training_args.world_size
     fed = getattr(trainer, "fed_sync", None)
     weights = {n: p.detach().float().cpu() for n, p in trainer.model.named_parameters()}
+    span = ends[-1] - ends[0]
     return {
-        "samples_per_s": samples / (ends[-1] - ends[0]),
+        "samples_per_s": samples / span,
+        # the share of the timed span spent in syncs: the overhead measured from inside one run, which the
+        # run-to-run noise of the throughputs (several % on a shared CPU) does not blur
+        "sync_share": (fed.sync_seconds if fed else 0.0) / span,
         "steps": len(clock.ends),
         "syncs": fed.syncs if fed else 0,
         "sync_s": round(fed.sync_seconds, 3) if fed else 0.0,
@@ -183,7 +188,7 @@ def main() -> int:
     load_start = load_average()
     work = Path(tempfile.mkdtemp(prefix="hf-bench-"))
     tokenizer = gpt2_tokenizer()
-    csv = write_reviews_csv(work, limit=args.reviews, seed=0)
+    csv = write_reviews_csv(work, limit=args.reviews, seed=0, balanced=False)  # throughput: balance is moot
     data = TokenizerDataset(tokenizer, max_length=args.seq_len, padding="max_length").load(csv)
     sides = ["plain", "party-epoch", f"party-every-{args.every}"]
     params = sum(p.numel() for p in build_model(args, tokenizer).parameters())
@@ -205,16 +210,18 @@ def main() -> int:
         rate = median(r["samples_per_s"] for r in runs[side])
         last = runs[side][-1]
         diff = max((last["weights"][n] - runs["plain"][-1]["weights"][n]).abs().max().item() for n in last["weights"])
+        share = median(r["sync_share"] for r in runs[side])
         rows[side] = {
             "samples_per_s": round(rate, 2),
             "vs_plain": round(rate / plain, 4),
+            "sync_share": round(share, 4),
             "syncs": last["syncs"],
             "sync_s": last["sync_s"],
             "max_abs_diff_vs_plain": diff,
         }
         log(
             f"{side:>16}: {rate:8.1f} samples/s = {rate / plain:.3f} x plain; {last['syncs']} syncs "
-            f"({last['sync_s']:.2f} s); final weights within {diff:.2e} of plain's"
+            f"({last['sync_s']:.2f} s, {share:.1%} of the timed steps); final weights within {diff:.2e} of plain's"
         )
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{platform.machine()} CPU"
     emit(

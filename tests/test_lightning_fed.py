@@ -152,3 +152,42 @@ def test_each_strategy_gets_its_param_access():
         assert kind(DeepSpeedStrategy(stage=3)) == "deepspeed"
     with pytest.raises(ConfigError, match="FSDPStrategy"):  # Lightning runs FSDP on GPUs only: no fit here
         lightning_access(SimpleNamespace(strategy=FSDPStrategy()), DigitsMLP())
+
+
+class DropoutDigits(DigitsMLP):
+    """The example's model with dropout: training draws from torch's process-wide generator."""
+
+    def __init__(self) -> None:
+        super().__init__(seed=0)
+        self.net.insert(3, torch.nn.Dropout(0.3))
+
+
+def train_in_process(reproducible: bool) -> list[torch.Tensor]:
+    fed = LocalFederation(2, reproducible=reproducible)
+    runs = []
+    for i in range(2):
+        module = DropoutDigits()
+        # 10 and 9 steps, a sync after steps 5 and the last: 2 syncs on both sides
+        trainer, *_ = make_trainer(FedLightningCallback(fed.context(i), FedArguments("step", 5)), epochs=1)
+        runs.append((trainer, module, DigitsData(i, 2, 32, limit=LIMITS[i], seed=0)))
+    errors = []
+
+    def fit(trainer, module, data):
+        try:
+            trainer.fit(module, data)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fit, args=run) for run in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    return [torch.cat([p.detach().flatten() for p in m.parameters()]) for _, m, _ in runs]
+
+
+def test_in_process_parties_take_turns_so_seeded_runs_repeat_bit_for_bit():
+    first, second = train_in_process(True), train_in_process(True)
+    assert torch.equal(first[0], first[1])  # both hold the final mean
+    assert torch.equal(first[0], second[0])  # and the same one on every run

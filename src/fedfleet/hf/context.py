@@ -118,9 +118,10 @@ class LocalFederation:
     or stops early leaves, and the others' next sync raises instead of waiting. ``timeout``: seconds a
     party waits for the others at the start or a sync. ``reproducible``: the parties train in turns
     (between syncs, one after another), each with its own random-number state seeded from its
-    ``TrainingArguments.seed``, so dropout draws and data order do not depend on how the threads were
-    scheduled and a seeded run gives the same result every time. False lets the parties train at once:
-    faster where each party alone cannot use the machine, not reproducible.
+    ``TrainingArguments.seed`` (Lightning: ``FedLightningCallback(seed=)``), so dropout draws and data
+    order do not depend on how the threads were scheduled and a seeded run gives the same result every
+    time. False lets the parties train at once: faster where each party alone cannot use the machine, not
+    reproducible.
     """
 
     def __init__(self, parties: int, timeout: float | None = 600.0, reproducible: bool = True) -> None:
@@ -259,9 +260,11 @@ class _Turn:
         self.cpu: torch.Tensor | None = None
         self.cuda: list[torch.Tensor] | None = None
         self._outer: tuple[torch.Tensor, list[torch.Tensor] | None] | None = None
+        self.held = False
 
     def __enter__(self) -> _Turn:
         self.lock.acquire()
+        self.held = True
         cuda = torch.cuda.is_initialized()
         self._outer = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None)
         if self.cpu is None:
@@ -273,6 +276,8 @@ class _Turn:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if not self.held:  # already let go (a Lightning run ends through more than one hook)
+            return
         try:
             self.cpu = torch.get_rng_state()
             outer_cpu, outer_cuda = self._outer
@@ -282,11 +287,15 @@ class _Turn:
                     torch.cuda.set_rng_state_all(outer_cuda)
             torch.set_rng_state(outer_cpu)
         finally:
+            self.held = False
             self.lock.release()
 
     @contextlib.contextmanager
     def released(self) -> Iterator[None]:
         """Let the others train while this party waits for them."""
+        if not self.held:
+            yield
+            return
         self.__exit__(None, None, None)
         try:
             yield

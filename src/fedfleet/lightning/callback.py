@@ -13,6 +13,7 @@ With several ranks (DDP, DeepSpeed) only global rank 0 talks to the arbiter and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -42,6 +43,7 @@ class FedLightningCallback(pl.Callback):
     ``select``: which params travel (``"trainable"``: those with ``requires_grad``; ``"all"``,
     ``"re:<regex>"`` or a callable). ``batch_size_fn(batch) -> int`` counts a batch's examples when its
     first tensor's leading dimension is not that. ``timeout``: seconds to wait for the others at a sync.
+    ``seed``: in-process parties only, the seed of this party's random state while it takes its turns.
     Each sync is kept in ``history`` and logged to every logger of the trainer under ``fed/``.
     """
 
@@ -52,6 +54,7 @@ class FedLightningCallback(pl.Callback):
         select: Selector = "trainable",
         batch_size_fn: Callable[[Any], int] | None = None,
         timeout: float | None = None,
+        seed: int | None = None,
     ) -> None:
         if getattr(ctx, "is_arbiter", False):
             raise ConfigError("this context is the arbiter's: it does not train; run FedAvgServer(ctx).train() there")
@@ -60,6 +63,10 @@ class FedLightningCallback(pl.Callback):
         self.select = select
         self.batch_size_fn = batch_size_fn or batch_size
         self.timeout = timeout
+        # in-process parties (a LocalFederation) train in turns from ``setup`` on, each with its own random
+        # state seeded from this (default: torch's seed when the callback is made, e.g. seed_everything's)
+        self.seed = torch.initial_seed() if seed is None else seed
+        self._turn: Any = None
         self.access: ParamAccess | None = None
         self.channel: Any = None
         self.schedule: tuple[int, ...] = ()  # the optimizer steps after which this party syncs
@@ -87,6 +94,13 @@ class FedLightningCallback(pl.Callback):
         return self.syncs < len(self.schedule) and global_step >= self.schedule[self.syncs]
 
     # -- Lightning hooks -----------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        make = getattr(self.ctx, "turn", None)
+        if stage == "fit" and make is not None and self._turn is None:
+            self._turn = make(self.seed)
+            if self._turn is not None:
+                self._turn.__enter__()
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # here (not in setup) the strategy has wrapped the model, built the optimizers and the dataloaders
         self._plan(trainer)
@@ -140,6 +154,9 @@ class FedLightningCallback(pl.Callback):
         if self.channel is not None:
             channel, self.channel = self.channel, None
             channel.close()
+        if self._turn is not None:  # let the other in-process parties finish
+            turn, self._turn = self._turn, None
+            turn.__exit__(None, None, None)
 
     # -- internals -----------------------------------------------------------------------------------
     def _plan(self, trainer: pl.Trainer) -> None:
@@ -210,7 +227,8 @@ class FedLightningCallback(pl.Callback):
         state, error = _GOING, None
         if trainer.is_global_zero:
             try:
-                state = _GOING if talk() is not False else _ENDED
+                with self._turn.released() if self._turn is not None else contextlib.nullcontext():
+                    state = _GOING if talk() is not False else _ENDED
             except BaseException as exc:  # tell the other ranks before raising, or they wait in broadcast
                 state, error = _FAILED, exc
         if _world(trainer) > 1:

@@ -26,6 +26,12 @@ def run_parties(ctxs, fed_args, epochs=2, freeze=False, limits=LIMITS):
         fed = FedLightningCallback(ctx, fed_args)
         trainer, before, after = make_trainer(fed, epochs)
         runs.append((trainer, module, DigitsData(i, 2, 32, limit=limits[i], seed=0), fed, before, after))
+    fit_side_by_side([r[:3] for r in runs])
+    return runs
+
+
+def fit_side_by_side(runs, join_s=180):
+    """``trainer.fit(module, data)`` for each (trainer, module, data) in its own thread; no party may fail."""
     errors = []
 
     def fit(trainer, module, data):
@@ -34,13 +40,12 @@ def run_parties(ctxs, fed_args, epochs=2, freeze=False, limits=LIMITS):
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=fit, args=r[:3]) for r in runs]
+    threads = [threading.Thread(target=fit, args=run) for run in runs]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(180)
+        t.join(join_s)
     assert not errors, errors
-    return runs
 
 
 def check_weighted_means(runs, syncs):
@@ -170,20 +175,7 @@ def train_in_process(reproducible: bool) -> list[torch.Tensor]:
         # 10 and 9 steps, a sync after steps 5 and the last: 2 syncs on both sides
         trainer, *_ = make_trainer(FedLightningCallback(fed.context(i), FedArguments("step", 5)), epochs=1)
         runs.append((trainer, module, DigitsData(i, 2, 32, limit=LIMITS[i], seed=0)))
-    errors = []
-
-    def fit(trainer, module, data):
-        try:
-            trainer.fit(module, data)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=fit, args=run) for run in runs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    fit_side_by_side(runs, join_s=120)
     return [torch.cat([p.detach().flatten() for p in m.parameters()]) for _, m, _ in runs]
 
 

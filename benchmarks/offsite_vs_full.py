@@ -9,7 +9,8 @@ Full run (a GPU): the GPT2-XL shape (48 blocks, hidden 1600, 25 heads, random we
 a 2-16-2 emulator, batch 4. ``--quick``: a tiny GPT-2 shape on the CPU (12 blocks, hidden 128, block 64, 2-4-2,
 vocabulary 1024),
 fp32, under 2 minutes. Throughput is training tokens per second over timed steps after warm-up; peak memory is
-``torch.cuda.max_memory_allocated`` on a GPU, peak RSS on the CPU. The last stdout line is one JSON object.
+``torch.cuda.max_memory_allocated`` on a GPU, peak RSS on the CPU. ``flop_model_x`` is the throughput ratio the
+matmul FLOPs alone allow (``step_flops``). The last stdout line is one JSON object.
 
     python benchmarks/offsite_vs_full.py --quick
     python benchmarks/offsite_vs_full.py            # on a GPU
@@ -60,10 +61,30 @@ QUICK = Shape(
     emulator=4,
     adapters=2,
     dtype="float32",
-    steps=3,
-    warmup=1,
+    steps=20,  # steps of 0.06-0.13 s: fewer are dominated by the machine's noise
+    warmup=2,
     vocab=1024,
 )
+
+
+def step_flops(mode: str, shape: Shape) -> float:
+    """Where a training step's time should go, as matmul FLOPs per token: the throughput ratio the compute alone
+    allows, to hold the measured ratios against.
+
+    A block's forward is 24 h^2 (QKV 6, output 2, MLP 16) + 4 T h (attention over T tokens); the LM head's
+    2 h V. A backward costs 1x the forward for the input gradients and 1x more where weights train. Full:
+    every block and the (tied) head train, 3x. Offsite: embeddings and head frozen, so the head and the
+    emulator's blocks pass input gradients only (1x) and the adapter blocks train (2x; counted for the lowest
+    block too, though its input gradient is not needed, so the model is slightly pessimistic). With LoRA the
+    adapters' own weights are frozen: their blocks pass input gradients (1x) and the LoRA factors are ignored.
+    """
+    h, t, v = shape.hidden, shape.block, shape.vocab
+    block, head = 24 * h * h + 4 * t * h, 2 * h * v
+    if mode == "full":
+        return 3 * (shape.layers * block + head)
+    kept = 2 * shape.adapters + shape.emulator
+    adapter_backward = (1 if mode == "offsite_lora" else 2) * 2 * shape.adapters * block
+    return kept * block + head + head + shape.emulator * block + adapter_backward
 
 
 def build(mode: str, shape: Shape, device: str) -> torch.nn.Module:
@@ -164,6 +185,9 @@ def main() -> None:
             "modes": results,
             "throughput_x": {m: results[m]["tokens_per_s"] / full["tokens_per_s"] for m in MODES[1:]},
             "memory_x_less": {m: full["peak_bytes"] / results[m]["peak_bytes"] for m in MODES[1:]},
+            # what the FLOPs alone allow; the measured throughput_x over it says how much else (memory
+            # traffic, launch overhead, the optimizer step) favours or hurts each side
+            "flop_model_x": {m: step_flops("full", shape) / step_flops(m, shape) for m in MODES[1:]},
         }
     )
 

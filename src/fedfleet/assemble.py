@@ -25,8 +25,9 @@ from fedfleet.registry import construct
 
 log = logging.getLogger(__name__)
 
-# Below this many params one training step is too short for torch's intra-op threads to share: they spin-wait
-# on each other, 6-70x slower on 2 cores, up to 100x beside any other busy process (benchmarks/threads.py)
+# Below this many params one training step is too short for torch's intra-op threads to pay off reliably: beside
+# any other busy process they spin-wait on each other, 2-5x slower on 2 cores (up to 100x under heavier load); on
+# an otherwise idle machine 2 threads win by up to 1.6x for the larger of these models (benchmarks/threads.py)
 ONE_THREAD_BELOW = 10_000_000
 
 

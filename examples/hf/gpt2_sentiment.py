@@ -25,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from _common import add_session_args, context, data_owners, parties, review_split, serve
+from _common import add_session_args, context, data_owners, parties, review_split, serve, training_arguments
 
 SIZES = {  # GPT2Config fields
     "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
@@ -67,7 +67,7 @@ def main() -> int:
         return serve(ctx)
 
     import torch
-    from transformers import GPT2Config, GPT2ForSequenceClassification, TrainingArguments
+    from transformers import GPT2Config, GPT2ForSequenceClassification
 
     from fedfleet.hf import FedArguments, FedAvgClient
     from fedfleet.hf.data import TokenizerDataset, gpt2_tokenizer
@@ -84,18 +84,7 @@ def main() -> int:
             )
         deepspeed = load_deepspeed_config(args.deepspeed)
     # made before the model and the data: with several ranks it starts torch.distributed (and DeepSpeed)
-    training_args = TrainingArguments(
-        output_dir=str(work / "trainer"),
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        logging_steps=args.log_every,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        seed=0,
-        deepspeed=deepspeed,
-    )
+    training_args = training_arguments(args, work / "trainer", seed=0, deepspeed=deepspeed)
     tokenizer = gpt2_tokenizer()
     with training_args.main_process_first(desc="writing this party's data"):  # one rank writes, then the others
         csv_path = Path(args.csv) if args.csv else share_of_reviews(args, ctx.name, work)

@@ -42,7 +42,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from _common import add_session_args, context, data_owners, parties, review_split, serve
+from _common import add_session_args, context, data_owners, parties, review_split, serve, training_arguments
 
 SPLITS = {"iid": "iid", "label-skew": "dirichlet"}  # --split: fedfleet partitioner
 
@@ -140,21 +140,14 @@ def pretrained(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def make_trainer(args: argparse.Namespace, model: Any, train_set: Any, label: str, out: Path, ctx: Any = None) -> Any:
     """A plain ``Trainer`` (``ctx=None``) or a ``FedAvgClient`` syncing every epoch, with the same settings."""
-    import torch
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer
 
     from fedfleet.hf import FedArguments, FedAvgClient
 
     steps = args.epochs * math.ceil(len(train_set) / args.batch_size)
-    training_args = TrainingArguments(
-        output_dir=str(out),
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        logging_steps=args.log_every,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
+    training_args = training_arguments(
+        args,
+        out,
         seed=args.seed,
         # a few dozen steps: the full rate for the first two thirds (a rate decaying from the start learns
         # too slowly), then down to zero, so the final weights are not one noisy step away from a good point

@@ -31,7 +31,7 @@ from common import cpu_model_name, emit, load_average, log
 from fedfleet.config.loader import parse
 from fedfleet.config.schema import JobConfig
 from fedfleet.core.loop import Callback, RoundLoop, RoundRecord
-from fedfleet.simulation import Simulation
+from fedfleet.jobs.simulation import Simulation
 
 COHORT, FACTOR = 10, 0.3
 CONCURRENCY = 13  # floor(COHORT x (1 + FACTOR)): as many clients at work as the over-committed rounds ask

@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 from fedfleet.config import load_job
-from fedfleet.deploy import Access, build_arbiter, build_party
+from fedfleet.jobs.deploy import Access, build_arbiter, build_party
 from fedfleet.security import init_ca, issue
 
 PARTIES = ["guest-9999", "host-10000", "host-10001"]

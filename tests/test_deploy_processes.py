@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedfleet.config import load_job
-from fedfleet.simulation import Simulation
+from fedfleet.jobs.simulation import Simulation
 from tests.grpc_jobs import PARTIES, make_certs, write_job
 
 SLOW_ROUNDS = ["--set", "client.epochs=8"]  # rounds of about a second, so a kill lands mid-round

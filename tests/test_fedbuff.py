@@ -24,8 +24,8 @@ from fedfleet.core.loop import LoopConfig
 from fedfleet.core.params import FlatParams
 from fedfleet.core.update import Update
 from fedfleet.errors import ConfigError
+from fedfleet.jobs.simulation import Simulation
 from fedfleet.select import UniformSelector
-from fedfleet.simulation import Simulation
 from fedfleet.strategy import build_strategy
 from fedfleet.traces import Availability, DeviceCapacity, SystemTraces
 

@@ -9,14 +9,14 @@ from fedfleet.config import load_job
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
 from fedfleet.core.update import Update
-from fedfleet.deploy import Access, build_arbiter
 from fedfleet.errors import ConfigError
+from fedfleet.jobs.deploy import Access, build_arbiter
+from fedfleet.jobs.simulation import Simulation
 from fedfleet.runtime.grpc import ArbiterServer, Connection, Party, PartyRejected
 from fedfleet.runtime.grpc.chunks import iter_chunks
 from fedfleet.runtime.grpc.runtime import GrpcRuntime
 from fedfleet.runtime.grpc.tls import channel_credentials, server_credentials
 from fedfleet.security import init_ca, issue
-from fedfleet.simulation import Simulation
 from tests.grpc_jobs import PARTIES, ThreadedFederation, free_port, make_certs, write_job
 
 

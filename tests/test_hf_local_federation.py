@@ -70,17 +70,23 @@ def test_a_failing_party_makes_the_others_raise_instead_of_waiting(tmp_path):
     assert time.monotonic() - started < 50  # not the 60 s timeout
 
 
-def test_a_sync_without_the_others_times_out():
+def test_a_start_or_sync_without_the_others_times_out_naming_them():
     spec = ParamSpec([("w", (3,), torch.float32)])
     fed = LocalFederation(2, timeout=0.3)
     channel = fed.context(0).channel(spec, rounds=2)
-    params = FlatParams.zeros(spec)
     with pytest.raises(TimeoutError, match="at the start for party-1"):
-        channel.start(params)
+        channel.start(FlatParams.zeros(spec))
+
+    fed = LocalFederation(2, timeout=30)
+    channels = [fed.context(i).channel(spec, rounds=2) for i in range(2)]
+    other = threading.Thread(target=channels[1].start, args=(FlatParams.zeros(spec),), daemon=True)
+    other.start()  # party 1 starts, then never syncs
+    params = FlatParams.zeros(spec)
+    channels[0].start(params)
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="at sync 1 for party-1"):
-        channel.sync(params, 1.0, timeout=0.2)  # a call's own limit wins over the federation's
-    assert time.monotonic() - started < 0.29
+        channels[0].sync(params, 1.0, timeout=0.2)  # a call's own limit wins over the federation's
+    assert time.monotonic() - started < 1.5
 
 
 def run_pair(tmp_path, tag, fed_args, reproducible=True):

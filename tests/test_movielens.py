@@ -12,7 +12,7 @@ from fedfleet.callbacks import CheckpointCallback, resume
 from fedfleet.config import load_job
 from fedfleet.data import load_dataset, partition, train_test_split
 from fedfleet.errors import DataError
-from fedfleet.simulation import Simulation
+from fedfleet.jobs.simulation import Simulation
 
 ROOT = Path(__file__).parent.parent
 

@@ -12,8 +12,8 @@ from fedfleet.cli.main import main
 from fedfleet.config import to_dict
 from fedfleet.config.offsite import OffsiteJob, load_job, parse_job
 from fedfleet.errors import ConfigError
-from fedfleet.hf.args import FedArguments
 from fedfleet.offsite import OffsitePlan
+from fedfleet.sync.args import FedArguments
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "offsite"
 

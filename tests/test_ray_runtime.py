@@ -23,12 +23,12 @@ from fedfleet.core.loop import Callback, LoopConfig, RoundLoop  # noqa: E402
 from fedfleet.core.params import FlatParams  # noqa: E402
 from fedfleet.data import federate, load_dataset, train_test_split  # noqa: E402
 from fedfleet.errors import ConfigError, TrainingDivergedError  # noqa: E402
+from fedfleet.jobs.simulation import Simulation  # noqa: E402
 from fedfleet.models import build_model  # noqa: E402
 from fedfleet.runtime.ray import RayOptions, RayRuntime, WorkerLostError, split_cohort  # noqa: E402
 from fedfleet.runtime.ray.ship import land, ship  # noqa: E402
 from fedfleet.runtime.sim import SequentialRuntime  # noqa: E402
 from fedfleet.select import UniformSelector  # noqa: E402
-from fedfleet.simulation import Simulation  # noqa: E402
 from fedfleet.strategy import build_strategy  # noqa: E402
 
 RAY_ENV = {

@@ -8,7 +8,7 @@ from torch import nn
 
 from fedfleet.core.params import FlatParams, bind_module
 from fedfleet.runtime.grpc import Connection, PartyRejected, SyncParty
-from fedfleet.sync_session import SyncArbiter, SyncSessionConfig
+from fedfleet.sync.arbiter import SyncArbiter, SyncSessionConfig
 from tests.grpc_jobs import free_port
 
 NAMES = ["guest-9999", "host-10000"]

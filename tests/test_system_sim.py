@@ -12,7 +12,7 @@ import pytest
 from fedfleet.config.loader import parse
 from fedfleet.config.schema import JobConfig
 from fedfleet.errors import ConfigError
-from fedfleet.simulation import Simulation
+from fedfleet.jobs.simulation import Simulation
 from fedfleet.traces import TraceError
 
 ROOT = Path(__file__).parent.parent

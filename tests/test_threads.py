@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from fedfleet.assemble import ONE_THREAD_BELOW, set_threads
 from fedfleet.config.loader import parse
 from fedfleet.config.schema import JobConfig
 from fedfleet.errors import ConfigError
-from fedfleet.simulation import Simulation
+from fedfleet.jobs.assemble import ONE_THREAD_BELOW, set_threads
+from fedfleet.jobs.simulation import Simulation
 
 CPU = torch.device("cpu")
 

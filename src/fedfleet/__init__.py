@@ -1,17 +1,33 @@
 """fedfleet: federated learning of deep models.
 
-The names most programs need are here; everything else lives in its layer (see the README's layout).
+The names most programs need are here; everything else lives in its layer (docs/architecture.md). They are
+imported on first use, so ``fedfleet --help``, ``fedfleet certs`` and ``import fedfleet.errors`` do not pay
+for torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from fedfleet.client import TorchTrainer
-from fedfleet.core.fit_config import FitConfig
-from fedfleet.core.loop import Callback, LoopConfig, RoundLoop, RoundRecord
-from fedfleet.core.params import FlatParams, ParamSpec, bind_module
-from fedfleet.core.update import Update
-from fedfleet.simulation import Simulation
-from fedfleet.strategy import STRATEGIES, build_strategy
+# public name -> the module that defines it
+_LAZY = {
+    "TorchTrainer": "fedfleet.client",
+    "FitConfig": "fedfleet.core.fit_config",
+    "Callback": "fedfleet.core.loop",
+    "LoopConfig": "fedfleet.core.loop",
+    "RoundLoop": "fedfleet.core.loop",
+    "RoundRecord": "fedfleet.core.loop",
+    "FlatParams": "fedfleet.core.params",
+    "ParamSpec": "fedfleet.core.params",
+    "bind_module": "fedfleet.core.params",
+    "Update": "fedfleet.core.update",
+    "Simulation": "fedfleet.jobs.simulation",
+    "STRATEGIES": "fedfleet.strategy",
+    "build_strategy": "fedfleet.strategy",
+}
 
 __all__ = [
     "STRATEGIES",
@@ -29,3 +45,25 @@ __all__ = [
     "bind_module",
     "build_strategy",
 ]
+
+if TYPE_CHECKING:
+    from fedfleet.client import TorchTrainer
+    from fedfleet.core.fit_config import FitConfig
+    from fedfleet.core.loop import Callback, LoopConfig, RoundLoop, RoundRecord
+    from fedfleet.core.params import FlatParams, ParamSpec, bind_module
+    from fedfleet.core.update import Update
+    from fedfleet.jobs.simulation import Simulation
+    from fedfleet.strategy import STRATEGIES, build_strategy
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedfleet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

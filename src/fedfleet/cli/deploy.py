@@ -7,8 +7,8 @@ import sys
 
 from fedfleet.cli.run_job import run_loop_in_folder
 from fedfleet.config import load_job
-from fedfleet.deploy import access_of, build_arbiter, build_party
 from fedfleet.errors import ConfigError
+from fedfleet.jobs.deploy import access_of, build_arbiter, build_party
 
 
 def arbiter_command(

@@ -43,7 +43,7 @@ def add_local_parser(sub: Any) -> None:
 
 def _local(args: argparse.Namespace) -> int:
     from fedfleet.config import load_job
-    from fedfleet.deploy import ARBITER_NAME, access_of, party_names
+    from fedfleet.jobs.deploy import ARBITER_NAME, access_of, party_names
 
     job = load_job(args.job, args.overrides)
     names = party_names(job)

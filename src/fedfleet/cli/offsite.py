@@ -146,7 +146,7 @@ def _has_gpu() -> bool:
 def offsite_command(job_path: str, *, dry_run: bool = False) -> int:
     """Run this side of the job and print its JSON summary; a :class:`~fedfleet.errors.UserError` (a bad key
     or value, a party that is not in ``parties``) is raised for the command line to report."""
-    from fedfleet.hf.context import create_context
+    from fedfleet.sync.context import create_context
 
     job = load_job(job_path)
     ctx = create_context(

@@ -24,7 +24,7 @@ from fedfleet.config import JobConfig, to_dict
 from fedfleet.core.loop import Callback, RoundLoop, RoundRecord
 from fedfleet.core.serialize import save_params
 from fedfleet.errors import UserError
-from fedfleet.run_dir import RunDir
+from fedfleet.jobs.run_dir import RunDir
 
 
 def run_loop_in_folder(

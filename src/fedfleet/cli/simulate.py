@@ -10,7 +10,7 @@ from fedfleet.cli.run_job import run_loop_in_folder
 from fedfleet.config import JobConfig, load_job, to_dict
 from fedfleet.config.fedscale import from_fedscale
 from fedfleet.errors import ConfigError
-from fedfleet.simulation import Simulation
+from fedfleet.jobs.simulation import Simulation
 
 
 def simulate_command(

@@ -26,10 +26,10 @@ from typing import Any, Literal
 
 from fedfleet.config.loader import Identifier, load, parse
 from fedfleet.errors import ConfigError
-from fedfleet.hf.args import FedArguments
 from fedfleet.offsite.plan import OffsitePlan
 from fedfleet.offsite.tuning import LoraSettings
 from fedfleet.registry import did_you_mean
+from fedfleet.sync.args import FedArguments
 
 Role = Literal["arbiter", "guest", "host"]
 

@@ -267,3 +267,26 @@ def _all_finite(buf: torch.Tensor, block: int = 1 << 20) -> bool:
     if bool(torch.isfinite(buf.sum())):
         return True
     return all(bool(torch.isfinite(buf[i : i + block]).all()) for i in range(0, buf.numel(), block))
+
+
+def spec_difference(ours: ParamSpec, theirs: ParamSpec, limit: int = 3) -> str:
+    """A short human description of how two layouts differ (for the refusal message)."""
+    notes = [f"{len(theirs)} tensors vs {len(ours)}"] if len(theirs) != len(ours) else []
+    for name in [n for n in theirs.names if n not in ours][:limit]:
+        notes.append(f"unexpected {name}")
+    for name in [n for n in ours.names if n not in theirs][:limit]:
+        notes.append(f"missing {name}")
+    for e in theirs.entries:
+        if e.name in ours and (ours[e.name].shape, ours[e.name].dtype) != (e.shape, e.dtype):
+            mine = ours[e.name]
+            notes.append(
+                f"{e.name} is {list(e.shape)} {_dtype(e.dtype)}, expected {list(mine.shape)} "
+                f"{_dtype(mine.dtype)}"
+            )
+            if len(notes) > 2 * limit:
+                break
+    return "; ".join(notes) or "same names and shapes, different order"
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

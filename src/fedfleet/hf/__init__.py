@@ -10,9 +10,7 @@ model. Contexts come from ``create_context`` (gRPC, mutual TLS) or ``LocalFedera
 
 from typing import Any
 
-from fedfleet.hf.args import FedArguments
-from fedfleet.hf.context import Context, LocalFederation, create_context
-from fedfleet.hf.server import FedAvgServer
+from fedfleet.sync import Context, FedArguments, FedAvgServer, LocalFederation, create_context
 
 __all__ = ["Context", "FedArguments", "FedAvgClient", "FedAvgServer", "LocalFederation", "create_context"]
 

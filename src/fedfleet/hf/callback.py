@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from fedfleet.hf.args import FedArguments, steps_text
-from fedfleet.hf.exchange import ParamAccess, param_access
+from fedfleet.sync.access import ParamAccess, param_access
+from fedfleet.sync.args import FedArguments, steps_text
 
 log = logging.getLogger("fedfleet.hf")
 

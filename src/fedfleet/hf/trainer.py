@@ -8,7 +8,7 @@ Guest and host::
     trainer.train()
     trainer.save_model("guest_model")
 
-Arbiter (``fedfleet.hf.server``)::
+Arbiter (``fedfleet.sync.server``)::
 
     FedAvgServer(create_context(("arbiter", "10000"), parties, session_id="s1")).train()
 """
@@ -22,8 +22,8 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from fedfleet.errors import ConfigError
-from fedfleet.hf.args import FedArguments
 from fedfleet.hf.callback import FedSyncCallback
+from fedfleet.sync.args import FedArguments
 
 
 class FedAvgClient(Trainer):

@@ -7,15 +7,14 @@ Data owners (guest, host)::
     trainer.fit(module, datamodule)
 
 Arbiter (no model, no data): ``FedAvgServer(create_context(("arbiter", "10000"), parties, "s1")).train()``.
-Contexts, ``FedArguments`` and the arbiter are ``fedfleet.hf``'s: a Lightning party and a Hugging Face
-party can even share one session, as long as they train the same parameters.
+Contexts, ``FedArguments`` and the arbiter are ``fedfleet.sync``'s (``fedfleet.hf`` re-exports them too):
+a Lightning party and a Hugging Face party can even share one session, as long as they train the same
+parameters.
 """
 
-from fedfleet.hf.args import FedArguments
-from fedfleet.hf.context import Context, LocalFederation, create_context
-from fedfleet.hf.server import FedAvgServer
 from fedfleet.lightning.callback import FedLightningCallback
 from fedfleet.lightning.records import SyncRecord
+from fedfleet.sync import Context, FedArguments, FedAvgServer, LocalFederation, create_context
 
 __all__ = [
     "Context",

@@ -1,4 +1,4 @@
-"""Which way a Lightning strategy's params are read and written (a table, like ``fedfleet.hf.exchange``).
+"""Which way a Lightning strategy's params are read and written (a table, like ``fedfleet.sync.access``).
 
 Single device and DDP: the trainable parameters of the ``LightningModule`` become views into one flat
 buffer per dtype (zero-copy, the optimizer keeps its state). DeepSpeed: the optimizer owns fp32 master
@@ -14,7 +14,7 @@ from torch import nn
 
 from fedfleet.core.params import Selector
 from fedfleet.errors import ConfigError
-from fedfleet.hf.exchange import AccessKind, BoundAccess, DeepSpeedAccess, ParamAccess, param_access
+from fedfleet.sync.access import AccessKind, BoundAccess, DeepSpeedAccess, ParamAccess, param_access
 
 
 def _strategy_named(*names: str) -> Any:

@@ -26,11 +26,11 @@ import torch.distributed as dist
 
 from fedfleet.core.params import Selector
 from fedfleet.errors import ConfigError
-from fedfleet.hf.args import FedArguments, steps_text
-from fedfleet.hf.exchange import ParamAccess
 from fedfleet.lightning.access import lightning_access
 from fedfleet.lightning.batches import batch_loss, batch_size
 from fedfleet.lightning.records import SyncRecord
+from fedfleet.sync.access import ParamAccess
+from fedfleet.sync.args import FedArguments, steps_text
 
 log = logging.getLogger("fedfleet.lightning")
 

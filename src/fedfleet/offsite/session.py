@@ -27,12 +27,12 @@ from torch import nn
 from fedfleet.core.loop import RoundRecord
 from fedfleet.core.params import FlatParams
 from fedfleet.errors import ConfigError
-from fedfleet.hf.args import FedArguments
-from fedfleet.hf.context import Context
 from fedfleet.hf.trainer import FedAvgClient
 from fedfleet.offsite.models import AutoSubModel, OffsiteTuningMainModel, OffsiteTuningSubModel
 from fedfleet.offsite.tuning import LoraSettings, merge_lora, tunable
-from fedfleet.sync_session import SyncArbiter, SyncSessionConfig
+from fedfleet.sync.arbiter import SyncArbiter, SyncSessionConfig
+from fedfleet.sync.args import FedArguments
+from fedfleet.sync.context import Context
 
 log = logging.getLogger("fedfleet.offsite")
 

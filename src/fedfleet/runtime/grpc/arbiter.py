@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from fedfleet.core.params import FlatParams, ParamSpec
-from fedfleet.runtime.grpc.chunks import ParamsReceiver, spec_difference, spec_from_description
+from fedfleet.core.params import FlatParams, ParamSpec, spec_difference
+from fedfleet.runtime.grpc.chunks import ParamsReceiver, spec_from_description
 from fedfleet.runtime.grpc.gate import RoundGate, check_values
 from fedfleet.runtime.grpc.links import PartyLink
 from fedfleet.runtime.grpc.service import add_handler, server_options

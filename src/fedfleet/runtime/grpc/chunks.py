@@ -133,22 +133,3 @@ def spec_from_description(rows: list) -> ParamSpec:
         return ParamSpec([(str(name), tuple(int(s) for s in shape), by_name[dtype]) for name, shape, dtype in rows])
     except (KeyError, TypeError, ValueError) as exc:
         raise WireError(f"unreadable param layout: {exc!r}") from None
-
-
-def spec_difference(ours: ParamSpec, theirs: ParamSpec, limit: int = 3) -> str:
-    """A short human description of how two layouts differ (for the refusal message)."""
-    notes = [f"{len(theirs)} tensors vs {len(ours)}"] if len(theirs) != len(ours) else []
-    for name in [n for n in theirs.names if n not in ours][:limit]:
-        notes.append(f"unexpected {name}")
-    for name in [n for n in ours.names if n not in theirs][:limit]:
-        notes.append(f"missing {name}")
-    for e in theirs.entries:
-        if e.name in ours and (ours[e.name].shape, ours[e.name].dtype) != (e.shape, e.dtype):
-            mine = ours[e.name]
-            notes.append(
-                f"{e.name} is {list(e.shape)} {dtype_name(e.dtype)}, expected {list(mine.shape)} "
-                f"{dtype_name(mine.dtype)}"
-            )
-            if len(notes) > 2 * limit:
-                break
-    return "; ".join(notes) or "same names and shapes, different order"

@@ -14,7 +14,6 @@ from typing import Any
 
 from torch import nn
 
-from fedfleet.assemble import build_parts, fit_config, resolve_device, set_threads
 from fedfleet.client import TorchTrainer
 from fedfleet.config.schema import FedBuffConfig, JobConfig
 from fedfleet.core.async_loop import AsyncLoop, FedBuff
@@ -25,6 +24,7 @@ from fedfleet.core.loop import Callback, LoopConfig, RoundLoop, RoundRecord
 from fedfleet.core.round_end import RoundEnd, build_round_end
 from fedfleet.data import FederatedDataset
 from fedfleet.errors import ConfigError
+from fedfleet.jobs.assemble import build_parts, fit_config, resolve_device, set_threads
 from fedfleet.runtime.ray import RayOptions, RayRuntime
 from fedfleet.runtime.sim import make_runtime
 from fedfleet.select import build_selector

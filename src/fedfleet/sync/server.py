@@ -9,9 +9,9 @@ from typing import Any
 
 from fedfleet.core.loop import RoundRecord
 from fedfleet.errors import ConfigError
-from fedfleet.hf.args import FedArguments
-from fedfleet.hf.context import Context
-from fedfleet.sync_session import SyncArbiter, SyncSessionConfig
+from fedfleet.sync.arbiter import SyncArbiter, SyncSessionConfig
+from fedfleet.sync.args import FedArguments
+from fedfleet.sync.context import Context
 
 
 class FedAvgServer:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedfleet.assemble import build_parts, fit_config
 from fedfleet.config.schema import JobConfig
 from fedfleet.core.loop import LoopConfig, RoundLoop
 from fedfleet.data import partition
 from fedfleet.data.federated import ClientData
 from fedfleet.errors import ConfigError
+from fedfleet.jobs.assemble import build_parts, fit_config
 from fedfleet.runtime.grpc import ArbiterServer, Connection, GrpcRuntime, Party
 from fedfleet.runtime.grpc.tls import ARBITER_NAME, channel_credentials, server_credentials
 from fedfleet.select import build_selector

@@ -1,0 +1,108 @@
+"""Where a party is and whom it talks to: FATE-LLM's ``create_context`` for a deployed session over gRPC.
+
+``create_context(local_party=("guest", "9999"), parties=[...], session_id=..., arbiter_address=...)``
+gives a context for the gRPC runtime (mutual TLS from a ``fedfleet certs`` folder, or ``insecure=True``).
+``fedfleet.sync.local.LocalFederation(2).context(i)`` gives in-process contexts of the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fedfleet.errors import ConfigError
+
+ARBITER_ROLE = "arbiter"
+DATA_ROLES = ("guest", "host")
+
+
+class SyncChannel(Protocol):
+    """What a training party needs: start from the common params, then sync at its own sync points."""
+
+    def start(self, params: Any, timeout: float | None = None) -> Any:
+        """Load the session's first global params into ``params`` (a ``FlatParams``, in place)."""
+
+    def sync(
+        self, params: Any, weight: float, metrics: dict[str, float] | None = None, timeout: float | None = None
+    ) -> bool:
+        """Send this round's params, load the aggregate into them; False when the session is over."""
+
+    def close(self) -> None: ...
+
+
+def party_name(party: tuple[str, str | int]) -> str:
+    role, pid = party
+    if role not in (ARBITER_ROLE, *DATA_ROLES):
+        raise ConfigError(f"party role {role!r}: use guest, host or arbiter")
+    return f"{role}-{pid}"
+
+
+@dataclass(frozen=True)
+class Context:
+    """One party's view of the session (``role`` is guest, host or arbiter)."""
+
+    local_party: tuple[str, str]
+    parties: tuple[tuple[str, str], ...]
+    session_id: str
+    arbiter_address: str = "127.0.0.1:50051"
+    certs: str | None = "certs"  # None: plaintext (insecure=True)
+    heartbeat_s: float = 5.0
+    reconnect_max_s: float = 30.0
+    connect_attempts: int | None = 30  # consecutive failed dials before giving up (None: forever)
+
+    @property
+    def role(self) -> str:
+        return self.local_party[0]
+
+    @property
+    def name(self) -> str:
+        return party_name(self.local_party)
+
+    @property
+    def is_arbiter(self) -> bool:
+        return self.role == ARBITER_ROLE
+
+    @property
+    def data_parties(self) -> list[str]:
+        return [party_name(p) for p in self.parties if p[0] != ARBITER_ROLE]
+
+    def channel(self, spec: Any, rounds: int) -> SyncChannel:
+        """The party's stream to the arbiter for ``rounds`` syncs of params laid out as ``spec``."""
+        if self.is_arbiter:
+            raise ConfigError("the arbiter does not train; use FedAvgServer(ctx) on the arbiter")
+        from fedfleet.runtime.grpc import Connection, SyncParty  # grpc and torch only for a party that trains
+        from fedfleet.runtime.grpc.tls import channel_credentials
+
+        credentials = None if self.certs is None else channel_credentials(self.certs, self.name)
+        connection = Connection(
+            self.arbiter_address,
+            self.session_id,
+            self.name,
+            credentials,
+            heartbeat_s=self.heartbeat_s,
+            reconnect_max_s=self.reconnect_max_s,
+            max_attempts=self.connect_attempts,
+        )
+        return SyncParty(spec, connection, rounds=rounds)
+
+
+def create_context(
+    local_party: tuple[str, str | int],
+    parties: Sequence[tuple[str, str | int]],
+    session_id: str,
+    arbiter_address: str = "127.0.0.1:50051",
+    certs: str | None = "certs",
+    insecure: bool = False,
+) -> Context:
+    """A party's context for a deployed session (FATE-LLM's ``create_context`` for the gRPC runtime)."""
+    norm = tuple((str(r), str(i)) for r, i in parties)
+    local = (str(local_party[0]), str(local_party[1]))
+    names = [party_name(p) for p in norm]
+    if party_name(local) not in names:
+        raise ConfigError(f"local party {party_name(local)} is not among the parties ({', '.join(names)})")
+    if sum(r == ARBITER_ROLE for r, _ in norm) != 1:
+        raise ConfigError("the parties must include exactly one arbiter, e.g. ('arbiter', '10000')")
+    if not any(r in DATA_ROLES for r, _ in norm):
+        raise ConfigError("the parties must include at least one guest or host")
+    return Context(local, norm, session_id, arbiter_address, None if insecure else certs)

@@ -280,8 +280,7 @@ def spec_difference(ours: ParamSpec, theirs: ParamSpec, limit: int = 3) -> str:
         if e.name in ours and (ours[e.name].shape, ours[e.name].dtype) != (e.shape, e.dtype):
             mine = ours[e.name]
             notes.append(
-                f"{e.name} is {list(e.shape)} {_dtype(e.dtype)}, expected {list(mine.shape)} "
-                f"{_dtype(mine.dtype)}"
+                f"{e.name} is {list(e.shape)} {_dtype(e.dtype)}, expected {list(mine.shape)} {_dtype(mine.dtype)}"
             )
             if len(notes) > 2 * limit:
                 break

@@ -240,4 +240,3 @@ class LocalChannel:
         if not self._closed and self.syncs < self.rounds:  # leaving early: the others must not wait for us
             self.federation._leave(self.index, self.syncs, self.rounds)
         self._closed = True
-

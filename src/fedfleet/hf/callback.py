@@ -5,7 +5,7 @@ train the same model. After every ``aggregate_freq`` of the run (N epochs, N opt
 fraction) and at the last step, the party sends its trainable params (with its mean training loss since
 the last sync) and waits for the weighted mean, which then continues training with the same optimizer
 state and learning-rate schedule. With several ranks (torchrun, deepspeed) only rank 0 talks to the
-arbiter and broadcasts the result.
+arbiter and broadcasts the result; the exchange itself is ``fedfleet.sync.driver``'s, shared with Lightning.
 """
 
 from __future__ import annotations
@@ -14,19 +14,22 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from fedfleet.sync.access import ParamAccess, param_access
-from fedfleet.sync.args import FedArguments, steps_text
+from fedfleet.sync.args import FedArguments
+from fedfleet.sync.driver import Ranks, SyncDriver
 
 log = logging.getLogger("fedfleet.hf")
 
 
 class FedSyncCallback(TrainerCallback):
-    """``timeout``: seconds to wait for the others at a sync (None: the context's own limit)."""
+    """The Trainer's side of the sync driver: counts each round's examples and loss and says where the
+    params live. ``timeout``: seconds to wait for the others at a sync (None: the context's own limit)."""
 
     def __init__(
         self, ctx: Any, fed_args: FedArguments, select: Any = "trainable", timeout: float | None = None
@@ -34,28 +37,34 @@ class FedSyncCallback(TrainerCallback):
         self.ctx = ctx
         self.fed_args = fed_args
         self.select = select
-        self.timeout = timeout
+        self.driver = SyncDriver(ctx, fed_args, timeout)
         self.trainer: Any = None  # set by FedAvgClient
-        self.access: ParamAccess | None = None
-        self.channel: Any = None
-        self.schedule: tuple[int, ...] = ()  # the optimizer steps after which this party syncs
-        self.syncs = 0
         self.weights: list[float] = []  # the weight of each sync (examples trained on)
         self.losses: list[float] = []  # the mean training loss this rank reported at each sync
         self.sync_seconds = 0.0  # time spent in syncs, waiting for the others included (not the start)
         self._last_step = 0
         self._examples = 0  # trained on since the last sync, by this rank
         self._loss_sum: torch.Tensor | float = 0.0  # a tensor: no device sync per step, only at a sync
-        self._ended = False
-        self._turn: Any = None
+
+    @property
+    def access(self) -> ParamAccess | None:
+        return self.driver.access
+
+    @property
+    def syncs(self) -> int:
+        return self.driver.syncs
 
     @property
     def rounds(self) -> int:
-        return len(self.schedule)
+        return self.driver.rounds
+
+    @property
+    def schedule(self) -> tuple[int, ...]:
+        return self.driver.schedule
 
     def due(self, step: int) -> bool:
         """Whether the party syncs at the end of optimizer step ``step``."""
-        return not self._ended and self.syncs < len(self.schedule) and step >= self.schedule[self.syncs]
+        return self.driver.due(step)
 
     def count_examples(self, inputs: dict[str, Any]) -> None:
         first = next((v for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
@@ -66,59 +75,45 @@ class FedSyncCallback(TrainerCallback):
         if isinstance(loss, torch.Tensor):
             self._loss_sum = self._loss_sum + loss.detach().float()
 
-    def turn(self, seed: int) -> Any:
+    @contextlib.contextmanager
+    def turn(self, seed: int) -> Iterator[None]:
         """Held around the whole run: in-process parties train in turns with their own random-number state
         (the context's ``turn``), so a seeded run repeats; nothing for networked parties."""
-        make = getattr(self.ctx, "turn", None)
-        self._turn = make(seed) if make is not None else None
-        return self._turn if self._turn is not None else contextlib.nullcontext()
+        self.driver.enter_turn(seed)
+        try:
+            yield
+        finally:
+            self.driver.leave_turn()
 
     # -- HF hooks ------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        model = self.trainer.model
-        self.access = param_access(self.trainer, model, self.select)
+        access = param_access(self.trainer, self.trainer.model, self.select)
+        ranks = Ranks.of(args.world_size, args.process_index == 0, access.params.device)
         steps_per_epoch = _steps_per_epoch(args, len(self.trainer.train_dataset))
-        self.schedule = self.fed_args.sync_steps(state.max_steps, steps_per_epoch, start=state.global_step)
+        self.driver.start(access, ranks, state.max_steps, steps_per_epoch, state.global_step)
         self._last_step = state.global_step
-        spec = self.access.params.spec
-        log.info(
-            "%s: %d syncs of %d tensors (%.1f MB), after steps %s",
-            getattr(self.ctx, "name", "party"),
-            self.rounds,
-            len(spec),
-            spec.nbytes / 1e6,
-            steps_text(self.schedule),
-        )
-        if _is_main(args):
-            self.channel = self.ctx.channel(spec, self.rounds)
-        self._exchange(args, lambda: self.channel.start(self.access.params, self.timeout))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         step = state.global_step
         if not self.due(step):
             return
-        weight = float(max(1, self._examples) * _world(args))  # ranks see equal shares of the data
+        weight = float(max(1, self._examples) * self.driver.ranks.world)  # ranks see equal shares of the data
         metrics = self._round_loss(step)
         self.weights.append(weight)
         self.losses.append(metrics.get("loss", math.nan))
         started = time.perf_counter()
-        going = self._exchange(args, lambda: self.channel.sync(self.access.params, weight, metrics, self.timeout))
+        going = self.driver.sync(weight, metrics)
         self.sync_seconds += time.perf_counter() - started
         self._last_step, self._examples, self._loss_sum = step, 0, 0.0
-        self.syncs += 1
-        if not going:
-            self._ended = True
-            if step < state.max_steps:
-                log.warning("the arbiter ended the session at step %d of %d; training stops", step, state.max_steps)
-                control.should_training_stop = True
+        if not going and step < state.max_steps:
+            log.warning("the arbiter ended the session at step %d of %d; training stops", step, state.max_steps)
+            control.should_training_stop = True
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         self.close()
 
     def close(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
+        self.driver.close()
 
     # -- internals -----------------------------------------------------------------------------------
     def _round_loss(self, step: int) -> dict[str, float]:
@@ -127,28 +122,6 @@ class FedSyncCallback(TrainerCallback):
         if not isinstance(self._loss_sum, torch.Tensor) or steps < 1:
             return {}
         return {"loss": float(self._loss_sum.item()) / steps}
-
-    def _exchange(self, args: TrainingArguments, talk: Any) -> bool:
-        """gather on every rank, talk to the arbiter on rank 0, broadcast, scatter on every rank."""
-        self.access.gather()
-        with self._turn.released() if self._turn is not None else contextlib.nullcontext():
-            going = talk() if _is_main(args) else True
-        if _world(args) > 1:
-            flag = torch.tensor([1 if going else 0], device=self.access.params.device)
-            torch.distributed.broadcast(flag, src=0)
-            for buf in self.access.params.buffers.values():
-                torch.distributed.broadcast(buf, src=0)
-            going = bool(flag.item())
-        self.access.scatter()
-        return going
-
-
-def _is_main(args: TrainingArguments) -> bool:
-    return args.process_index == 0
-
-
-def _world(args: TrainingArguments) -> int:
-    return args.world_size if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
 
 
 def _steps_per_epoch(args: TrainingArguments, examples: int) -> int:

@@ -13,7 +13,6 @@ With several ranks (DDP, DeepSpeed) only global rank 0 talks to the arbiter and 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -22,7 +21,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 
 from fedfleet.core.params import Selector
 from fedfleet.errors import ConfigError
@@ -30,11 +28,10 @@ from fedfleet.lightning.access import lightning_access
 from fedfleet.lightning.batches import batch_loss, batch_size
 from fedfleet.lightning.records import SyncRecord
 from fedfleet.sync.access import ParamAccess
-from fedfleet.sync.args import FedArguments, steps_text
+from fedfleet.sync.args import FedArguments
+from fedfleet.sync.driver import Ranks, SyncDriver
 
 log = logging.getLogger("fedfleet.lightning")
-
-_GOING, _ENDED, _FAILED = 1, 0, -1  # what rank 0 broadcasts after talking to the arbiter
 
 
 class FedLightningCallback(pl.Callback):
@@ -66,14 +63,18 @@ class FedLightningCallback(pl.Callback):
         # in-process parties (a LocalFederation) train in turns from ``setup`` on, each with its own random
         # state seeded from this (default: torch's seed when the callback is made, e.g. seed_everything's)
         self.seed = torch.initial_seed() if seed is None else seed
-        self._turn: Any = None
-        self.access: ParamAccess | None = None
-        self.channel: Any = None
-        self.schedule: tuple[int, ...] = ()  # the optimizer steps after which this party syncs
+        self.driver = SyncDriver(ctx, self.fed_args, timeout)
         self.total_steps = 0
         self.history: list[SyncRecord] = []
-        self._ended = False
         self._reset_round(0)
+
+    @property
+    def access(self) -> ParamAccess | None:
+        return self.driver.access
+
+    @property
+    def schedule(self) -> tuple[int, ...]:
+        return self.driver.schedule
 
     @property
     def syncs(self) -> int:
@@ -81,7 +82,7 @@ class FedLightningCallback(pl.Callback):
 
     @property
     def rounds(self) -> int:
-        return len(self.schedule)
+        return self.driver.rounds
 
     @property
     def weights(self) -> list[float]:
@@ -89,40 +90,27 @@ class FedLightningCallback(pl.Callback):
 
     def due(self, global_step: int) -> bool:
         """Whether a sync happens at the end of the batch that brought the run to ``global_step``."""
-        if self._ended or global_step <= self._last_step:  # no optimizer step since (gradient accumulation)
+        if global_step <= self._last_step:  # no optimizer step since (gradient accumulation)
             return False
-        return self.syncs < len(self.schedule) and global_step >= self.schedule[self.syncs]
+        return self.driver.due(global_step)
 
     # -- Lightning hooks -----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        make = getattr(self.ctx, "turn", None)
-        if stage == "fit" and make is not None and self._turn is None:
-            self._turn = make(self.seed)
-            if self._turn is not None:
-                self._turn.__enter__()
+        if stage == "fit":
+            self.driver.enter_turn(self.seed)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # here (not in setup) the strategy has wrapped the model, built the optimizers and the dataloaders
-        self._plan(trainer)
-        self.access = lightning_access(trainer, pl_module, self.select)
-        spec = self.access.params.spec
-        log.info(
-            "%s: %d syncs of %d tensors (%.2f MB), after optimizer steps %s",
-            getattr(self.ctx, "name", "party"),
-            self.rounds,
-            len(spec),
-            spec.nbytes / 1e6,
-            steps_text(self.schedule),
-        )
-        if trainer.is_global_zero:
-            self.channel = self.ctx.channel(spec, self.rounds)
-        self._exchange(trainer, lambda: self.channel.start(self.access.params, self.timeout))
+        total, steps_per_epoch = self._plan(trainer)
+        access = lightning_access(trainer, pl_module, self.select)
+        ranks = Ranks.of(trainer.world_size, trainer.is_global_zero, trainer.strategy.root_device)
+        self.driver.start(access, ranks, total, steps_per_epoch, trainer.global_step)
         self._reset_round(trainer.global_step)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._ended:
+        if self.driver.ended:
             return
         examples = self.batch_size_fn(batch)
         self._examples += examples
@@ -134,7 +122,7 @@ class FedLightningCallback(pl.Callback):
             self._sync(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._ended and self.access is not None:
+        if not self.driver.ended and self.access is not None:
             log.warning(
                 "%s: training stopped after %d of %d syncs (early stopping, max_time?); the party leaves the "
                 "session, which goes on without it only if the arbiter's min_parties allows",
@@ -151,15 +139,11 @@ class FedLightningCallback(pl.Callback):
         self.close()
 
     def close(self) -> None:
-        if self.channel is not None:
-            channel, self.channel = self.channel, None
-            channel.close()
-        if self._turn is not None:  # let the other in-process parties finish
-            turn, self._turn = self._turn, None
-            turn.__exit__(None, None, None)
+        self.driver.close()
 
     # -- internals -----------------------------------------------------------------------------------
-    def _plan(self, trainer: pl.Trainer) -> None:
+    def _plan(self, trainer: pl.Trainer) -> tuple[int, int]:
+        """The run's optimizer steps and the steps per epoch."""
         total = trainer.estimated_stepping_batches
         batches = trainer.num_training_batches
         if not math.isfinite(total):
@@ -175,7 +159,7 @@ class FedLightningCallback(pl.Callback):
         accumulate = max(1, trainer.accumulate_grad_batches)
         steps_per_epoch = max(1, math.ceil(batches / accumulate)) if math.isfinite(batches) else int(total)
         self.total_steps = int(total)
-        self.schedule = self.fed_args.sync_steps(self.total_steps, steps_per_epoch, start=trainer.global_step)
+        return self.total_steps, steps_per_epoch
 
     def _sync(self, trainer: pl.Trainer) -> None:
         examples, loss_sum, loss_examples = self._party_totals(trainer)
@@ -184,7 +168,7 @@ class FedLightningCallback(pl.Callback):
         metrics = {"loss": round_loss} if loss_examples else {}
         weight = float(max(1.0, examples))
         started = time.perf_counter()
-        going = self._exchange(trainer, lambda: self.channel.sync(self.access.params, weight, metrics, self.timeout))
+        going = self.driver.sync(weight, metrics)
         seconds = time.perf_counter() - started
         nbytes = self.access.params.spec.nbytes
         previous = self.history[-1].bytes_exchanged if self.history else 0
@@ -201,49 +185,20 @@ class FedLightningCallback(pl.Callback):
         for logger in trainer.loggers:  # directly: self.log would hold them back to every log_every_n_steps
             logger.log_metrics(record.metrics(), step=trainer.global_step)
         self._reset_round(trainer.global_step)
-        if not going:
-            self._ended = True
-            if trainer.global_step < self.total_steps:
-                log.warning(
-                    "the arbiter ended the session at step %d of %d; training stops",
-                    trainer.global_step,
-                    self.total_steps,
-                )
-                trainer.should_stop = True
+        if not going and trainer.global_step < self.total_steps:
+            log.warning(
+                "the arbiter ended the session at step %d of %d; training stops", trainer.global_step, self.total_steps
+            )
+            trainer.should_stop = True
 
     def _party_totals(self, trainer: pl.Trainer) -> tuple[float, float, float]:
         """Examples and loss since the last sync, summed over the party's ranks (they may see unequal shares)."""
         totals = torch.tensor(
             [self._examples, self._loss_sum, self._loss_examples], dtype=torch.float64, device=_device(trainer)
         )
-        if _world(trainer) > 1:
-            dist.all_reduce(totals)
+        self.driver.ranks.all_reduce(totals)
         examples, loss_sum, loss_examples = totals.tolist()
         return examples, loss_sum, loss_examples
-
-    def _exchange(self, trainer: pl.Trainer, talk: Callable[[], Any]) -> bool:
-        """Gather on every rank, talk to the arbiter on rank 0, broadcast, scatter on every rank."""
-        self.access.gather()
-        state, error = _GOING, None
-        if trainer.is_global_zero:
-            try:
-                with self._turn.released() if self._turn is not None else contextlib.nullcontext():
-                    state = _GOING if talk() is not False else _ENDED
-            except BaseException as exc:  # tell the other ranks before raising, or they wait in broadcast
-                state, error = _FAILED, exc
-        if _world(trainer) > 1:
-            flag = torch.tensor([state], device=_device(trainer))
-            dist.broadcast(flag, src=0)
-            state = int(flag.item())
-            if state != _FAILED:
-                for buf in self.access.params.buffers.values():
-                    dist.broadcast(buf, src=0)
-        if error is not None:
-            raise error
-        if state == _FAILED:
-            raise RuntimeError("rank 0 failed to sync with the arbiter (its own error says why)")
-        self.access.scatter()
-        return state == _GOING
 
     def _reset_round(self, step: int) -> None:
         self._last_step = step
@@ -251,10 +206,6 @@ class FedLightningCallback(pl.Callback):
         self._loss_sum = 0.0
         self._loss_examples = 0
         self._round_started = time.perf_counter()
-
-
-def _world(trainer: pl.Trainer) -> int:
-    return trainer.world_size if dist.is_available() and dist.is_initialized() else 1
 
 
 def _device(trainer: pl.Trainer) -> torch.device:

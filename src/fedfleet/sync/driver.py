@@ -1,0 +1,162 @@
+"""The one sync driver under the Hugging Face and Lightning adapters (and Offsite-Tuning on top of them).
+
+A party's training loop tells the driver where it is (``plan`` at the start, ``due`` after each optimizer
+step) and hands it the round's weight and metrics; the driver does the rest the same way for every
+framework:
+
+- the schedule: after which optimizer steps the party syncs (``FedArguments.sync_steps``), resumed runs
+  included;
+- the exchange: every rank gathers its params (a collective under DeepSpeed), global rank 0 alone talks to
+  the arbiter (letting the other in-process parties train meanwhile), then broadcasts what happened and
+  the aggregate, and every rank scatters it into the model;
+- failures: when rank 0's talk fails, it broadcasts that before raising, so every other rank raises at once
+  ("rank 0 failed to sync ...") instead of waiting in a broadcast until the process group's timeout;
+- the end: the arbiter's last aggregate stops training at the run's end, or early with a warning;
+- turns: in-process parties (a ``LocalFederation``) take turns with their own random state.
+
+An adapter says only where the params live (a ``ParamAccess``) and what its ranks are (``Ranks``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fedfleet.sync.access import ParamAccess
+from fedfleet.sync.args import FedArguments, steps_text
+
+log = logging.getLogger("fedfleet.sync")
+
+GOING, ENDED, FAILED = 1, 0, -1  # what rank 0 broadcasts after talking to the arbiter
+CPU = torch.device("cpu")
+
+
+class RankFailed(RuntimeError):
+    """Raised on the other ranks of a party whose rank 0 could not sync (rank 0 raises its own error)."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The processes of one party: how many, whether this is global rank 0, where collectives' tensors live
+    (gloo reduces CPU tensors, NCCL CUDA ones)."""
+
+    world: int = 1
+    is_main: bool = True
+    device: torch.device = CPU
+
+    @staticmethod
+    def of(world_size: int, is_main: bool, device: torch.device) -> Ranks:
+        """``world_size`` as the framework reports it, counted only when a process group is up."""
+        up = dist.is_available() and dist.is_initialized()
+        return Ranks(world_size if up else 1, is_main, device)
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        if self.world > 1:
+            dist.broadcast(tensor, src=0)
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        if self.world > 1:
+            dist.all_reduce(tensor)
+
+
+class SyncDriver:
+    """One party's syncs with the session ``ctx`` (gRPC ``Context`` or ``LocalFederation`` context)."""
+
+    def __init__(self, ctx: Any, fed_args: FedArguments, timeout: float | None = None) -> None:
+        self.ctx = ctx
+        self.fed_args = fed_args
+        self.timeout = timeout  # seconds to wait for the others at a sync (None: the context's limit)
+        self.name = getattr(ctx, "name", "party")
+        self.schedule: tuple[int, ...] = ()  # the optimizer steps after which this party syncs
+        self.syncs = 0
+        self.ended = False  # the arbiter sent its final aggregate
+        self.access: ParamAccess | None = None
+        self.ranks = Ranks()
+        self.channel: Any = None
+        self._turn: Any = None
+
+    @property
+    def rounds(self) -> int:
+        return len(self.schedule)
+
+    def due(self, step: int) -> bool:
+        """Whether the party syncs at the end of optimizer step ``step``."""
+        return not self.ended and self.syncs < len(self.schedule) and step >= self.schedule[self.syncs]
+
+    # -- the run -------------------------------------------------------------------------------------
+    def enter_turn(self, seed: int) -> None:
+        """In-process parties train in turns from here, with their own random state seeded from ``seed``
+        (the context's ``turn``); nothing for networked parties."""
+        make = getattr(self.ctx, "turn", None)
+        if self._turn is None and make is not None:
+            self._turn = make(seed)
+            if self._turn is not None:
+                self._turn.__enter__()
+
+    def leave_turn(self) -> None:
+        if self._turn is not None:  # let the other in-process parties finish
+            turn, self._turn = self._turn, None
+            turn.__exit__(None, None, None)
+
+    def start(self, access: ParamAccess, ranks: Ranks, total_steps: int, steps_per_epoch: int, step: int) -> None:
+        """Plan the syncs, join the session on rank 0 and load its initial params on every rank."""
+        self.access, self.ranks = access, ranks
+        self.schedule = self.fed_args.sync_steps(total_steps, steps_per_epoch, start=step)
+        spec = access.params.spec
+        log.info(
+            "%s: %d syncs of %d tensors (%.2f MB), after optimizer steps %s",
+            self.name,
+            self.rounds,
+            len(spec),
+            spec.nbytes / 1e6,
+            steps_text(self.schedule),
+        )
+        if ranks.is_main:
+            self.channel = self.ctx.channel(spec, self.rounds)
+        self._exchange(lambda: self.channel.start(access.params, self.timeout))
+
+    def sync(self, weight: float, metrics: dict[str, float]) -> bool:
+        """Send this round's params, load the aggregate on every rank; False once the session is over."""
+        going = self._exchange(lambda: self.channel.sync(self.access.params, weight, metrics, self.timeout))
+        self.syncs += 1
+        if not going:
+            self.ended = True
+        return going
+
+    def close(self) -> None:
+        """Leave the session (also after a failure: the others must not wait for us) and the turns."""
+        if self.channel is not None:
+            channel, self.channel = self.channel, None
+            channel.close()
+        self.leave_turn()
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _exchange(self, talk: Callable[[], Any]) -> bool:
+        """Gather on every rank, talk to the arbiter on rank 0, broadcast the outcome, scatter on every rank."""
+        self.access.gather()
+        state, error = GOING, None
+        if self.ranks.is_main:
+            try:
+                with self._turn.released() if self._turn is not None else contextlib.nullcontext():
+                    state = GOING if talk() is not False else ENDED
+            except BaseException as exc:  # tell the other ranks before raising, or they wait in the broadcast
+                state, error = FAILED, exc
+        if self.ranks.world > 1:
+            flag = torch.tensor([state], device=self.ranks.device)
+            self.ranks.broadcast(flag)
+            state = int(flag.item())
+            if state != FAILED:
+                for buf in self.access.params.buffers.values():
+                    self.ranks.broadcast(buf)
+        if error is not None:
+            raise error
+        if state == FAILED:
+            raise RankFailed(f"{self.name}: rank 0 failed to sync with the arbiter (its own error says why)")
+        self.access.scatter()
+        return state == GOING

@@ -88,3 +88,32 @@ def test_duplicated_client_equals_doubled_weight(name):
 def test_unknown_hyperparameter_is_a_config_error(name):
     with pytest.raises(ConfigError, match="unknown key 'not_a_key'"):
         build_strategy(name, not_a_key=1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_merged_partials_equal_one_fold_of_every_update(name):
+    """What a Ray worker or a sub-arbiter does: fold a share, send the partial, merge it at the top."""
+    ups = updates(5)
+    expected, _ = run(name, ups)
+    strategy = build_strategy(name)
+    w = params(0)
+    top, left, right = (strategy.aggregator(w) for _ in range(3))
+    for u in ups[:2]:
+        left.add(u)
+    for u in ups[2:]:
+        right.add(u)
+    top.merge(left)
+    top.merge(right)
+    aggregate = top.finish()
+    assert aggregate.count == 5
+    strategy.server_step(w, aggregate, strategy.init_state(w))
+    assert w.allclose(expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_partial_of_another_kind_is_refused():
+    w = params(0)
+    fedavg, qfedavg = build_strategy("fedavg").aggregator(w), build_strategy("qfedavg").aggregator(w)
+    with pytest.raises(TypeError, match="cannot merge"):
+        fedavg.merge(qfedavg)
+    with pytest.raises(TypeError, match="cannot merge"):
+        qfedavg.merge(fedavg)

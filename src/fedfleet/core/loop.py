@@ -29,7 +29,7 @@ from fedfleet.core.params import FlatParams
 from fedfleet.core.round_end import RoundEnd, RoundFeedback
 from fedfleet.core.round_plan import Heard, RoundPlanner, reported_loss
 from fedfleet.core.signals import deferred_interrupt
-from fedfleet.core.update import Aggregate, Update
+from fedfleet.core.update import Aggregate, Partial, Update
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,15 @@ class Stateful(Protocol):
 
 
 class Runtime(Protocol):
-    """Executes a round's training on the selected parties and yields their updates as they arrive."""
+    """Executes a round's training on the selected parties and yields their updates as they arrive, or
+    partial aggregates (``Partial``) of updates it folded where they were trained."""
 
     @property
     def population(self) -> int: ...
 
-    def fit(self, global_params: FlatParams, clients: Sequence[int], config: FitConfig) -> Iterator[Update]: ...
+    def fit(
+        self, global_params: FlatParams, clients: Sequence[int], config: FitConfig
+    ) -> Iterator[Update | Partial]: ...
 
     def evaluate(self, global_params: FlatParams) -> dict[str, float]: ...
 
@@ -239,11 +242,14 @@ class RoundLoop:
         aggregator = self.strategy.aggregator(self.global_params)
         download = self.global_params.nbytes
         heard: Heard = {}
-        for update in self.runtime.fit(self.global_params, plan.train, config):
-            samples = update.metrics.get("samples", update.weight)
-            latency = self.clock.client_latency(update.client_id, samples, download, update.params.nbytes)
-            heard[update.client_id] = (reported_loss(update.metrics), float(samples), latency)
-            aggregator.add(update)
+        for item in self.runtime.fit(self.global_params, plan.train, config):
+            if isinstance(item, Partial):  # folded where it was trained: the same layout as the global params
+                for report in item.reports:
+                    self._hear(heard, report.client_id, report.weight, report.metrics, download, download)
+                aggregator.merge(item.aggregator)
+            else:
+                self._hear(heard, item.client_id, item.weight, item.metrics, download, item.params.nbytes)
+                aggregator.add(item)
         # a planned round may lose every client (offline, too late); an unplanned one without updates is an error
         aggregate = aggregator.finish() if heard or plan.outcome is None else None
         # known from the plan, or (no data sizes: a deployed runtime) as long as the slowest update
@@ -255,6 +261,13 @@ class RoundLoop:
         metrics.update(self.runtime.round_metrics())
         with deferred_interrupt():  # the commit: a Ctrl-C here waits, so no round is ever half-applied
             return self.commit(rnd, aggregate, metrics, wall, duration, self.planner.feedback(plan, heard, round_s))
+
+    def _hear(
+        self, heard: Heard, client: int | str, weight: float, metrics: dict[str, float], down: int, up: int
+    ) -> None:
+        """What the clock and the selector learn of one update: its loss, samples and device latency."""
+        samples = metrics.get("samples", weight)
+        heard[client] = (reported_loss(metrics), float(samples), self.clock.client_latency(client, samples, down, up))
 
     def commit(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from fedfleet.core.params import FlatParams
 
@@ -33,3 +34,21 @@ class Aggregate:
     count: int  # number of updates folded
     metrics: dict[str, float] = field(default_factory=dict)  # weighted means of client metrics
     extra: dict[str, float] = field(default_factory=dict)  # strategy-specific scalars (e.g. q-FedAvg's h)
+
+
+@dataclass(frozen=True)
+class Report:
+    """What the loop learns of one folded update besides its params: for the virtual clock and the selector."""
+
+    client_id: int | str
+    weight: float
+    metrics: dict[str, float]
+
+
+@dataclass
+class Partial:
+    """Updates a runtime folded where they were trained (a Ray worker's share): an unfinished aggregator of the
+    round's kind, which the loop's aggregator merges, and one report per update it holds."""
+
+    aggregator: Any
+    reports: list[Report]

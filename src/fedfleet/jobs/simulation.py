@@ -79,7 +79,8 @@ class Simulation:
         runtime = (
             make_runtime(trainer, federation, test, vectorize)
             if ray is None
-            else RayRuntime(trainer, federation, test, strategy=strat, options=ray)
+            # FedBuff weighs each arrival by its staleness: its workers send every client's delta, not a partial
+            else RayRuntime(trainer, federation, test, strategy=None if fedbuff else strat, options=ray)
         )
         sel = build_selector(selector) if isinstance(selector, str) else selector
         params, fit = trainer.params.clone(), client or FitConfig()
@@ -110,7 +111,8 @@ class Simulation:
                 f"{key} {cohort} is larger than the {federation.num_clients} clients; lower {key} or raise data.clients"
             )
         test_data = parts.test.to(parts.device) if len(parts.test.y) else None
-        runtime = RUNTIMES[job.runtime.kind](job, trainer, federation, test_data, strategy)
+        folds = strategy if fedbuff is None else None  # FedBuff needs each client's delta (staleness weights)
+        runtime = RUNTIMES[job.runtime.kind](job, trainer, federation, test_data, folds)
         fit = fit_config(job)
         config = LoopConfig(
             rounds=job.rounds,

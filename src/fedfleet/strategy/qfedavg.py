@@ -48,6 +48,14 @@ class QFedAvgAggregator:
         self._count += 1
         self._metrics.add(update.metrics, 1.0)
 
+    def merge(self, other: Aggregator) -> None:
+        if not isinstance(other, QFedAvgAggregator) or (other.q, other.lipschitz) != (self.q, self.lipschitz):
+            raise TypeError(f"cannot merge a {type(other).__name__} into a q-FedAvg aggregator of other settings")
+        self._sum.add_(other._sum)
+        self._h += other._h
+        self._count += other._count
+        self._metrics.merge(other._metrics)
+
     def finish(self) -> Aggregate:
         if self._count == 0 or self._h <= 0:
             raise ValueError("q-FedAvg: nothing to aggregate (no update, or every loss is 0 with q > 0)")

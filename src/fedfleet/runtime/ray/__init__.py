@@ -3,17 +3,14 @@
 Nothing here imports Ray until a runtime starts, so fedfleet imports without it.
 """
 
-from fedfleet.runtime.ray.partial import WEIGHTED_SUM_AGGREGATORS, folds_weighted_sum
 from fedfleet.runtime.ray.runtime import RayOptions, RayRuntime, WorkerLostError, require_ray, split_cohort
 from fedfleet.runtime.ray.worker import TrainerFactory
 
 __all__ = [
-    "WEIGHTED_SUM_AGGREGATORS",
     "RayOptions",
     "RayRuntime",
     "TrainerFactory",
     "WorkerLostError",
-    "folds_weighted_sum",
     "require_ray",
     "split_cohort",
 ]

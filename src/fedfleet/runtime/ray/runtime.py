@@ -8,16 +8,12 @@ share that memory). Each round:
 2. the cohort is cut into contiguous runs of about equal work (examples, or steps), one per worker;
 3. each worker trains its clients in turn with the single-process code (``make_runtime``) and the same
    per-client seeds;
-4. when the strategy's aggregator only needs sum_k w_k * delta_k (``folds_weighted_sum``), a worker folds its
-   clients into one partial sum and sends one model-sized buffer; otherwise (q-FedAvg) one delta per client;
-5. the driver yields every client's update, worker after worker, in cohort order, so the same seed gives the
-   same model run after run.
-
-A partial sum reaches the aggregator without losing the clients: the worker's update with the largest weight
-carries params = (sum_k w_k * delta_k) / w_carrier, its other updates carry a zero delta, and every update
-keeps its own weight, metrics and client id. The weighted sum the aggregator folds is the same (up to
-rounding), and its count, its metric means, the virtual clock and a selector's per-client feedback still
-see every client.
+4. given the job's strategy, a worker folds its clients with the strategy's own aggregator (any strategy:
+   aggregators ``merge``) and sends that one unfinished, model-sized partial; without one (FedBuff, which
+   weighs each arrival by its staleness) it sends one delta per client;
+5. the driver yields the partials (``core.update.Partial``, with a report per client for the virtual clock
+   and the selector) or the updates worker after worker, in cohort order, so the same seed gives the same
+   model run after run.
 
 A worker that dies (node lost, process killed, out of memory) is replaced by a new actor and its share of
 the round is trained again; the results are identical, because training is a pure function of the global
@@ -48,9 +44,8 @@ from fedfleet.client.local_params import load_local_state, rows_state
 from fedfleet.client.torch_trainer import TorchTrainer
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
-from fedfleet.core.update import Update
+from fedfleet.core.update import Partial, Report, Update
 from fedfleet.errors import ConfigError, UserError
-from fedfleet.runtime.ray.partial import folds_weighted_sum
 from fedfleet.runtime.ray.ship import land, ship
 from fedfleet.runtime.ray.worker import TrainerFactory, Worker, WorkerResult, land_params
 from fedfleet.runtime.sim import VECTORIZE_MODES
@@ -103,8 +98,8 @@ class RayOptions:
 class RayRuntime:
     """The :class:`~fedfleet.core.loop.Runtime` on Ray. Ray and the workers start at the first round.
 
-    ``strategy``: the strategy whose aggregator folds this runtime's updates; it decides whether workers may
-    send partial sums. Without it they send one delta per client, which is right for any aggregator.
+    ``strategy``: the strategy whose aggregator folds this runtime's updates; the workers then fold their share
+    with it and send the partial. Without it they send one delta per client (FedBuff weighs each one).
     An already initialised Ray session (``ray.init`` by the caller) is used as it is and left running.
     """
 
@@ -129,7 +124,6 @@ class RayRuntime:
         self._local = trainer.local  # the driver's copy: checks a checkpoint's rows against the model
         self._restored_rows: dict[Any, Any] | None = None  # from a checkpoint, for the workers when they start
         self._sizes = [float(s) for s in federation.sizes().tolist()]
-        self._partial_sum: tuple[Any, bool] | None = None  # (strategy, its decision): decided once per strategy
         self._started_ray = False
         self._actor: Any = None
         self._refs: tuple[Any, Any, Any] | None = None  # factory, federation, test data in the object store
@@ -188,9 +182,9 @@ class RayRuntime:
         self.close()
 
     # -- Runtime protocol ----------------------------------------------------------------------------
-    def fit(self, global_params: FlatParams, clients: Sequence[int], config: FitConfig) -> Iterator[Update]:
+    def fit(self, global_params: FlatParams, clients: Sequence[int], config: FitConfig) -> Iterator[Update | Partial]:
         self.start()
-        partial = self._uses_partial_sums(global_params)
+        partial = self.strategy  # None: one delta per client
         params_ref = self._ray.put(ship(global_params))  # once per round, whatever the number of workers
         shares = self._shares([int(c) for c in clients], config)
         self._metrics = {"workers": float(sum(1 for s in shares if s)), "workers_replaced": 0.0}
@@ -200,10 +194,9 @@ class RayRuntime:
             if share
         }
         pending = {i: call(self.workers[i]) for i, call in calls.items()}  # every worker starts now
-        zero = global_params.zeros_like() if partial else None
         for i, call in calls.items():  # answers in worker order: the same fold order in every run
             result: WorkerResult = self._result(i, pending[i], call, config.round)
-            yield from self._updates(result, global_params, zero)
+            yield from self._updates(result, global_params)
 
     def evaluate(self, global_params: FlatParams) -> dict[str, float]:
         if self.test_data is None:
@@ -253,17 +246,9 @@ class RayRuntime:
 
     # -- internals -----------------------------------------------------------------------------------
     @property
-    def partial_sums(self) -> bool | None:
-        """Whether the workers send partial sums (True) or one delta per client (False); None before round 1."""
-        return self._partial_sum[1] if self._partial_sum is not None else None
-
-    def _uses_partial_sums(self, global_params: FlatParams) -> bool:
-        # asked once per strategy, not per round: making an aggregator allocates a model-sized sum
-        if self._partial_sum is None or self._partial_sum[0] is not self.strategy:
-            aggregator = self.strategy.aggregator(global_params) if self.strategy is not None else None
-            self._partial_sum = (self.strategy, folds_weighted_sum(aggregator))
-            log.info("Ray workers send %s", "partial sums" if self._partial_sum[1] else "one delta per client")
-        return self._partial_sum[1]
+    def partial_sums(self) -> bool:
+        """Whether the workers send partial aggregates (a strategy was given) or one delta per client."""
+        return self.strategy is not None
 
     def _shares(self, clients: list[int], config: FitConfig) -> list[list[int]]:
         workers = len(self.workers)
@@ -272,13 +257,16 @@ class RayRuntime:
         costs = [float(config.steps) if config.steps else self._sizes[c] for c in clients]  # ~ training time
         return split_cohort(clients, costs, workers)
 
-    def _updates(self, result: WorkerResult, like: FlatParams, zero: FlatParams | None) -> Iterator[Update]:
-        """The worker's answer as one Update per client (see the module's doc for the carrier)."""
-        params = [land_params(p, like) for p in result.params]
-        if result.carrier is not None:
-            params = [params[0] if k == result.carrier else zero for k in range(len(result.records))]
-        for delta, rec in zip(params, result.records, strict=True):
-            yield Update(delta, rec.weight, rec.metrics, client_id=rec.client_id, is_delta=rec.is_delta)
+    def _updates(self, result: WorkerResult, like: FlatParams) -> Iterator[Update | Partial]:
+        """The worker's answer: its partial aggregate, or one update per client."""
+        if result.partial is not None:
+            aggregator = land(result.partial, writable=True)
+            _check_partial(aggregator, like)
+            yield Partial(aggregator, [Report(r.client_id, r.weight, r.metrics) for r in result.records])
+            return
+        for shipped, rec in zip(result.params, result.records, strict=True):
+            params = land_params(shipped, like)
+            yield Update(params, rec.weight, rec.metrics, client_id=rec.client_id, is_delta=rec.is_delta)
 
     def _result(self, index: int, ref: Any, call: Callable[[Any], Any], rnd: int | None) -> Any:
         """Worker ``index``'s answer; a dead worker is replaced and ``call`` runs again on the new one."""
@@ -378,3 +366,13 @@ def split_cohort(clients: Sequence[int], costs: Sequence[float], parts: int) -> 
 
 def _local_rows(worker: Any) -> Any:
     return worker.local_rows.remote()
+
+
+def _check_partial(aggregator: Any, like: FlatParams) -> None:
+    """A partial's buffers have the global params' layout and live on their device (a worker may use a GPU)."""
+    for name, value in vars(aggregator).items():
+        if isinstance(value, FlatParams):
+            if value.spec != like.spec:
+                raise ValueError(f"a Ray worker sent a partial of layout {value.spec}, expected {like.spec}")
+            if value.device != like.device:
+                setattr(aggregator, name, value.to(like.device))

@@ -1,9 +1,8 @@
 """What runs inside one Ray actor: a trainer built once, the data landed once, shares of cohorts trained in turn.
 
 A worker trains its share of a round's cohort with an in-process runtime from ``make_runtime`` (the same trainer
-code and the same per-client seeds as a single-process simulation) and, where the strategy's aggregator only
-needs the weighted sum of the updates, folds them into one partial sum, so it sends back one model-sized
-buffer however many clients it trained.
+code and the same per-client seeds as a single-process simulation) and folds them with the strategy's own
+aggregator, so it sends back one unfinished, model-sized partial however many clients it trained.
 """
 
 from __future__ import annotations
@@ -93,15 +92,12 @@ class ClientRecord:
 
 @dataclass(frozen=True)
 class WorkerResult:
-    """A worker's answer for its share of a round, clients in cohort order.
-
-    ``carrier`` set: ``params`` holds one buffer, the share's weighted sum sum_k w_k * delta_k divided by
-    the weight of ``records[carrier]``, which carries it (see ``RayRuntime``); ``None``: one delta per record.
-    """
+    """A worker's answer for its share of a round, clients in cohort order: ``partial`` set, the share folded
+    by the strategy's own aggregator (unfinished, so the driver merges it); else one delta per record."""
 
     records: list[ClientRecord]
     params: list[Shipped]
-    carrier: int | None
+    partial: Shipped | None
 
 
 class Worker:
@@ -131,24 +127,19 @@ class Worker:
     def ready(self) -> int:
         return os.getpid()
 
-    def fit(self, global_params: Shipped, clients: list[int], config: FitConfig, partial_sum: bool) -> WorkerResult:
+    def fit(self, global_params: Shipped, clients: list[int], config: FitConfig, strategy: Any) -> WorkerResult:
+        """Train ``clients``; with a ``strategy`` fold them into its aggregator here and send that partial."""
         self.global_params.copy_(land(global_params))
         records: list[ClientRecord] = []
         params: list[Shipped] = []
-        if partial_sum:
-            self.partial.zero_()
+        aggregator = strategy.aggregator(self.global_params) if strategy is not None else None
         for update in self.runtime.fit(self.global_params, clients, config):
             records.append(ClientRecord(update.client_id, float(update.weight), update.metrics, update.is_delta))
-            if partial_sum:
-                self.partial.add_(update.params, alpha=float(update.weight))  # WeightedMean's fused multiply-add
+            if aggregator is not None:
+                aggregator.add(update)  # folded now: the trainer reuses its delta buffer for the next client
             else:
-                params.append(ship(update.params.clone()))  # the trainer reuses its delta buffer
-        if not partial_sum:
-            return WorkerResult(records, params, None)
-        carrier = max(range(len(records)), key=lambda i: records[i].weight)
-        if records[carrier].weight > 0:
-            self.partial.mul_(1.0 / records[carrier].weight)
-        return WorkerResult(records, [ship(self.partial)], carrier)
+                params.append(ship(update.params.clone()))
+        return WorkerResult(records, params, ship(aggregator) if aggregator is not None else None)
 
     def local_rows(self) -> Shipped:
         """The rows of ``keep_local`` params this worker's clients keep (clients stay on one worker)."""

@@ -31,7 +31,7 @@ from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.loop import LoopConfig, RoundLoop
 from fedfleet.core.params import FlatParams
 from fedfleet.core.round_end import OverCommit, RoundFeedback
-from fedfleet.core.update import Update
+from fedfleet.core.update import TrainStats, Update
 from fedfleet.select import OortSelector, UniformSelector
 from fedfleet.strategy import build_strategy
 from fedfleet.traces import generate_traces
@@ -57,8 +57,8 @@ class NoTraining:
 
     def fit(self, global_params, clients, config):
         for c in clients:
-            metrics = {"train_loss": float(self.loss[c]), "samples": 20.0}
-            yield Update(self.delta, weight=20.0, metrics=metrics, client_id=int(c))
+            stats = TrainStats(samples=20.0, loss=float(self.loss[c]))
+            yield Update(self.delta, weight=20.0, client_id=int(c), stats=stats)
 
     def round_metrics(self) -> dict[str, float]:
         return {}

@@ -12,7 +12,7 @@ from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.loop import LoopConfig, RoundLoop
 from fedfleet.core.params import FlatParams
 from fedfleet.core.round_end import Deadline, OverCommit, WaitForAll, build_round_end
-from fedfleet.core.update import Update
+from fedfleet.core.update import TrainStats, Update
 from fedfleet.errors import ConfigError
 from fedfleet.select import UniformSelector
 from fedfleet.strategy import build_strategy
@@ -105,8 +105,8 @@ class SizedRuntime:
         for c in clients:
             samples = float(planned_samples(self.sizes[[c]], config)[0])
             delta = FlatParams.from_tensors({"w": torch.full((2,), float(c))})
-            metrics = {"train_loss": 1.0 + c, "samples": samples}
-            yield Update(delta, weight=float(self.sizes[c]), metrics=metrics, client_id=int(c))
+            stats = TrainStats(samples=samples, loss=1.0 + c)
+            yield Update(delta, weight=float(self.sizes[c]), client_id=int(c), stats=stats)
 
     def round_metrics(self):
         return {}

@@ -56,3 +56,26 @@ def test_values_must_be_finite():
     assert check_values(PARAMS) is None
     bad = FlatParams.from_tensors({"w": torch.tensor([0.0, float("nan"), 1.0])})
     assert check_values(bad).startswith("values")
+
+
+def test_typed_stats_and_shown_metrics_from_a_party_are_checked_before_folding():
+    """A party's stats steer the clock, Oort and q-FedAvg, and its metrics are averaged: garbage is refused
+    with a reason, never raised inside the arbiter's loop."""
+    bad_stats = [
+        {"samples": -5.0},
+        {"loss": float("nan")},
+        {"loss_sq": float("inf")},
+        {"initial_loss": "high"},
+        {"weight_for_me": 1e9},
+        [1, 2],
+    ]
+    for stats in bad_stats:
+        gate = open_gate()
+        assert gate.admit("a", result(stats=stats)).startswith("stats"), stats
+    bad_metrics = [{"loss": "low"}, {"loss": float("inf")}, {"x" * 200: 1.0}, {f"m{i}": 1.0 for i in range(100)}, [1]]
+    for metrics in bad_metrics:
+        gate = open_gate()
+        assert gate.admit("a", result(metrics=metrics)).startswith("metrics"), metrics
+    gate = open_gate()
+    good = result(stats={"samples": 40.0, "loss": -0.5, "loss_sq": 0.3}, metrics={"auc": float("nan")})
+    assert gate.admit("a", good) is None  # a log-likelihood may be negative, AUC undefined on one class

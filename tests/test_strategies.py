@@ -7,7 +7,7 @@ import torch
 
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
-from fedfleet.core.update import Update
+from fedfleet.core.update import TrainStats, Update
 from fedfleet.errors import ConfigError
 from fedfleet.strategy import build_strategy
 
@@ -93,8 +93,8 @@ def test_qfedavg_two_clients_by_hand():
     #               client b: F = 2, delta = [0, 1] -> Δw = [0, -2], Δ = [0, -4], h = 1 * 1 * 4 + 2 * 2 = 8
     # w <- w - (Δa + Δb) / 14 = [2/14, 4/14]
     updates = [
-        Update(vec(1.0, 0.0), weight=5, metrics={"initial_loss": 1.0}),
-        Update(vec(0.0, 1.0), weight=1, metrics={"initial_loss": 2.0}),
+        Update(vec(1.0, 0.0), weight=5, stats=TrainStats(initial_loss=1.0)),
+        Update(vec(0.0, 1.0), weight=1, stats=TrainStats(initial_loss=2.0)),
     ]
     w, _ = step("qfedavg", vec(0.0, 0.0), updates, q=1.0, lipschitz=2.0)
     assert w.tensors()["w"].tolist() == pytest.approx([2 / 14, 4 / 14], rel=1e-12)
@@ -102,7 +102,10 @@ def test_qfedavg_two_clients_by_hand():
 
 
 def test_qfedavg_with_q_zero_is_the_unweighted_mean():
-    updates = [Update(vec(1.0), weight=100, metrics={"initial_loss": 3.0}), Update(vec(3.0), 1, {"initial_loss": 1.0})]
+    updates = [
+        Update(vec(1.0), weight=100, stats=TrainStats(initial_loss=3.0)),
+        Update(vec(3.0), 1, stats=TrainStats(initial_loss=1.0)),
+    ]
     w, _ = step("qfedavg", vec(0.0), updates, q=0.0, lipschitz=4.0)
     assert w.tensors()["w"].item() == pytest.approx(2.0)
 

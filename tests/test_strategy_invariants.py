@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedfleet.core.params import FlatParams
-from fedfleet.core.update import Update
+from fedfleet.core.update import TrainStats, Update
 from fedfleet.errors import ConfigError
 from fedfleet.strategy import STRATEGIES, build_strategy
 
@@ -22,7 +22,7 @@ def params(seed: int, scale: float = 1.0) -> FlatParams:
 
 
 def updates(n: int = 4) -> list[Update]:
-    return [Update(params(10 + i, 0.1), weight=float(i + 1), metrics={"initial_loss": 1.0 + i}) for i in range(n)]
+    return [Update(params(10 + i, 0.1), weight=float(i + 1), stats=TrainStats(initial_loss=1.0 + i)) for i in range(n)]
 
 
 def run(name: str, ups: list[Update], w: FlatParams | None = None, state=None):
@@ -50,7 +50,7 @@ def test_update_order_does_not_matter(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_zero_deltas_leave_the_model_unchanged(name):
-    zero = [Update(params(1).zero_(), weight=2.0, metrics={"initial_loss": 1.0}) for _ in range(3)]
+    zero = [Update(params(1).zero_(), weight=2.0, stats=TrainStats(initial_loss=1.0)) for _ in range(3)]
     w, _ = run(name, zero)
     assert w.allclose(params(0), rtol=0, atol=0)
 
@@ -77,9 +77,9 @@ def test_state_survives_a_checkpoint_copy(name):
 def test_duplicated_client_equals_doubled_weight(name):
     """The same update twice equals it once with twice the weight (for weight-based strategies) or
     counted twice (q-FedAvg ignores weights, and a duplicate is then just another identical client)."""
-    one = Update(params(5, 0.1), weight=2.0, metrics={"initial_loss": 1.5})
+    one = Update(params(5, 0.1), weight=2.0, stats=TrainStats(initial_loss=1.5))
     twice, _ = run(name, [one, one])
-    doubled = Update(params(5, 0.1), weight=4.0, metrics={"initial_loss": 1.5})
+    doubled = Update(params(5, 0.1), weight=4.0, stats=TrainStats(initial_loss=1.5))
     single, _ = run(name, [doubled])
     assert twice.allclose(single, rtol=1e-6, atol=1e-7)
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fedfleet.core.params import FlatParams, bind_module
+from fedfleet.core.update import TrainStats
 from fedfleet.strategy import STRATEGIES
 from fedfleet.sync import FedAvgServer, LocalFederation, create_context
 from tests.grpc_jobs import free_port
@@ -46,8 +47,8 @@ class PlainParty:
                     self.loss().backward()
                     self.opt.step()
                 with torch.no_grad():
-                    metrics = {"loss": float(self.loss()), "initial_loss": initial}
-                going = self.channel.sync(self.params, self.weight, metrics)
+                    stats = TrainStats(loss=float(self.loss()), initial_loss=initial)
+                going = self.channel.sync(self.params, self.weight, stats=stats)
         except BaseException as exc:
             self.error = exc
         finally:

@@ -56,13 +56,13 @@ def test_fit_matches_a_plain_pytorch_loop(momentum, wd, mu, opt):
     for name, delta in update.params.tensors().items():
         assert torch.allclose(delta, expected[name], atol=1e-6), name
     assert update.weight == 23
-    assert update.metrics["steps"] == 10 and update.metrics["samples"] == 46
+    assert update.metrics["steps"] == 10 and update.stats.samples == 46
 
 
 def test_steps_mode_runs_exactly_that_many_steps():
     trainer = TorchTrainer(model())
     update = trainer.fit(trainer.params.clone(), FitConfig(steps=7, batch_size=10), data(23))
-    assert update.metrics["steps"] == 7 and update.metrics["samples"] == 10 + 10 + 3 + 10 + 10 + 3 + 10
+    assert update.metrics["steps"] == 7 and update.stats.samples == 10 + 10 + 3 + 10 + 10 + 3 + 10
 
 
 def test_initial_loss_is_the_loss_at_the_global_model():
@@ -71,7 +71,7 @@ def test_initial_loss_is_the_loss_at_the_global_model():
     with torch.no_grad():
         expected = float(nn.functional.cross_entropy(model()(d.x), d.y))
     update = trainer.fit(trainer.params.clone(), FitConfig(report_initial_loss=True), d)
-    assert update.metrics["initial_loss"] == pytest.approx(expected, rel=1e-6)
+    assert update.stats.initial_loss == pytest.approx(expected, rel=1e-6)
 
 
 def test_mean_square_loss_for_oort_is_taken_over_samples():
@@ -80,10 +80,10 @@ def test_mean_square_loss_for_oort_is_taken_over_samples():
     with torch.no_grad():  # one batch of all 23 samples: the losses are those of the starting model
         per_sample = nn.functional.cross_entropy(model()(d.x), d.y, reduction="none")
     update = trainer.fit(trainer.params.clone(), FitConfig(batch_size=23), d)
-    assert update.metrics["train_loss_sq"] == pytest.approx(float(per_sample.square().mean()), rel=1e-6)
-    assert update.metrics["train_loss"] == pytest.approx(float(per_sample.mean()), rel=1e-6)
+    assert update.stats.loss_sq == pytest.approx(float(per_sample.square().mean()), rel=1e-6)
+    assert update.stats.loss == pytest.approx(float(per_sample.mean()), rel=1e-6)
     plain = TorchTrainer(model(), loss=lambda out, y: nn.functional.cross_entropy(out, y))
-    assert "train_loss_sq" not in plain.fit(plain.params.clone(), FitConfig(), d).metrics  # no per-sample twin
+    assert plain.fit(plain.params.clone(), FitConfig(), d).stats.loss_sq is None  # no per-sample twin
 
 
 def test_evaluate_reports_loss_and_accuracy():

@@ -24,7 +24,7 @@ from fedfleet.client.local_params import LocalParams, match_local
 from fedfleet.client.tasks import METRICS, OutputLoss, output_kind
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams, Selector, bind_grads, bind_module, select_params
-from fedfleet.core.update import Update
+from fedfleet.core.update import TrainStats, Update
 from fedfleet.errors import ConfigError, TrainingDivergedError
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -98,23 +98,22 @@ class TorchTrainer:
             raise ValueError("cannot train on a client with no examples")
         self.params.copy_(params)  # load the global model: one copy per dtype
         if self.local is None:
-            metrics = self._train(params, config, data)
+            metrics, stats = self._train(params, config, data)
         else:
             client = getattr(data, "client_id", None)  # None: a deployed party, the only client it knows
             self.local.load(client)
             try:
-                metrics = self._train(params, config, data)
+                metrics, stats = self._train(params, config, data)
             finally:  # even after an error: the next client must not inherit these rows
                 kept = self.local.store(client)
             metrics["local_rows"] = float(kept)
         for d, buf in self._delta.buffers.items():
             torch.sub(self.params.buffers[d], params.buffers[d], out=buf)
-        return Update(self._delta, weight=float(n), metrics=metrics)
+        return Update(self._delta, weight=float(n), metrics=metrics, stats=stats)
 
-    def _train(self, params: FlatParams, config: FitConfig, data: Any) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if config.report_initial_loss:
-            metrics["initial_loss"] = self._mean_loss(data)
+    def _train(self, params: FlatParams, config: FitConfig, data: Any) -> tuple[dict[str, float], TrainStats]:
+        """Local training from ``params``; the metrics shown and the typed stats the server uses."""
+        initial = self._mean_loss(data) if config.report_initial_loss else None
         self.model.train()
         step = self._make_step(params, config)
         gen = torch.Generator().manual_seed(config.seed)
@@ -137,10 +136,9 @@ class TorchTrainer:
         n = max(samples, 1)
         mean_loss = float(total_loss) / n  # one sync per fit, not per step
         check_finite_loss(mean_loss, config)
-        metrics.update(train_loss=mean_loss, samples=float(samples), steps=float(steps))
-        if self._per_sample_loss is not None:
-            metrics["train_loss_sq"] = float(total_sq) / n
-        return metrics
+        loss_sq = float(total_sq) / n if self._per_sample_loss is not None else None
+        stats = TrainStats(samples=float(samples), loss=mean_loss, loss_sq=loss_sq, initial_loss=initial)
+        return {"steps": float(steps)}, stats
 
     @torch.no_grad()
     def evaluate(self, params: FlatParams, data: Any = None) -> dict[str, float]:

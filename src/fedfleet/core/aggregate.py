@@ -61,7 +61,7 @@ class WeightedMean:
         self._sum.add_(update.params, alpha=float(update.weight))
         self._weight += float(update.weight)
         self._count += 1
-        self._metrics.add(update.metrics, float(update.weight))
+        self._metrics.add(shown(update), float(update.weight))
 
     def merge(self, other: Aggregator) -> None:
         other = _same_kind(self, other)
@@ -82,3 +82,8 @@ def _same_kind(mine: object, other: object) -> Any:
     if type(other) is not type(mine):
         raise TypeError(f"cannot merge a {type(other).__name__} into a {type(mine).__name__}")
     return other
+
+
+def shown(update: Update) -> dict[str, float]:
+    """What the round's table averages of an update: its metrics and its typed stats."""
+    return {**update.metrics, **update.stats.as_metrics()}

@@ -19,11 +19,14 @@ import numpy as np
 import torch
 
 from fedfleet.core.params import FlatParams
+from fedfleet.core.update import NO_STATS, TrainStats
 
-# the table's columns; the client metrics kept across a resume are the trainer's standard ones
+# the table's columns; what a resume keeps of a client's report: its loss stats and the trainer's step count
+# (FedBuff refuses q-FedAvg, so no initial loss; the columns are the ones older checkpoints have)
 _FIELDS = ("active", "client", "version", "start", "event", "delivers", "examples", "samples", "latency", "seq")
-_METRICS = ("train_loss", "train_loss_sq", "steps")
-_COLUMNS = _FIELDS + _METRICS
+_STATS = ("loss", "loss_sq")
+_METRICS = ("steps",)
+_COLUMNS = _FIELDS + _STATS + _METRICS
 TABLE_KEY = "fedbuff.flights"
 SLOT_KEY = "fedbuff.slot.{}"
 
@@ -40,6 +43,7 @@ class Flight:
     seq: int  # dispatch order: breaks ties between events at the same instant
     examples: float = 0.0  # the update's weight (examples), known once trained
     metrics: dict[str, float] = field(default_factory=dict)
+    stats: TrainStats = NO_STATS
 
 
 class InFlight:
@@ -88,7 +92,7 @@ class InFlight:
         rows = torch.zeros_like(self.table.buffers[torch.float64]).view(len(self.slots), len(_COLUMNS))
         for slot, f in () if empty else self.flights.items():
             values = [1.0, f.client, f.version, f.start, f.event, f.delivers, f.examples, f.samples, f.latency, f.seq]
-            values += [f.metrics.get(k, math.nan) for k in _METRICS]
+            values += [_nan(getattr(f.stats, k)) for k in _STATS] + [f.metrics.get(k, math.nan) for k in _METRICS]
             rows[slot] = torch.tensor(values, dtype=torch.float64)
         self.table.buffers[torch.float64].copy_(rows.view(-1))
 
@@ -101,11 +105,15 @@ class InFlight:
             if not v["active"]:
                 continue
             metrics = {k: v[k] for k in _METRICS if not math.isnan(v[k])}
-            metrics["samples"] = v["samples"]
+            stats = TrainStats(samples=v["samples"], **{k: None if math.isnan(v[k]) else v[k] for k in _STATS})
             flight = Flight(
                 int(v["client"]), int(v["version"]), v["start"], v["event"], bool(v["delivers"]),
-                v["latency"], v["samples"], int(v["seq"]), v["examples"], metrics,
+                v["latency"], v["samples"], int(v["seq"]), v["examples"], metrics, stats,
             )  # fmt: skip
             self.flights[slot] = flight
             heapq.heappush(self._queue, (flight.event, flight.seq, slot))
         self.seq = 1 + max((f.seq for f in self.flights.values()), default=-1)
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)

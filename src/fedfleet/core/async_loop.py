@@ -222,7 +222,7 @@ class AsyncLoop(RoundLoop):
             return
         self._fruitless = 0
         staleness = version - flight.version
-        loss = reported_loss(flight.metrics)
+        loss = reported_loss(flight.stats)
         if self.fedbuff.max_staleness is not None and staleness > self.fedbuff.max_staleness:
             step.discarded += 1
             step.seen.append((flight.client, False, loss, 0.0, flight.latency))
@@ -230,7 +230,7 @@ class AsyncLoop(RoundLoop):
         scale, weight = arrival_factor(
             self.fedbuff.staleness, staleness, flight.examples, self.fedbuff.weight_by_examples
         )
-        buffer.add(delta, scale, weight, flight.metrics)
+        buffer.add(delta, scale, weight, {**flight.metrics, **flight.stats.as_metrics()})
         step.staleness.append(staleness)
         step.seen.append((flight.client, True, loss, flight.samples, flight.latency))
 
@@ -274,7 +274,7 @@ class AsyncLoop(RoundLoop):
             slot = slots[int(update.client_id)]
             self.in_flight.slots[slot].copy_(update.params)  # the runtime reuses its buffer for the next client
             flight = self.in_flight.flights[slot]
-            flight.examples, flight.metrics = float(update.weight), dict(update.metrics)
+            flight.examples, flight.metrics, flight.stats = float(update.weight), dict(update.metrics), update.stats
 
     def _next_check_in(self) -> float:
         """Nobody is training and nobody idle is online: wait for the next client to check in."""

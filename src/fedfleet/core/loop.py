@@ -29,7 +29,7 @@ from fedfleet.core.params import FlatParams
 from fedfleet.core.round_end import RoundEnd, RoundFeedback
 from fedfleet.core.round_plan import Heard, RoundPlanner, reported_loss
 from fedfleet.core.signals import deferred_interrupt
-from fedfleet.core.update import Aggregate, Partial, Update
+from fedfleet.core.update import Aggregate, Partial, TrainStats, Update
 
 log = logging.getLogger(__name__)
 
@@ -245,10 +245,10 @@ class RoundLoop:
         for item in self.runtime.fit(self.global_params, plan.train, config):
             if isinstance(item, Partial):  # folded where it was trained: the same layout as the global params
                 for report in item.reports:
-                    self._hear(heard, report.client_id, report.weight, report.metrics, download, download)
+                    self._hear(heard, report.client_id, report.weight, report.stats, download, download)
                 aggregator.merge(item.aggregator)
             else:
-                self._hear(heard, item.client_id, item.weight, item.metrics, download, item.params.nbytes)
+                self._hear(heard, item.client_id, item.weight, item.stats, download, item.params.nbytes)
                 aggregator.add(item)
         # a planned round may lose every client (offline, too late); an unplanned one without updates is an error
         aggregate = aggregator.finish() if heard or plan.outcome is None else None
@@ -262,12 +262,10 @@ class RoundLoop:
         with deferred_interrupt():  # the commit: a Ctrl-C here waits, so no round is ever half-applied
             return self.commit(rnd, aggregate, metrics, wall, duration, self.planner.feedback(plan, heard, round_s))
 
-    def _hear(
-        self, heard: Heard, client: int | str, weight: float, metrics: dict[str, float], down: int, up: int
-    ) -> None:
+    def _hear(self, heard: Heard, client: int | str, weight: float, stats: TrainStats, down: int, up: int) -> None:
         """What the clock and the selector learn of one update: its loss, samples and device latency."""
-        samples = metrics.get("samples", weight)
-        heard[client] = (reported_loss(metrics), float(samples), self.clock.client_latency(client, samples, down, up))
+        samples = stats.samples if stats.samples is not None else weight
+        heard[client] = (reported_loss(stats), float(samples), self.clock.client_latency(client, samples, down, up))
 
     def commit(
         self,

@@ -22,6 +22,7 @@ from fedfleet.core.clock import VirtualClock, planned_samples
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.round_end import RoundEnd, RoundFeedback, RoundOutcome, WaitForAll
 from fedfleet.core.seeding import SELECT
+from fedfleet.core.update import TrainStats
 
 Heard = dict[int | str, tuple[float, float, float]]  # client -> (reported loss, samples, latency s)
 
@@ -148,8 +149,8 @@ class RoundPlanner:
         return RoundFeedback(clients, completed, loss, samples, np.where(completed, took, waited))
 
 
-def reported_loss(metrics: dict[str, float]) -> float:
-    """Oort's loss term sqrt(mean loss^2) when the trainer reports it, else the mean training loss."""
-    if "train_loss_sq" in metrics:
-        return float(np.sqrt(metrics["train_loss_sq"]))
-    return float(metrics.get("train_loss", metrics.get("loss", np.nan)))
+def reported_loss(stats: TrainStats) -> float:
+    """Oort's loss term sqrt(mean loss^2) when the trainer reports it, else the mean training loss (NaN: none)."""
+    if stats.loss_sq is not None:
+        return float(np.sqrt(stats.loss_sq))
+    return float(stats.loss) if stats.loss is not None else float("nan")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from fedfleet.core.update import TrainStats
 from fedfleet.sync.access import ParamAccess, param_access
 from fedfleet.sync.args import FedArguments
 from fedfleet.sync.driver import Ranks, SyncDriver
@@ -98,11 +99,11 @@ class FedSyncCallback(TrainerCallback):
         if not self.due(step):
             return
         weight = float(max(1, self._examples) * self.driver.ranks.world)  # ranks see equal shares of the data
-        metrics = self._round_loss(step)
+        loss = self._round_loss(step)
         self.weights.append(weight)
-        self.losses.append(metrics.get("loss", math.nan))
+        self.losses.append(math.nan if loss is None else loss)
         started = time.perf_counter()
-        going = self.driver.sync(weight, metrics)
+        going = self.driver.sync(weight, TrainStats(loss=loss))
         self.sync_seconds += time.perf_counter() - started
         self._last_step, self._examples, self._loss_sum = step, 0, 0.0
         if not going and step < state.max_steps:
@@ -116,12 +117,12 @@ class FedSyncCallback(TrainerCallback):
         self.driver.close()
 
     # -- internals -----------------------------------------------------------------------------------
-    def _round_loss(self, step: int) -> dict[str, float]:
+    def _round_loss(self, step: int) -> float | None:
         """This rank's mean loss per optimizer step since the last sync (what the arbiter's table shows)."""
         steps = step - self._last_step
         if not isinstance(self._loss_sum, torch.Tensor) or steps < 1:
-            return {}
-        return {"loss": float(self._loss_sum.item()) / steps}
+            return None
+        return float(self._loss_sum.item()) / steps
 
 
 def _steps_per_epoch(args: TrainingArguments, examples: int) -> int:

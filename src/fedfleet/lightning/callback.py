@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 
 from fedfleet.core.params import Selector
+from fedfleet.core.update import TrainStats
 from fedfleet.errors import ConfigError
 from fedfleet.lightning.access import lightning_access
 from fedfleet.lightning.batches import batch_loss, batch_size
@@ -165,10 +166,10 @@ class FedLightningCallback(pl.Callback):
         examples, loss_sum, loss_examples = self._party_totals(trainer)
         round_loss = loss_sum / loss_examples if loss_examples else float("nan")
         train_seconds = time.perf_counter() - self._round_started
-        metrics = {"loss": round_loss} if loss_examples else {}
+        stats = TrainStats(samples=examples, loss=round_loss if loss_examples else None)
         weight = float(max(1.0, examples))
         started = time.perf_counter()
-        going = self.driver.sync(weight, metrics)
+        going = self.driver.sync(weight, stats)
         seconds = time.perf_counter() - started
         nbytes = self.access.params.spec.nbytes
         previous = self.history[-1].bytes_exchanged if self.history else 0

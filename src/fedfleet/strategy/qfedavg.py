@@ -1,7 +1,7 @@
 """q-FedAvg (Li, Sanjabi, Beirami and Smith, ICLR 2020, "Fair Resource Allocation in Federated Learning").
 
 Clients with a higher loss at the global model get more say, for fairer accuracy across clients. With
-F_k the client's loss at the global model w (trainers report it as ``initial_loss`` when asked), delta_k
+F_k the client's loss at the global model w (trainers report it as ``stats.initial_loss`` when asked), delta_k
 the client's delta (w_k - w) and L an estimate of the local Lipschitz constant (about 1 / client lr):
     Δw_k = L * (w - w_k) = -L * delta_k
     Δ_k  = F_k^q * Δw_k
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from fedfleet.core.aggregate import Aggregator, MetricMean
+from fedfleet.core.aggregate import Aggregator, MetricMean, shown
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
 from fedfleet.core.update import Aggregate, Update
@@ -35,9 +35,9 @@ class QFedAvgAggregator:
         self._metrics = MetricMean()
 
     def add(self, update: Update) -> None:
-        if "initial_loss" not in update.metrics:
-            raise ValueError("q-FedAvg needs each client's 'initial_loss' metric (the loss at the global model)")
-        loss = float(update.metrics["initial_loss"])
+        if update.stats.initial_loss is None:
+            raise ValueError("q-FedAvg needs each client's initial_loss (stats: the loss at the global model)")
+        loss = float(update.stats.initial_loss)
         if loss < 0:
             raise ValueError(f"q-FedAvg needs a non-negative loss, got {loss}")
         q, lip = self.q, self.lipschitz
@@ -46,7 +46,7 @@ class QFedAvgAggregator:
         grad_sq = lip * lip * update.params.sq_norm()  # ||Δw_k||^2
         self._h += (q * loss ** (q - 1) * grad_sq if loss > 0 else 0.0) + lip * f_q
         self._count += 1
-        self._metrics.add(update.metrics, 1.0)
+        self._metrics.add(shown(update), 1.0)
 
     def merge(self, other: Aggregator) -> None:
         if not isinstance(other, QFedAvgAggregator) or (other.q, other.lipschitz) != (self.q, self.lipschitz):

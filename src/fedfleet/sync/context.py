@@ -24,9 +24,15 @@ class SyncChannel(Protocol):
         """Load the session's first global params into ``params`` (a ``FlatParams``, in place)."""
 
     def sync(
-        self, params: Any, weight: float, metrics: dict[str, float] | None = None, timeout: float | None = None
+        self,
+        params: Any,
+        weight: float,
+        metrics: dict[str, float] | None = None,
+        timeout: float | None = None,
+        stats: Any = None,
     ) -> bool:
-        """Send this round's params, load the aggregate into them; False when the session is over."""
+        """Send this round's params (with ``metrics`` to show and ``stats``, a ``TrainStats``, for the strategy),
+        load the aggregate into them; False when the session is over."""
 
     def close(self) -> None: ...
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fedfleet.core.update import TrainStats
 from fedfleet.sync.access import ParamAccess
 from fedfleet.sync.args import FedArguments, steps_text
 
@@ -121,9 +122,10 @@ class SyncDriver:
             self.channel = self.ctx.channel(spec, self.rounds)
         self._exchange(lambda: self.channel.start(access.params, self.timeout))
 
-    def sync(self, weight: float, metrics: dict[str, float]) -> bool:
+    def sync(self, weight: float, stats: TrainStats, metrics: dict[str, float] | None = None) -> bool:
         """Send this round's params, load the aggregate on every rank; False once the session is over."""
-        going = self._exchange(lambda: self.channel.sync(self.access.params, weight, metrics, self.timeout))
+        params = self.access.params
+        going = self._exchange(lambda: self.channel.sync(params, weight, metrics, self.timeout, stats=stats))
         self.syncs += 1
         if not going:
             self.ended = True

@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.loop import Callback, LoopConfig, RoundLoop, RoundRecord
 from fedfleet.core.params import FlatParams, ParamSpec, spec_difference
-from fedfleet.core.update import Update
+from fedfleet.core.update import NO_STATS, TrainStats, Update
 from fedfleet.errors import ConfigError
 from fedfleet.select import build_selector
 from fedfleet.strategy import Strategy, build_strategy
@@ -223,14 +223,19 @@ class LocalChannel:
         return params
 
     def sync(
-        self, params: FlatParams, weight: float, metrics: dict[str, float] | None = None, timeout: float | None = None
+        self,
+        params: FlatParams,
+        weight: float,
+        metrics: dict[str, float] | None = None,
+        timeout: float | None = None,
+        stats: TrainStats | None = None,
     ) -> bool:
         if not weight > 0:
             raise ValueError(f"sync weight must be > 0 (examples trained on), got {weight}")
         if self._base is None:
             raise RuntimeError("sync() before start()")
         delta = self._base.mul_(-1.0).add_(params)  # local - global, in the round's buffer
-        update = Update(delta, float(weight), dict(metrics or {}), client_id=self.index)
+        update = Update(delta, float(weight), dict(metrics or {}), client_id=self.index, stats=stats or NO_STATS)
         self._round = self.federation._sync(self.index, update, self._round, timeout, params)
         self._base.copy_(params)
         self.syncs += 1

@@ -2,7 +2,8 @@
 
 Checked before a byte of params is buffered: right round (not stale, not after the round closed), a task
 this party was actually given (no replays of an earlier task), at most one answer per party (no
-duplicates), the job's param layout and sizes, a finite weight within bounds. After the params arrive,
+duplicates), the job's param layout and sizes, a finite weight within bounds, finite typed stats and shown metrics
+that are numbers. After the params arrive,
 :func:`check_values` checks that every value is finite. Nothing is folded before both pass.
 """
 
@@ -13,6 +14,7 @@ import threading
 from collections import Counter
 
 from fedfleet.core.params import FlatParams, ParamSpec
+from fedfleet.core.update import TrainStats
 from fedfleet.runtime.grpc.chunks import dtype_name
 from fedfleet.runtime.grpc.wire import Result, TaskKind
 
@@ -74,7 +76,29 @@ class RoundGate:
             return f"weight: {result.weight!r} is not a finite number"
         if not 0 < result.weight <= self.max_weight:
             return f"weight: {result.weight} outside (0, {self.max_weight:g}]"
-        return None
+        return _stats_reason(result) or _metrics_reason(result)
+
+
+def _stats_reason(result: Result) -> str | None:
+    try:
+        problem = TrainStats.from_wire(result.stats).check()
+    except (TypeError, ValueError) as exc:
+        problem = str(exc)
+    return f"stats: {problem}" if problem else None
+
+
+def _metrics_reason(result: Result, most: int = 64) -> str | None:
+    """Metrics are only shown, but averaged: a short name and a number each (NaN allowed: a metric may be
+    undefined, as AUC is on one class), and not too many."""
+    metrics = result.metrics
+    if not isinstance(metrics, dict) or len(metrics) > most:
+        return f"metrics: not a mapping of at most {most} names to numbers"
+    for name, value in metrics.items():
+        if not isinstance(name, str) or len(name) > 100:
+            return f"metrics: name {str(name)[:40]!r} is not a short string"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isinf(value):
+            return f"metrics: {name} is {value!r}, not a number"
+    return None
 
 
 def check_values(params: FlatParams) -> str | None:

@@ -223,8 +223,9 @@ class Party(PartySession):
             outbox.send(Failure(task_id=task.task_id, round=task.round, reason=str(exc)))
             return
         header = self.result_header(task, update.weight, update.metrics, update.params, update.is_delta)
+        header.stats = update.stats.to_wire()
         self.send_params(outbox, header, update.params)
-        loss = update.metrics.get("train_loss")
+        loss = update.stats.loss
         tail = f", train loss {loss:.4f}" if loss is not None else ""
         self.report(f"round {task.round + 1}: sent the update of {update.weight:g} examples{tail}")
 

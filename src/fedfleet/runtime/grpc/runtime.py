@@ -23,7 +23,7 @@ from fedfleet.core.aggregate import MetricMean
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.loop import RoundIncomplete
 from fedfleet.core.params import FlatParams
-from fedfleet.core.update import Update
+from fedfleet.core.update import TrainStats, Update
 from fedfleet.errors import UserError
 from fedfleet.runtime.grpc.arbiter import ArbiterServer, Event
 from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES, iter_chunks
@@ -93,6 +93,7 @@ class GrpcRuntime:
                         result.metrics,
                         client_id=self.server.index[event.party],
                         is_delta=result.is_delta,
+                        stats=TrainStats.from_wire(result.stats),  # checked by the gate
                     )
                     accepted += 1
                 finally:

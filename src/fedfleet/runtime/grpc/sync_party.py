@@ -16,6 +16,7 @@ import logging
 import threading
 
 from fedfleet.core.params import FlatParams
+from fedfleet.core.update import NO_STATS, TrainStats
 from fedfleet.runtime.grpc.chunks import dtype_name
 from fedfleet.runtime.grpc.party import Connection, PartySession
 from fedfleet.runtime.grpc.wire import Join, Result, Task, TaskKind
@@ -70,11 +71,17 @@ class SyncParty(PartySession):
         return params
 
     def sync(
-        self, params: FlatParams, weight: float, metrics: dict[str, float] | None = None, timeout: float | None = None
+        self,
+        params: FlatParams,
+        weight: float,
+        metrics: dict[str, float] | None = None,
+        timeout: float | None = None,
+        stats: TrainStats | None = None,
     ) -> bool:
         """Send what this round trained, wait for the aggregate and load it into ``params`` (in place).
 
-        ``weight`` is usually the number of examples trained on since the last sync. Returns ``False`` when
+        ``weight`` is usually the number of examples trained on since the last sync; ``stats`` what the
+        arbiter's strategy and table use of the round's training (its mean loss). Returns ``False`` when
         the session is over (``params`` then hold the final global model), ``True`` to go on training.
         """
         if not weight > 0:
@@ -97,6 +104,7 @@ class SyncParty(PartySession):
                     task=TaskKind.SYNC,
                     weight=float(weight),
                     metrics={k: float(v) for k, v in (metrics or {}).items()},
+                    stats=(stats or NO_STATS).to_wire(),
                     has_params=True,
                     is_delta=True,
                     spec_digest=self.spec.digest,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
 
-PROTOCOL = 2  # bumped when a message changes incompatibly; checked at join
+PROTOCOL = 3  # bumped when a message changes incompatibly; checked at join (3: a result's typed stats)
 
 _HEADER_LEN = struct.Struct("<I")
 MESSAGES: dict[str, type[Message]] = {}
@@ -74,7 +74,8 @@ class Result(Message):
     round: int = -1
     task: str = TaskKind.FIT
     weight: float = 0.0
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # shown in the arbiter's table
+    stats: dict[str, float] = field(default_factory=dict)  # the typed TrainStats (core.update), by field name
     has_params: bool = False
     is_delta: bool = True
     spec_digest: str = ""

@@ -262,11 +262,13 @@ class RayRuntime:
         if result.partial is not None:
             aggregator = land(result.partial, writable=True)
             _check_partial(aggregator, like)
-            yield Partial(aggregator, [Report(r.client_id, r.weight, r.metrics) for r in result.records])
+            yield Partial(aggregator, [Report(r.client_id, r.weight, r.metrics, r.stats) for r in result.records])
             return
         for shipped, rec in zip(result.params, result.records, strict=True):
             params = land_params(shipped, like)
-            yield Update(params, rec.weight, rec.metrics, client_id=rec.client_id, is_delta=rec.is_delta)
+            yield Update(
+                params, rec.weight, rec.metrics, client_id=rec.client_id, is_delta=rec.is_delta, stats=rec.stats
+            )
 
     def _result(self, index: int, ref: Any, call: Callable[[Any], Any], rnd: int | None) -> Any:
         """Worker ``index``'s answer; a dead worker is replaced and ``call`` runs again on the new one."""

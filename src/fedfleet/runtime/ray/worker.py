@@ -18,6 +18,7 @@ from torch import nn
 from fedfleet.client.torch_trainer import TorchTrainer
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
+from fedfleet.core.update import NO_STATS, TrainStats
 from fedfleet.runtime.ray.ship import Shipped, land, ship
 from fedfleet.runtime.sim import make_runtime
 
@@ -88,6 +89,7 @@ class ClientRecord:
     weight: float
     metrics: dict[str, float]
     is_delta: bool
+    stats: TrainStats = NO_STATS
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,9 @@ class Worker:
         params: list[Shipped] = []
         aggregator = strategy.aggregator(self.global_params) if strategy is not None else None
         for update in self.runtime.fit(self.global_params, clients, config):
-            records.append(ClientRecord(update.client_id, float(update.weight), update.metrics, update.is_delta))
+            records.append(
+                ClientRecord(update.client_id, float(update.weight), update.metrics, update.is_delta, update.stats)
+            )
             if aggregator is not None:
                 aggregator.add(update)  # folded now: the trainer reuses its delta buffer for the next client
             else:

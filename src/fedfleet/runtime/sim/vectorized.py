@@ -26,7 +26,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from fedfleet.client.torch_trainer import TorchTrainer, batch_indices, check_finite_loss
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
-from fedfleet.core.update import Update
+from fedfleet.core.update import TrainStats, Update
 from fedfleet.runtime.sim.sequential import client_seed
 
 
@@ -109,16 +109,16 @@ class VectorizedRuntime:
         mean_sq = (sq_sum / samples.clamp_min(1)).tolist()
         for c, cid in enumerate(clients):
             check_finite_loss(mean_loss[c], config)
-            metrics = {
-                "train_loss": mean_loss[c],
-                "train_loss_sq": mean_sq[c],
-                "samples": float(samples[c]),
-                "steps": float((weights[c].sum(1) > 0).sum()),
-            }
-            if initial is not None:
-                metrics["initial_loss"] = initial[c]
+            metrics = {"steps": float((weights[c].sum(1) > 0).sum())}
+            stats = TrainStats(
+                samples=float(samples[c]),
+                loss=mean_loss[c],
+                loss_sq=mean_sq[c],
+                initial_loss=initial[c] if initial is not None else None,
+            )
             n = len(fed.client(cid).y)
-            yield Update(FlatParams(self.spec, {self.dtype: w[c]}), weight=float(n), metrics=metrics, client_id=cid)
+            params = FlatParams(self.spec, {self.dtype: w[c]})
+            yield Update(params, weight=float(n), metrics=metrics, client_id=cid, stats=stats)
 
     def round_metrics(self) -> dict[str, float]:
         return {}

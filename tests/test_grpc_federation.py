@@ -1,6 +1,7 @@
 """A real arbiter and real parties over gRPC on loopback (threads of this process; processes elsewhere)."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -68,14 +69,22 @@ class StaleThenGoodParty(Party):
         outbox.send(iter_chunks(update.params))
 
 
+class SlowParty(Party):
+    """Answers a fit task a moment later, so a cheat's repeated answers reach a round that is still open."""
+
+    def _run(self, task, outbox):
+        if task.task == "fit":
+            time.sleep(0.3)
+        return super()._run(task, outbox)
+
+
 @pytest.mark.parametrize(
     "cheat, reason, folded",
     [(NaNParty, "rejected_values", 2.0), (WrongShapeParty, "rejected_layout", 2.0), (StaleThenGoodParty, None, 3.0)],
 )
 def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path, cheat, reason, folded):
-    fed = ThreadedFederation(
-        write_job(tmp_path), ["network.min_parties=2", "rounds=2"], party_class={"host-10001": cheat}
-    )
+    classes = {"host-10001": cheat, "guest-9999": SlowParty, "host-10000": SlowParty}
+    fed = ThreadedFederation(write_job(tmp_path), ["network.min_parties=2", "rounds=2"], party_class=classes)
     history = fed.run()
     for record in history:
         assert record.metrics["clients"] == folded

@@ -20,6 +20,7 @@ from fedfleet.errors import ConfigError
 from fedfleet.runtime.grpc import ArbiterServer, GrpcRuntime
 from fedfleet.runtime.grpc.runtime import PartiesMissingError
 from fedfleet.runtime.grpc.tls import ARBITER_NAME, server_credentials
+from fedfleet.runtime.grpc.wire import JoinMode
 from fedfleet.select import build_selector
 from fedfleet.strategy import Strategy, build_strategy
 
@@ -61,7 +62,7 @@ class SyncArbiter:
             address=config.address,
             credentials=credentials,
             max_weight=config.max_weight,
-            mode="sync",
+            mode=JoinMode.SYNC,
         )
         self.min_parties = config.min_parties or len(config.parties)
         if self.min_parties > len(config.parties):

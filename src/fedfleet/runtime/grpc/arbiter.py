@@ -16,12 +16,13 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
 
 import grpc
 
 from fedfleet.core.params import FlatParams, ParamSpec, spec_difference
 from fedfleet.runtime.grpc.chunks import ParamsReceiver, spec_from_description
-from fedfleet.runtime.grpc.gate import RoundGate, check_values
+from fedfleet.runtime.grpc.gate import Refusal, Rejection, RoundGate, check_values
 from fedfleet.runtime.grpc.links import PartyLink
 from fedfleet.runtime.grpc.service import add_handler, server_options
 from fedfleet.runtime.grpc.tls import peer_identity
@@ -31,6 +32,7 @@ from fedfleet.runtime.grpc.wire import (
     Failure,
     Heartbeat,
     Join,
+    JoinMode,
     Message,
     Reject,
     Result,
@@ -40,13 +42,20 @@ from fedfleet.runtime.grpc.wire import (
 
 log = logging.getLogger("fedfleet.arbiter")
 
-# reasons that mean "this party's answer for the round is bad": stop waiting for it
-FINAL_REJECTIONS = ("layout", "weight", "values", "chunks")
+
+class EventKind(str, Enum):
+    """What the arbiter's streams tell the runtime about a party."""
+
+    UPDATE = "update"  # a result whose params passed every check
+    EVALUATED = "evaluated"  # an evaluation result (metrics only)
+    REJECTED = "rejected"  # its answer for the round is bad (a final refusal): stop waiting for it
+    FAILURE = "failure"  # it could not do the task
+    GONE = "gone"  # its stream ended
 
 
 @dataclass
 class Event:
-    kind: str  # update | evaluated | rejected | failure | gone
+    kind: EventKind
     party: str
     round: int
     result: Result | None = None
@@ -65,7 +74,7 @@ class ArbiterServer:
         credentials: grpc.ServerCredentials | None,
         max_weight: float = 1e9,
         inflight: int = 1,
-        mode: str = "tasks",
+        mode: JoinMode = JoinMode.TASKS,
     ) -> None:
         self.session = session
         self.parties = list(parties)
@@ -183,7 +192,8 @@ class ArbiterServer:
         if join.session != self.session:
             return "", f"{name} asked for session {join.session!r}; this arbiter runs session {self.session!r}"
         if join.mode != self.mode:
-            return "", f"{name} joined in {join.mode} mode; this arbiter runs the session in {self.mode} mode"
+            mode = JoinMode(self.mode).value
+            return "", f"{name} joined in {join.mode} mode; this arbiter runs the session in {mode} mode"
         if self.rounds and join.rounds and join.rounds != self.rounds:
             return "", (
                 f"{name} plans {join.rounds} syncs but the session has {self.rounds} rounds; give every party the "
@@ -227,7 +237,7 @@ class ArbiterServer:
         with self.changed:
             if self._links.get(link.name) is link:
                 del self._links[link.name]
-                self.events.put(Event("gone", link.name, self.gate.round))
+                self.events.put(Event(EventKind.GONE, link.name, self.gate.round))
                 log.info("%s left", link.name)
             self.changed.notify_all()
         link.outbox.close()
@@ -253,22 +263,22 @@ class ArbiterServer:
             self._on_chunk(link, msg, state)
             return
         if state.receiver is not None:  # a new message before the last params were complete
-            self._refuse(link, state.result, "chunks: params ended before every byte arrived", state)
+            self._refuse(link, state.result, Refusal(Rejection.CHUNKS, "params ended before every byte arrived"), state)
         state.discarding = False
         if isinstance(msg, Result):
-            reason = self.gate.admit(link.name, msg)
-            if reason:
-                self._refuse(link, msg, reason, state, counted=True)
+            refusal = self.gate.admit(link.name, msg)
+            if refusal:
+                self._refuse(link, msg, refusal, state, counted=True)
                 state.discarding = msg.has_params
             elif msg.has_params:
                 state.result, state.buffer = msg, self._pool.get()  # blocks while the pool is in use
                 state.receiver = ParamsReceiver(state.buffer)
             else:
-                self.events.put(Event("evaluated", link.name, msg.round, msg))
+                self.events.put(Event(EventKind.EVALUATED, link.name, msg.round, msg))
         elif isinstance(msg, Failure):
             log.warning("%s could not finish round %d: %s", link.name, msg.round + 1, msg.reason)
-            self.gate.reject("failure")
-            self.events.put(Event("failure", link.name, msg.round, reason=msg.reason))
+            self.gate.reject(Rejection.FAILURE)
+            self.events.put(Event(EventKind.FAILURE, link.name, msg.round, reason=msg.reason))
         else:
             log.warning("%s sent an unexpected %s message; ignored", link.name, msg.kind)
 
@@ -281,32 +291,32 @@ class ArbiterServer:
         try:
             state.receiver.add(chunk)
         except WireError as exc:
-            self._refuse(link, state.result, f"chunks: {exc}", state)
+            self._refuse(link, state.result, Refusal(Rejection.CHUNKS, str(exc)), state)
             state.discarding = True
             return
         if not state.receiver.complete:
             return
         result, buffer = state.result, state.buffer
         state.receiver = state.result = state.buffer = None
-        reason = check_values(buffer)
-        if reason:
+        refusal = check_values(buffer)
+        if refusal:
             self.release(buffer)
-            self._refuse(link, result, reason, None)
+            self._refuse(link, result, refusal, None)
         else:
-            self.events.put(Event("update", link.name, result.round, result, buffer))
+            self.events.put(Event(EventKind.UPDATE, link.name, result.round, result, buffer))
 
     def _refuse(
-        self, link: PartyLink, result: Result | None, reason: str, state: _Receiving | None, counted: bool = False
+        self, link: PartyLink, result: Result | None, refusal: Refusal, state: _Receiving | None, counted: bool = False
     ) -> None:
         if not counted:
-            self.gate.reject(reason)
+            self.gate.reject(refusal.kind)
         if state is not None and state.buffer is not None:
             self.release(state.buffer)
             state.receiver = state.result = state.buffer = None
         rnd = result.round if result is not None else -1
-        log.warning("rejected an update from %s for round %d: %s", link.name, rnd + 1, reason)
-        if reason.split(":")[0] in FINAL_REJECTIONS:
-            self.events.put(Event("rejected", link.name, rnd, result, reason=reason))
+        log.warning("rejected an update from %s for round %d: %s", link.name, rnd + 1, refusal)
+        if refusal.kind.final:
+            self.events.put(Event(EventKind.REJECTED, link.name, rnd, result, reason=str(refusal)))
 
 
 class _Receiving:

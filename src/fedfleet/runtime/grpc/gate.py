@@ -12,11 +12,49 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter
+from enum import Enum
 
 from fedfleet.core.params import FlatParams, ParamSpec
 from fedfleet.core.update import TrainStats
 from fedfleet.runtime.grpc.chunks import dtype_name
 from fedfleet.runtime.grpc.wire import Result, TaskKind
+
+
+class Rejection(str, Enum):
+    """Why a party's answer is refused; counted per round as ``rejected_<kind>``."""
+
+    STALE = "stale"  # for another round than the open one
+    LATE = "late"  # the round closed
+    UNSOLICITED = "unsolicited"  # the party was not selected
+    REPLAY = "replay"  # not the task the party was given
+    DUPLICATE = "duplicate"  # the party already answered
+    LAYOUT = "layout"  # params of another layout, or none
+    WEIGHT = "weight"  # not a finite weight within bounds
+    STATS = "stats"  # typed training stats that are not finite (or negative counts)
+    METRICS = "metrics"  # shown metrics that are not short names and numbers
+    VALUES = "values"  # NaN or inf in the params
+    CHUNKS = "chunks"  # the params' chunks do not cover the buffers exactly
+    FAILURE = "failure"  # the party reported it could not do the task
+
+    @property
+    def final(self) -> bool:
+        """The party's answer for the round is bad: the arbiter stops waiting for it."""
+        return self in FINAL
+
+
+FINAL = frozenset({Rejection.LAYOUT, Rejection.WEIGHT, Rejection.STATS, Rejection.METRICS, Rejection.VALUES,
+                   Rejection.CHUNKS})  # fmt: skip
+
+
+class Refusal(str):
+    """A refusal's message (``"<kind>: <detail>"``, for logs) with its typed ``kind``, which is what is counted."""
+
+    kind: Rejection
+
+    def __new__(cls, kind: Rejection, detail: str) -> Refusal:
+        refusal = super().__new__(cls, f"{kind.value}: {detail}")
+        refusal.kind = kind
+        return refusal
 
 
 class RoundGate:
@@ -42,64 +80,66 @@ class RoundGate:
         with self._lock:
             self._open = False
 
-    def admit(self, party: str, result: Result) -> str | None:
+    def admit(self, party: str, result: Result) -> Refusal | None:
         """None when the result may be received; otherwise why not (and it is counted)."""
         with self._lock:
-            reason = self._reason(party, result)
-            if reason is None:
+            refusal = self._refusal(party, result)
+            if refusal is None:
                 self._answered.add(party)
             else:
-                self.rejected[reason.split(":")[0]] += 1
-            return reason
+                self.rejected[refusal.kind.value] += 1
+            return refusal
 
-    def reject(self, reason: str) -> None:
-        """Count a refusal found after admission (bad chunk, non-finite values)."""
+    def reject(self, kind: Rejection) -> None:
+        """Count a refusal found after admission (bad chunks, non-finite values, a failed task)."""
         with self._lock:
-            self.rejected[reason.split(":")[0]] += 1
+            self.rejected[kind.value] += 1
 
-    def _reason(self, party: str, result: Result) -> str | None:
-        if result.round != self.round:
-            return f"stale: round {result.round + 1} while round {self.round + 1} is open"
+    def _refusal(self, party: str, result: Result) -> Refusal | None:
+        rnd, R = result.round, Rejection
+        if rnd != self.round:
+            return Refusal(R.STALE, f"round {rnd + 1} while round {self.round + 1} is open")
         if not self._open:
-            return f"late: round {result.round + 1} is already closed"
+            return Refusal(R.LATE, f"round {rnd + 1} is already closed")
         if party not in self._tasks:
-            return f"unsolicited: {party} was not selected for round {result.round + 1}"
+            return Refusal(R.UNSOLICITED, f"{party} was not selected for round {rnd + 1}")
         if result.task_id != self._tasks[party]:
-            return f"replay: task {result.task_id!r} is not the task {party} was given"
+            return Refusal(R.REPLAY, f"task {result.task_id!r} is not the task {party} was given")
         if party in self._answered:
-            return f"duplicate: {party} already answered round {result.round + 1}"
+            return Refusal(R.DUPLICATE, f"{party} already answered round {rnd + 1}")
         if result.task != TaskKind.EVALUATE and not result.has_params:
-            return f"layout: a {result.task} result without params"
+            return Refusal(R.LAYOUT, f"a {result.task} result without params")
         if result.has_params and (result.spec_digest != self.spec.digest or result.sizes != self._sizes):
-            return f"layout: params {result.sizes} (digest {result.spec_digest}) do not match the job's {self._sizes}"
+            detail = f"params {result.sizes} (digest {result.spec_digest}) do not match the job's {self._sizes}"
+            return Refusal(R.LAYOUT, detail)
         if not (isinstance(result.weight, (int, float)) and math.isfinite(result.weight)):
-            return f"weight: {result.weight!r} is not a finite number"
+            return Refusal(R.WEIGHT, f"{result.weight!r} is not a finite number")
         if not 0 < result.weight <= self.max_weight:
-            return f"weight: {result.weight} outside (0, {self.max_weight:g}]"
-        return _stats_reason(result) or _metrics_reason(result)
+            return Refusal(R.WEIGHT, f"{result.weight} outside (0, {self.max_weight:g}]")
+        return _stats_refusal(result) or _metrics_refusal(result)
 
 
-def _stats_reason(result: Result) -> str | None:
+def _stats_refusal(result: Result) -> Refusal | None:
     try:
         problem = TrainStats.from_wire(result.stats).check()
     except (TypeError, ValueError) as exc:
         problem = str(exc)
-    return f"stats: {problem}" if problem else None
+    return Refusal(Rejection.STATS, problem) if problem else None
 
 
-def _metrics_reason(result: Result, most: int = 64) -> str | None:
+def _metrics_refusal(result: Result, most: int = 64) -> Refusal | None:
     """Metrics are only shown, but averaged: a short name and a number each (NaN allowed: a metric may be
     undefined, as AUC is on one class), and not too many."""
     metrics = result.metrics
     if not isinstance(metrics, dict) or len(metrics) > most:
-        return f"metrics: not a mapping of at most {most} names to numbers"
+        return Refusal(Rejection.METRICS, f"not a mapping of at most {most} names to numbers")
     for name, value in metrics.items():
         if not isinstance(name, str) or len(name) > 100:
-            return f"metrics: name {str(name)[:40]!r} is not a short string"
+            return Refusal(Rejection.METRICS, f"name {str(name)[:40]!r} is not a short string")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isinf(value):
-            return f"metrics: {name} is {value!r}, not a number"
+            return Refusal(Rejection.METRICS, f"{name} is {value!r}, not a number")
     return None
 
 
-def check_values(params: FlatParams) -> str | None:
-    return None if params.isfinite() else "values: NaN or inf in the params"
+def check_values(params: FlatParams) -> Refusal | None:
+    return None if params.isfinite() else Refusal(Rejection.VALUES, "NaN or inf in the params")

@@ -29,6 +29,7 @@ from fedfleet.runtime.grpc.wire import (
     Failure,
     Heartbeat,
     Join,
+    JoinMode,
     Reject,
     Result,
     Task,
@@ -74,7 +75,7 @@ class PartySession:
     :class:`~fedfleet.runtime.grpc.sync_party.SyncParty` hands the params to a training loop of its own.
     """
 
-    mode = "tasks"
+    mode = JoinMode.TASKS
 
     def __init__(self, spec: Any, connection: Connection) -> None:
         self.conn = connection

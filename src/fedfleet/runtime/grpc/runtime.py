@@ -25,9 +25,9 @@ from fedfleet.core.loop import RoundIncomplete
 from fedfleet.core.params import FlatParams
 from fedfleet.core.update import TrainStats, Update
 from fedfleet.errors import UserError
-from fedfleet.runtime.grpc.arbiter import ArbiterServer, Event
+from fedfleet.runtime.grpc.arbiter import ArbiterServer, Event, EventKind
 from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES, iter_chunks
-from fedfleet.runtime.grpc.wire import Done, Task, TaskKind
+from fedfleet.runtime.grpc.wire import Done, JoinMode, Task, TaskKind
 from fedfleet.runtime.sim.sequential import client_seed
 
 log = logging.getLogger("fedfleet.arbiter")
@@ -84,7 +84,7 @@ class GrpcRuntime:
             self._send(name, iter_chunks(global_params, self.chunk_bytes))
         pending, accepted, lost = set(tasks), 0, 0
         for event in self._events(pending, config.round):
-            if event.kind == "update":
+            if event.kind == EventKind.UPDATE:
                 result = event.result
                 try:
                     yield Update(
@@ -98,7 +98,7 @@ class GrpcRuntime:
                     accepted += 1
                 finally:
                     self.server.release(event.params)
-            elif event.kind == "gone":
+            elif event.kind == EventKind.GONE:
                 lost += 1
         self.server.gate.close()
         self._metrics = {
@@ -142,7 +142,7 @@ class GrpcRuntime:
 
     @property
     def sync_mode(self) -> bool:
-        return self.server.mode == "sync"
+        return self.server.mode == JoinMode.SYNC
 
     def initial_params(self) -> FlatParams:
         """For an arbiter without a model: the layout and initial params of the first party that answers.
@@ -162,7 +162,7 @@ class GrpcRuntime:
             self.server.gate.open(-1, {name: task_id})
             self._send(name, Task(task_id=task_id, round=-1, task=TaskKind.INIT, has_params=False))
             for event in self._events({name}, -1):
-                if event.kind == "update":
+                if event.kind == EventKind.UPDATE:
                     params = event.params.clone()
                     self.server.release(event.params)
                     self.server.gate.close()
@@ -188,7 +188,7 @@ class GrpcRuntime:
             self._send(name, iter_chunks(global_params, self.chunk_bytes))
         means = MetricMean()
         for event in self._events(set(tasks), self._round):
-            if event.kind == "evaluated":
+            if event.kind == EventKind.EVALUATED:
                 means.add(event.result.metrics, event.result.weight)
         self.server.gate.close()
         return means.means()
@@ -209,7 +209,7 @@ class GrpcRuntime:
                 event = self.server.events.get(timeout=min(left, 1.0))
             except queue.Empty:
                 continue
-            if event.round != rnd and event.kind != "gone":
+            if event.round != rnd and event.kind != EventKind.GONE:
                 self.server.release(event.params)  # finished arriving after its round closed
                 continue
             if event.party in pending:

@@ -19,13 +19,13 @@ from fedfleet.core.params import FlatParams
 from fedfleet.core.update import NO_STATS, TrainStats
 from fedfleet.runtime.grpc.chunks import dtype_name
 from fedfleet.runtime.grpc.party import Connection, PartySession
-from fedfleet.runtime.grpc.wire import Join, Result, Task, TaskKind
+from fedfleet.runtime.grpc.wire import Join, JoinMode, Result, Task, TaskKind
 
 log = logging.getLogger("fedfleet.party")
 
 
 class SyncParty(PartySession):
-    mode = "sync"
+    mode = JoinMode.SYNC
 
     def __init__(self, spec: object, connection: Connection, rounds: int = 0) -> None:
         super().__init__(spec, connection)

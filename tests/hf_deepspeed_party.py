@@ -1,4 +1,4 @@
-"""One data owner of tests/test_hf_deepspeed.py: a FedAvgClient under DeepSpeed ZeRO (or none), run by torchrun.
+"""One data owner of tests/e2e/test_hf_deepspeed.py: a FedAvgClient under DeepSpeed ZeRO (or none), run by torchrun.
 
 Every rank records, around each sync, what DeepSpeed itself says the weights are, read independently of
 fedfleet's exchange code: the fp32 master weights (``safe_get_full_fp32_param``) just before the sync and

@@ -1,4 +1,4 @@
-"""One rank of a two-rank Hugging Face party (tests/test_hf_rank_failure.py): started as a launcher such as
+"""One rank of a two-rank Hugging Face party (tests/e2e/test_hf_rank_failure.py): started as a launcher such as
 srun or mpirun would, with RANK / LOCAL_RANK / WORLD_SIZE / MASTER_* in the environment and no torchrun
 agent to kill the other ranks when one fails. Prints ``rank R synced N`` after each sync and, on failure,
 ``rank R failed: <error>`` before exiting with code 3."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "lightning" / "digits_party.py"
+from tests.paths import ROOT
+
+EXAMPLE = ROOT / "examples" / "lightning" / "digits_party.py"
 
 
 def _load_example():

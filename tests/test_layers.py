@@ -4,7 +4,9 @@ under TYPE_CHECKING) must point down, or sideways along one of the sub-orders wr
 import ast
 from pathlib import Path
 
-SRC = Path(__file__).parents[1] / "src" / "fedfleet"
+from tests.paths import ROOT
+
+SRC = ROOT / "src" / "fedfleet"
 
 # top to bottom; a unit is a top-level package, or one runtime (runtime.sim, runtime.ray, ...)
 LAYERS: list[tuple[str, set[str]]] = [
@@ -12,7 +14,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("integrations", {"hf", "lightning", "offsite", "hpc"}),
     ("sync", {"sync"}),
     ("runtime", {"runtime", "runtime.sim", "runtime.ray", "runtime.grpc", "runtime.files", "security"}),
-    ("algorithms", {"strategy", "select", "client", "callbacks", "privacy", "secagg", "robust"}),
+    ("algorithms", {"strategy", "select", "client", "callbacks", "transforms", "privacy", "secagg", "robust"}),
     ("core", {"core"}),
     ("data", {"data", "models", "traces"}),
     ("base", {"errors", "registry"}),

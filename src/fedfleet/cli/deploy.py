@@ -38,15 +38,20 @@ def arbiter_command(
         )
 
     try:
+        announced = arbiter.needs_a_party_to_start  # network.central_eval: false, so no data here
+        if announced:
+            announce()
+            print("no dataset on the arbiter: the first party to connect sends the initial model", file=sys.stderr)
+        loop = arbiter.prepare()
         code = run_loop_in_folder(
-            arbiter.loop,
+            loop,
             job,
             resume_command=f"fedfleet arbiter {job_path}",
             resume=resume,
             overwrite=overwrite,
             quiet=quiet,
             checkpoint_every=1,  # a deployed arbiter commits every round, so a crash loses at most one
-            on_ready=announce,
+            on_ready=None if announced else announce,
         )
         if code == 0:
             arbiter.runtime.finish()

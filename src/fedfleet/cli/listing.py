@@ -11,6 +11,7 @@ def _tables() -> dict:
     from fedfleet.models import MODELS
     from fedfleet.select import SELECTORS
     from fedfleet.strategy import STRATEGIES
+    from fedfleet.transforms import FOLD_TRANSFORMS, PARTY_TRANSFORMS
 
     return {
         "strategies": STRATEGIES,
@@ -18,6 +19,8 @@ def _tables() -> dict:
         "models": MODELS,
         "datasets": DATASETS,
         "partitioners": PARTITIONERS,
+        "client-transforms": PARTY_TRANSFORMS,
+        "server-transforms": FOLD_TRANSFORMS,
     }
 
 

@@ -24,6 +24,7 @@ from fedfleet.client.local_params import LocalParams, match_local
 from fedfleet.client.tasks import METRICS, OutputLoss, output_kind
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams, Selector, bind_grads, bind_module, select_params
+from fedfleet.core.pipeline import Pipeline, TransformContext, UpdateTransform
 from fedfleet.core.update import TrainStats, Update
 from fedfleet.errors import ConfigError, TrainingDivergedError
 
@@ -60,7 +61,10 @@ class TorchTrainer:
         device: str | torch.device = "cpu",
         data: Any = None,
         eval_batch_size: int = 1024,
+        update_transforms: Sequence[UpdateTransform] = (),
     ) -> None:
+        """``update_transforms``: the party-side chain of the aggregation pipeline (``core.pipeline``), applied
+        to every update before ``fit`` returns it (clipping, noise, ...)."""
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
         if momentum < 0 or weight_decay < 0:
@@ -75,6 +79,7 @@ class TorchTrainer:
         self.data = data
         self.eval_batch_size = eval_batch_size
         self.keep_local = tuple(keep_local)
+        self.pipeline = Pipeline(client=tuple(update_transforms))
         self.local: LocalParams | None = None
         if self.keep_local:
             named = list(self.model.named_parameters())
@@ -109,7 +114,14 @@ class TorchTrainer:
             metrics["local_rows"] = float(kept)
         for d, buf in self._delta.buffers.items():
             torch.sub(self.params.buffers[d], params.buffers[d], out=buf)
-        return Update(self._delta, weight=float(n), metrics=metrics, stats=stats)
+        update = Update(self._delta, weight=float(n), metrics=metrics, stats=stats)
+        return self.on_party(update, config, getattr(data, "client_id", -1))
+
+    def on_party(self, update: Update, config: FitConfig, client: int | str) -> Update:
+        """The party-side transforms, with the round's context (a no-op without any)."""
+        if not self.pipeline.client:
+            return update
+        return self.pipeline.on_party(update, TransformContext(config.round, client, config.seed))
 
     def _train(self, params: FlatParams, config: FitConfig, data: Any) -> tuple[dict[str, float], TrainStats]:
         """Local training from ``params``; the metrics shown and the typed stats the server uses."""

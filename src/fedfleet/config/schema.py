@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from fedfleet.config.loader import Named
+from fedfleet.core.fit_config import FitConfig
+from fedfleet.runtime.grpc.settings import SessionSettings
 
 
 def _positive(name: str, value: float | int | None, allow_zero: bool = False) -> None:
@@ -39,10 +41,11 @@ class DataConfig:
 class ClientConfig:
     """Local training on each selected client."""
 
-    epochs: int = 1
-    steps: int | None = None  # exactly this many SGD steps instead of epochs
-    batch_size: int = 10
-    lr: float = 0.1
+    # the defaults are FitConfig's, so a job file and Simulation.build train alike
+    epochs: int = FitConfig.epochs
+    steps: int | None = FitConfig.steps  # exactly this many SGD steps instead of epochs
+    batch_size: int = FitConfig.batch_size
+    lr: float = FitConfig.lr
     optimizer: str = "sgd"  # sgd | adam | adamw | adagrad | rmsprop
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -107,37 +110,28 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
-class NetworkConfig:
-    """A deployed federation: ``fedfleet arbiter`` and ``fedfleet party`` (ignored by ``simulate``)."""
+class NetworkConfig(SessionSettings):
+    """A deployed federation: ``fedfleet arbiter`` and ``fedfleet party`` (ignored by ``simulate``). Every key
+    of ``SessionSettings`` (address, session, certs, min_parties, round_timeout, ...) with its defaults, and:"""
 
-    address: str = "127.0.0.1:50051"  # where the arbiter listens and parties dial (host:port)
-    session: str = "fedfleet"  # every party must join with the same session id
     parties: tuple[str, ...] = ()  # the allowed parties (certificate names, e.g. guest-9999); order = client ids
-    min_parties: int | None = None  # answers a round needs to commit (default: the cohort)
-    round_timeout: float = 600.0  # seconds a round waits for the selected parties' updates
-    join_timeout: float = 30.0  # seconds a round waits for selected parties that are not connected
-    wait_timeout: float = 3600.0  # seconds the arbiter waits for min_parties before it gives up
-    certs: str = "certs"  # folder from `fedfleet certs`: ca.crt, <name>.crt, <name>.key
     insecure: bool = False  # plaintext, identities taken on trust; for a trusted network only
-    max_weight: float = 1.0e9  # an update claiming more examples than this is rejected
-    chunk_mib: float = 4.0  # params travel in chunks of this size
     party_data: Literal["shard", "whole"] = "shard"  # shard: party k takes client k of data.partition
-    heartbeat_s: float = 5.0
-    reconnect_max_s: float = 30.0  # a party retries a lost arbiter with backoff up to this delay
+    # the arbiter evaluates the global model on the job's test split; false: it never loads the dataset (the
+    # data are the parties'), takes the seeded initial model from the first party and reports their evaluation
+    central_eval: bool = True
+
+    key_prefix: ClassVar[str] = "network."
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"\[?[A-Za-z0-9.:_-]*\]?:\d+", self.address):
-            raise ValueError(f"network.address must be host:port, got {self.address!r}")
+        super().__post_init__()
         if len(set(self.parties)) != len(self.parties):
             raise ValueError("network.parties lists a party twice")
         for name in self.parties:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
                 raise ValueError(f"network.parties: {name!r} is not a valid party name (e.g. guest-9999)")
-        _positive("network.min_parties", self.min_parties)
-        for key in ("round_timeout", "join_timeout", "wait_timeout", "max_weight", "heartbeat_s", "reconnect_max_s"):
-            _positive(f"network.{key}", getattr(self, key))
-        if not 0.0625 <= self.chunk_mib <= 16:
-            raise ValueError(f"network.chunk_mib must be in [0.0625, 16], got {self.chunk_mib}")
+        if self.certs is None and not self.insecure:
+            raise ValueError("network.certs is empty: name the certificate folder, or set network.insecure: true")
 
 
 @dataclass(frozen=True)
@@ -184,6 +178,16 @@ class FedBuffConfig:
 
 
 @dataclass(frozen=True)
+class TransformsConfig:
+    """The aggregation pipeline's transforms, in order (``fedfleet list client-transforms``): ``client`` on each
+    party's update before it is sent, ``server`` on the arbiter around the fold, e.g.
+    ``client: [{name: clip, max_norm: 1.0}]``."""
+
+    client: tuple[Named, ...] = ()
+    server: tuple[Named, ...] = ()
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str = "digits-fedavg"
     seed: int = 0
@@ -200,6 +204,7 @@ class JobConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     system: SystemConfig | None = None  # simulate device speeds, networks and availability (traces)
     fedbuff: FedBuffConfig | None = None  # asynchronous buffered aggregation instead of rounds (simulate only)
+    transforms: TransformsConfig = field(default_factory=TransformsConfig)  # clip, ... around the aggregation
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):

@@ -8,7 +8,7 @@ updates are and move one model-sized partial instead of one update per client.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from fedfleet.core.params import FlatParams
 from fedfleet.core.update import Aggregate, Update
@@ -48,6 +48,10 @@ class MetricMean:
 
 class WeightedMean:
     """sum_k w_k * x_k / sum_k w_k, folded one update at a time (one fused multiply-add per dtype)."""
+
+    # what FedBuff asks of a strategy's aggregator: that it is this weighted mean, so folding the arrivals with
+    # staleness-scaled weights instead keeps the strategy's meaning (any aggregator may declare it)
+    weighted_mean: ClassVar[bool] = True
 
     def __init__(self, like: FlatParams) -> None:
         self._sum = like.zeros_like()

@@ -37,7 +37,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedfleet.core.aggregate import WeightedMean
 from fedfleet.core.async_buffer import StalenessBuffer
 from fedfleet.core.async_flights import Flight, InFlight
 from fedfleet.core.async_staleness import Polynomial, StalenessFn, arrival_factor
@@ -54,10 +53,12 @@ from fedfleet.core.loop import (
     train_metrics,
 )
 from fedfleet.core.params import FlatParams
+from fedfleet.core.pipeline import Pipeline
 from fedfleet.core.round_end import RoundFeedback
 from fedfleet.core.round_plan import reported_loss
 from fedfleet.core.seeding import SELECT, derive_seed
 from fedfleet.core.signals import deferred_interrupt
+from fedfleet.core.update import Update
 
 log = logging.getLogger(__name__)
 
@@ -124,21 +125,24 @@ class AsyncLoop(RoundLoop):
         client_sizes: np.ndarray,
         callbacks: Sequence[Callback] = (),
         clock: VirtualClock | None = None,
+        pipeline: Pipeline | None = None,
     ) -> None:
-        """``client_sizes`` (examples per client) give each dispatched client's latency before it trains."""
+        """``client_sizes`` (examples per client) give each dispatched client's latency before it trains;
+        ``pipeline``'s fold transforms see each arrival before it joins the buffer, and the buffer's mean."""
         if fedbuff.concurrency > runtime.population:
             raise ValueError(
                 f"FedBuff concurrency {fedbuff.concurrency} is larger than the population of {runtime.population}"
             )
-        if not isinstance(strategy.aggregator(global_params), WeightedMean):
+        if not getattr(strategy.aggregator(global_params), "weighted_mean", False):
             raise ValueError(
                 f"FedBuff folds arrivals with its own staleness-weighted mean, but strategy "
                 f"{type(strategy).__name__} aggregates its own way and would ignore the staleness; use fedavg, "
                 f"fedavgm, fedprox, fedadam, fedyogi or fedadagrad"
             )
         super().__init__(
-            strategy, runtime, selector, global_params, fit_config, config, callbacks, clock, None, client_sizes
-        )
+            strategy, runtime, selector, global_params, fit_config, config, callbacks, clock, None, client_sizes,
+            pipeline,
+        )  # fmt: skip
         self.fedbuff = fedbuff
         self.client_sizes = self.planner.client_sizes
         self.in_flight = InFlight(global_params, fedbuff.concurrency)
@@ -190,7 +194,7 @@ class AsyncLoop(RoundLoop):
                 self.clock.now = self.in_flight.next_event()
             else:
                 self.clock.now = self._next_check_in()
-        aggregate = buffer.finish()
+        aggregate = self.pipeline.after_fold(buffer.finish())
         metrics = train_metrics(aggregate)
         metrics.update(
             clients=float(aggregate.count),
@@ -230,7 +234,14 @@ class AsyncLoop(RoundLoop):
         scale, weight = arrival_factor(
             self.fedbuff.staleness, staleness, flight.examples, self.fedbuff.weight_by_examples
         )
-        buffer.add(delta, scale, weight, {**flight.metrics, **flight.stats.as_metrics()})
+        arrival = self.pipeline.before_fold(
+            Update(delta, flight.examples, flight.metrics, flight.client, True, flight.stats)
+        )
+        if arrival is None:  # a fold transform left it out
+            step.discarded += 1
+            step.seen.append((flight.client, False, loss, 0.0, flight.latency))
+            return
+        buffer.add(arrival.params, scale, weight, {**arrival.metrics, **arrival.stats.as_metrics()})
         step.staleness.append(staleness)
         step.seen.append((flight.client, True, loss, flight.samples, flight.latency))
 

@@ -1,7 +1,8 @@
 """The one round loop. Every runtime (in-process simulation, Ray, gRPC) is driven by it.
 
     configure -> plan (who checked in, select, who will finish in time) -> execute on the runtime
-    -> aggregate (streaming) -> server step -> evaluate -> tell the selector -> callbacks
+    -> aggregate (streaming, inside the pipeline's fold transforms) -> server step -> evaluate
+    -> tell the selector -> callbacks
 
 The loop owns the server state (global params, strategy state, round, virtual clock) and nothing else:
 the maths is the strategy's, the transport is the runtime's, who trains is the planner's
@@ -26,6 +27,7 @@ from fedfleet.core.aggregate import Aggregator
 from fedfleet.core.clock import VirtualClock
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
+from fedfleet.core.pipeline import EMPTY, Pipeline
 from fedfleet.core.round_end import RoundEnd, RoundFeedback
 from fedfleet.core.round_plan import Heard, RoundPlanner, reported_loss
 from fedfleet.core.signals import deferred_interrupt
@@ -125,9 +127,11 @@ class RoundLoop:
         clock: VirtualClock | None = None,
         round_end: RoundEnd | None = None,
         client_sizes: np.ndarray | None = None,
+        pipeline: Pipeline | None = None,
     ) -> None:
         """``client_sizes`` (examples per client) lets the loop plan rounds before training; ``round_end``
-        (default: wait for all) then decides whose updates count."""
+        (default: wait for all) then decides whose updates count. ``pipeline``: the fold transforms around the
+        strategy's aggregator (``core.pipeline``; its party-side chain is the trainers')."""
         if config.cohort > runtime.population:
             raise ValueError(f"cohort {config.cohort} is larger than the population of {runtime.population}")
         if config.target_mode not in _REACHED:
@@ -144,6 +148,7 @@ class RoundLoop:
         self.fit_config = fit_config
         self.config = config
         self.callbacks = list(callbacks)
+        self.pipeline = pipeline or EMPTY
         self.clock = clock or VirtualClock()
         self.planner = RoundPlanner(
             selector, self.clock, runtime.population, config.cohort, config.seed, round_end, client_sizes
@@ -239,7 +244,7 @@ class RoundLoop:
         wall = time.perf_counter()
         config = self.strategy.configure_fit(dataclasses.replace(self.fit_config, round=rnd, seed=self.config.seed))
         plan = self.planner.plan(rnd, config, self.global_params.nbytes)
-        aggregator = self.strategy.aggregator(self.global_params)
+        aggregator = self.pipeline.aggregator(self.strategy, self.global_params)
         download = self.global_params.nbytes
         heard: Heard = {}
         for item in self.runtime.fit(self.global_params, plan.train, config):

@@ -17,11 +17,13 @@ from fedfleet.client import TorchTrainer
 from fedfleet.client.tasks import output_widths
 from fedfleet.config.schema import JobConfig
 from fedfleet.core.fit_config import FitConfig
+from fedfleet.core.pipeline import Pipeline
 from fedfleet.data import FederatedDataset, load_dataset, partition, train_test_split
 from fedfleet.data.datasets import Dataset
 from fedfleet.errors import ConfigError, DataError
 from fedfleet.models import build_model
 from fedfleet.registry import construct
+from fedfleet.transforms import build_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +107,17 @@ def build_parts(job: JobConfig, clients: int | None = None) -> JobParts:
             "weight_decay": job.client.weight_decay,
             "keep_local": job.client.keep_local,
             "device": device,
+            "update_transforms": pipeline_of(job).client,
         },
         "client",
     )
     return JobParts(dataset, train, test, federation, trainer, device)
+
+
+def pipeline_of(job: JobConfig) -> Pipeline:
+    """The job's aggregation pipeline: its party-side chain goes into the trainer, its fold chain into the loop."""
+    t = job.transforms
+    return build_pipeline([(n.name, n.params) for n in t.client], [(n.name, n.params) for n in t.server])
 
 
 def fit_config(job: JobConfig) -> FitConfig:

@@ -7,16 +7,19 @@ its simulation); with ``whole`` it trains on all of the dataset its own job file
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedfleet.config.schema import JobConfig
 from fedfleet.core.loop import LoopConfig, RoundLoop
+from fedfleet.core.params import FlatParams
 from fedfleet.data import partition
 from fedfleet.data.federated import ClientData
 from fedfleet.errors import ConfigError
-from fedfleet.jobs.assemble import build_parts, fit_config
+from fedfleet.jobs.assemble import build_parts, fit_config, pipeline_of
 from fedfleet.runtime.grpc import ArbiterServer, Connection, GrpcRuntime, Party
 from fedfleet.runtime.grpc.tls import ARBITER_NAME, channel_credentials, server_credentials
+from fedfleet.runtime.grpc.wire import JoinMode
 from fedfleet.select import build_selector
 from fedfleet.strategy import build_strategy
 
@@ -44,13 +47,36 @@ def party_names(job: JobConfig) -> list[str]:
 
 @dataclass
 class ArbiterJob:
-    loop: RoundLoop
+    """The arbiter's server, runtime and round loop. Without central evaluation the arbiter loads no data, so
+    the loop exists only once ``prepare`` has taken the seeded initial model from the first party."""
+
     runtime: GrpcRuntime
     server: ArbiterServer
+    make_loop: Callable[[FlatParams], RoundLoop]
+    initial: FlatParams | None = None  # None: the first party's, asked for by ``prepare``
+    _loop: RoundLoop | None = None
+
+    @property
+    def loop(self) -> RoundLoop:
+        if self._loop is None:
+            if self.initial is None:
+                raise RuntimeError("this arbiter has no initial model yet: start the server and call prepare()")
+            self._loop = self.make_loop(self.initial)
+        return self._loop
+
+    @property
+    def needs_a_party_to_start(self) -> bool:
+        return self.initial is None and self._loop is None
+
+    def prepare(self) -> RoundLoop:
+        """The round loop; a data-less arbiter first waits for a party and takes its initial model."""
+        if self.needs_a_party_to_start:
+            self.initial = self.runtime.initial_params()
+        return self.loop
 
 
 def build_arbiter(job: JobConfig, access: Access) -> ArbiterJob:
-    """Every check that can fail, then the (not yet started) server and the round loop that drives it."""
+    """Every check that can fail, then the (not yet started) server and what builds the round loop."""
     if job.fedbuff is not None:
         raise ConfigError(
             "fedbuff runs on the virtual clock of a simulation (fedfleet simulate); a deployed federation runs "
@@ -64,35 +90,42 @@ def build_arbiter(job: JobConfig, access: Access) -> ArbiterJob:
         raise ConfigError(f"network.min_parties {min_parties} is larger than the cohort {job.cohort}")
     strategy = build_strategy(job.strategy.name, **job.strategy.params)
     selector = build_selector(job.selector.name, **job.selector.params)
-    parts = build_parts(job, clients=len(names))  # the seeded initial model, and the test split for evaluation
+    pipeline = pipeline_of(job)  # the fold chain; each party's own job file gives its party-side chain
+    # the seeded initial model and the test split, only where the arbiter evaluates centrally
+    parts = build_parts(job, clients=len(names)) if job.network.central_eval else None
     credentials = None if access.insecure else server_credentials(access.certs, ARBITER_NAME)
     server = ArbiterServer(
         session=job.network.session,
         parties=names,
-        spec=parts.trainer.params.spec,
+        spec=parts.trainer.params.spec if parts is not None else None,
         address=access.address,
         credentials=credentials,
         max_weight=job.network.max_weight,
     )
-    test = parts.test.to(parts.device) if len(parts.test.y) else None
+    test = parts.test.to(parts.device) if parts is not None and len(parts.test.y) else None
     runtime = GrpcRuntime(
         server,
         min_parties=min_parties,
-        round_timeout=job.network.round_timeout,
+        round_timeout=job.network.round_timeout_s(JoinMode.TASKS),
         join_timeout=job.network.join_timeout,
         wait_timeout=job.network.wait_timeout,
-        chunk_bytes=int(job.network.chunk_mib * (1 << 20)),
+        chunk_bytes=job.network.chunk_bytes,
         evaluator=(parts.trainer, test) if test is not None else None,
     )
-    loop = RoundLoop(
-        strategy,
-        runtime,
-        selector,
-        parts.trainer.params.clone().to("cpu"),
-        fit_config(job),
-        LoopConfig(rounds=job.rounds, cohort=job.cohort, seed=job.seed, eval_every=job.eval_every),
-    )
-    return ArbiterJob(loop, runtime, server)
+
+    def make_loop(initial: FlatParams) -> RoundLoop:
+        return RoundLoop(
+            strategy,
+            runtime,
+            selector,
+            initial,
+            fit_config(job),
+            LoopConfig(rounds=job.rounds, cohort=job.cohort, seed=job.seed, eval_every=job.eval_every),
+            pipeline=pipeline,
+        )
+
+    initial = parts.trainer.params.clone().to("cpu") if parts is not None else None
+    return ArbiterJob(runtime, server, make_loop, initial)
 
 
 def build_party(job: JobConfig, name: str, access: Access) -> Party:
@@ -118,6 +151,6 @@ def build_party(job: JobConfig, name: str, access: Access) -> Party:
         credentials=credentials,
         heartbeat_s=job.network.heartbeat_s,
         reconnect_max_s=job.network.reconnect_max_s,
-        chunk_bytes=int(job.network.chunk_mib * (1 << 20)),
+        chunk_bytes=job.network.chunk_bytes,
     )
     return Party(parts.trainer, train, evaluation, connection)

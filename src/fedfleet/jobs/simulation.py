@@ -21,10 +21,11 @@ from fedfleet.core.async_staleness import build_staleness
 from fedfleet.core.clock import VirtualClock
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.loop import Callback, LoopConfig, RoundLoop, RoundRecord
+from fedfleet.core.pipeline import EMPTY, Pipeline
 from fedfleet.core.round_end import RoundEnd, build_round_end
 from fedfleet.data import FederatedDataset
 from fedfleet.errors import ConfigError
-from fedfleet.jobs.assemble import build_parts, fit_config, resolve_device, set_threads
+from fedfleet.jobs.assemble import build_parts, fit_config, pipeline_of, resolve_device, set_threads
 from fedfleet.runtime.ray import RayOptions, RayRuntime
 from fedfleet.runtime.sim import make_runtime
 from fedfleet.select import build_selector
@@ -49,11 +50,11 @@ class Simulation:
         *,
         test: Any = None,
         strategy: Strategy | str = "fedavg",
-        rounds: int = 10,
-        cohort: int = 10,
+        rounds: int = JobConfig.rounds,
+        cohort: int = JobConfig.cohort,
         client: FitConfig | None = None,
-        seed: int = 0,
-        eval_every: int = 1,
+        seed: int = JobConfig.seed,
+        eval_every: int = JobConfig.eval_every,
         vectorize: str = "auto",
         loss: nn.Module | None = None,
         optimizer: str = "sgd",
@@ -66,21 +67,26 @@ class Simulation:
         target_accuracy: float | None = None,
         fedbuff: FedBuff | None = None,
         threads: int | None = None,
+        pipeline: Pipeline | None = None,
     ) -> Simulation:
-        """The Python API: your model and data, no config file needed; ``ray`` trains on a Ray cluster;
+        """The Python API: your model and data, no config file needed, with a job file's defaults (``JobConfig``,
+        ``FitConfig``: the same job gives the same model either way); ``ray`` trains on a Ray cluster;
         ``fedbuff`` runs asynchronous buffered aggregation (``rounds`` server steps) instead of rounds;
-        ``threads``: torch threads for training (default: one for a small model on a CPU, see ``set_threads``)."""
+        ``threads``: torch threads for training (default: one for a small model on a CPU, see ``set_threads``);
+        ``pipeline``: the aggregation pipeline's transforms (``fedfleet.transforms.build_pipeline``)."""
         dev = resolve_device(device)
         set_threads(threads, model, dev)
         federation = federation.to(dev)
         test = test.to(dev) if test is not None and hasattr(test, "to") else test
-        trainer = TorchTrainer(model, loss, optimizer=optimizer, device=dev)
+        pipeline = pipeline or EMPTY
+        trainer = TorchTrainer(model, loss, optimizer=optimizer, device=dev, update_transforms=pipeline.client)
         strat = build_strategy(strategy) if isinstance(strategy, str) else strategy
+        # FedBuff weighs each arrival by its staleness: its Ray workers send every client's delta, not a partial
+        folds = None if fedbuff else strat
         runtime = (
             make_runtime(trainer, federation, test, vectorize)
             if ray is None
-            # FedBuff weighs each arrival by its staleness: its workers send every client's delta, not a partial
-            else RayRuntime(trainer, federation, test, strategy=None if fedbuff else strat, options=ray)
+            else RayRuntime(trainer, federation, test, strategy=folds, options=ray, pipeline=pipeline)
         )
         sel = build_selector(selector) if isinstance(selector, str) else selector
         params, fit = trainer.params.clone(), client or FitConfig()
@@ -92,10 +98,13 @@ class Simulation:
             config = LoopConfig(rounds, fedbuff.concurrency, seed, eval_every, target=target_accuracy)
             sizes = federation.sizes().cpu().numpy()
             clock = VirtualClock(traces=traces)
-            loop: RoundLoop = AsyncLoop(strat, runtime, sel, params, fit, config, fedbuff, sizes, callbacks, clock)
+            loop: RoundLoop = AsyncLoop(
+                strat, runtime, sel, params, fit, config, fedbuff, sizes, callbacks, clock, pipeline
+            )
             return cls(loop, trainer, federation)
         config = LoopConfig(rounds=rounds, cohort=cohort, seed=seed, eval_every=eval_every, target=target_accuracy)
-        loop = RoundLoop(strat, runtime, sel, params, fit, config, callbacks, **_system(traces, round_end, federation))
+        system = _system(traces, round_end, federation)
+        loop = RoundLoop(strat, runtime, sel, params, fit, config, callbacks, **system, pipeline=pipeline)
         return cls(loop, trainer, federation)
 
     @classmethod
@@ -112,6 +121,7 @@ class Simulation:
             )
         test_data = parts.test.to(parts.device) if len(parts.test.y) else None
         folds = strategy if fedbuff is None else None  # FedBuff needs each client's delta (staleness weights)
+        pipeline = pipeline_of(job)  # its party-side chain is already the trainer's
         runtime = RUNTIMES[job.runtime.kind](job, trainer, federation, test_data, folds)
         fit = fit_config(job)
         config = LoopConfig(
@@ -123,12 +133,14 @@ class Simulation:
         )
         params, system = trainer.params.clone(), _job_system(job, federation)
         if fedbuff is None:
-            loop = RoundLoop(strategy, runtime, selector, params, fit, config, callbacks, **system)
+            loop = RoundLoop(strategy, runtime, selector, params, fit, config, callbacks, **system, pipeline=pipeline)
             return cls(loop, trainer, federation, job)
         clock = system.get("clock", VirtualClock())  # no system section: every client on the default device
         sizes = federation.sizes().cpu().numpy()
         try:
-            loop = AsyncLoop(strategy, runtime, selector, params, fit, config, fedbuff, sizes, callbacks, clock)
+            loop = AsyncLoop(
+                strategy, runtime, selector, params, fit, config, fedbuff, sizes, callbacks, clock, pipeline
+            )
         except ValueError as exc:  # e.g. a strategy whose own aggregator would ignore the staleness weights
             raise ConfigError(f"fedbuff: {exc}") from None
         return cls(loop, trainer, federation, job)
@@ -185,7 +197,7 @@ def _on_ray(job: JobConfig, trainer: TorchTrainer, federation: FederatedDataset,
         gpus_per_worker=gpus,
         vectorize=rt.vectorize,
     )
-    return RayRuntime(trainer, federation, test, strategy=strategy, options=options)
+    return RayRuntime(trainer, federation, test, strategy=strategy, options=options, pipeline=pipeline_of(job))
 
 
 # runtime.kind -> how the job's runtime is built (a new kind is a function and a row)

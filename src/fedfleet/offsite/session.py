@@ -30,6 +30,7 @@ from fedfleet.errors import ConfigError
 from fedfleet.hf.trainer import FedAvgClient
 from fedfleet.offsite.models import AutoSubModel, OffsiteTuningMainModel, OffsiteTuningSubModel
 from fedfleet.offsite.tuning import LoraSettings, merge_lora, tunable
+from fedfleet.runtime.grpc.settings import DEFAULTS
 from fedfleet.sync.arbiter import SyncArbiter, SyncSessionConfig
 from fedfleet.sync.args import FedArguments
 from fedfleet.sync.context import Context
@@ -62,7 +63,7 @@ class OffsiteTuningServer:
         fed_args: FedArguments | None = None,
         rounds: int | None = None,
         handout_at: str | None = None,
-        wait_timeout: float = 3600.0,
+        wait_timeout: float = DEFAULTS.wait_timeout,
     ) -> None:
         if not ctx.is_arbiter:
             raise ConfigError(f"OffsiteTuningServer runs on the model owner (the arbiter); this is {ctx.name}")

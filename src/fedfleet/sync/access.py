@@ -4,7 +4,7 @@ Plain PyTorch (one device, DDP): the trainable parameters are rebound as views i
 dtype, so a sync reads and writes the model in place: no copy at all. Under DeepSpeed the optimizer
 owns fp32 master weights (ZeRO-1/2) or partitions every parameter (ZeRO-3): values are read through
 DeepSpeed's full-fp32 accessors and written to both the master weights and the model's own, on every
-rank, so training goes on from the aggregate (tests/test_hf_deepspeed.py checks both on CPU).
+rank, so training goes on from the aggregate (tests/e2e/test_hf_deepspeed.py checks both on CPU).
 """
 
 from __future__ import annotations

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.loop import Callback, LoopConfig, RoundLoop, RoundRecord
 from fedfleet.core.params import FlatParams
+from fedfleet.core.pipeline import Pipeline
 from fedfleet.errors import ConfigError
 from fedfleet.runtime.grpc import ArbiterServer, GrpcRuntime
 from fedfleet.runtime.grpc.runtime import PartiesMissingError
+from fedfleet.runtime.grpc.settings import SessionSettings
 from fedfleet.runtime.grpc.tls import ARBITER_NAME, server_credentials
 from fedfleet.runtime.grpc.wire import JoinMode
 from fedfleet.select import build_selector
@@ -27,20 +29,15 @@ from fedfleet.strategy import Strategy, build_strategy
 log = logging.getLogger("fedfleet.arbiter")
 
 
-@dataclass
-class SyncSessionConfig:
-    session: str
-    parties: Sequence[str]
-    address: str = "127.0.0.1:50051"
-    certs: str | None = "certs"  # folder from `fedfleet certs`; None = plaintext (a trusted network only)
+@dataclass(frozen=True)
+class SyncSessionConfig(SessionSettings):
+    """A party-paced session: the deployed ``SessionSettings`` (address, session, certs, timeouts, ... with
+    their one set of defaults; ``min_parties`` defaults to every party, the round timeout to a day) and:"""
+
+    parties: Sequence[str] = ()
     rounds: int | None = None  # None: as many as the parties announce (they must agree)
-    min_parties: int | None = None  # default: every party
     strategy: Strategy | str = "fedavg"
-    round_timeout: float = 24 * 3600.0  # an epoch of LLM fine-tuning can take hours
-    join_timeout: float = 60.0
-    wait_timeout: float = 3600.0
-    max_weight: float = 1e12
-    chunk_mib: float = 4.0
+    pipeline: Pipeline | None = None  # fold transforms around the strategy's aggregator (core.pipeline)
     seed: int = 0
     callbacks: Sequence[Callback] = field(default_factory=tuple)
     # the arbiter's own initial params (it then fixes the layout and asks no party); None: the first party's
@@ -70,10 +67,10 @@ class SyncArbiter:
         self.runtime = GrpcRuntime(
             self.server,
             min_parties=self.min_parties,
-            round_timeout=config.round_timeout,
+            round_timeout=config.round_timeout_s(JoinMode.SYNC),
             join_timeout=config.join_timeout,
             wait_timeout=config.wait_timeout,
-            chunk_bytes=int(config.chunk_mib * (1 << 20)),
+            chunk_bytes=config.chunk_bytes,
         )
         self.loop: RoundLoop | None = None
 
@@ -101,6 +98,7 @@ class SyncArbiter:
                 FitConfig(),
                 LoopConfig(rounds=rounds, cohort=len(self.config.parties), seed=self.config.seed, eval_every=0),
                 self.config.callbacks,
+                pipeline=self.config.pipeline,
             )
             history = self.loop.run()
             self.runtime.finish(final_params=self.loop.global_params)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fedfleet.errors import ConfigError
+from fedfleet.runtime.grpc.settings import DEFAULTS
 
 ARBITER_ROLE = "arbiter"
 DATA_ROLES = ("guest", "host")
@@ -51,10 +52,10 @@ class Context:
     local_party: tuple[str, str]
     parties: tuple[tuple[str, str], ...]
     session_id: str
-    arbiter_address: str = "127.0.0.1:50051"
-    certs: str | None = "certs"  # None: plaintext (insecure=True)
-    heartbeat_s: float = 5.0
-    reconnect_max_s: float = 30.0
+    arbiter_address: str = DEFAULTS.address
+    certs: str | None = DEFAULTS.certs  # None: plaintext (insecure=True)
+    heartbeat_s: float = DEFAULTS.heartbeat_s
+    reconnect_max_s: float = DEFAULTS.reconnect_max_s
     connect_attempts: int | None = 30  # consecutive failed dials before giving up (None: forever)
 
     @property
@@ -97,8 +98,8 @@ def create_context(
     local_party: tuple[str, str | int],
     parties: Sequence[tuple[str, str | int]],
     session_id: str,
-    arbiter_address: str = "127.0.0.1:50051",
-    certs: str | None = "certs",
+    arbiter_address: str = DEFAULTS.address,
+    certs: str | None = DEFAULTS.certs,
     insecure: bool = False,
 ) -> Context:
     """A party's context for a deployed session (FATE-LLM's ``create_context`` for the gRPC runtime)."""

@@ -23,6 +23,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.loop import Callback, LoopConfig, RoundLoop, RoundRecord
 from fedfleet.core.params import FlatParams, ParamSpec, spec_difference
+from fedfleet.core.pipeline import Pipeline
 from fedfleet.core.update import NO_STATS, TrainStats, Update
 from fedfleet.errors import ConfigError
 from fedfleet.select import build_selector
@@ -42,6 +43,7 @@ class LocalFederation:
         strategy: Strategy | str = "fedavg",
         seed: int = 0,
         callbacks: Sequence[Callback] = (),
+        pipeline: Pipeline | None = None,
     ) -> None:
         if parties < 1:
             raise ConfigError("a local federation needs at least one party")
@@ -51,6 +53,7 @@ class LocalFederation:
         self.strategy = build_strategy(strategy) if isinstance(strategy, str) else strategy
         self.seed = seed
         self.callbacks = list(callbacks)
+        self.pipeline = pipeline  # its fold transforms, as FedAvgServer(pipeline=) runs them
         self.loop: RoundLoop | None = None
         self._cv = threading.Condition()
         self._floor = threading.Lock()  # held by the party whose turn it is to train
@@ -148,6 +151,7 @@ class LocalFederation:
                 FitConfig(),
                 LoopConfig(rounds=rounds, cohort=self.size, seed=self.seed, eval_every=0, max_attempts=1),
                 self.callbacks,
+                pipeline=self.pipeline,
             )
             self.loop.run()
             self._publish(rounds, self.loop.global_params)

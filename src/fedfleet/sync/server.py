@@ -9,6 +9,7 @@ from typing import Any
 
 from fedfleet.core.loop import RoundRecord
 from fedfleet.errors import ConfigError
+from fedfleet.runtime.grpc.settings import DEFAULTS
 from fedfleet.sync.arbiter import SyncArbiter, SyncSessionConfig
 from fedfleet.sync.args import FedArguments
 from fedfleet.sync.context import Context
@@ -24,8 +25,9 @@ class FedAvgServer:
         rounds: int | None = None,
         strategy: Any = "fedavg",
         min_parties: int | None = None,
-        round_timeout: float = 24 * 3600.0,
-        wait_timeout: float = 3600.0,
+        round_timeout: float | None = DEFAULTS.round_timeout,  # None: a day, as for every party-paced session
+        wait_timeout: float = DEFAULTS.wait_timeout,
+        pipeline: Any = None,
     ) -> None:
         if not ctx.is_arbiter:
             raise ConfigError(f"FedAvgServer runs on the arbiter; this context is {ctx.name}'s")
@@ -41,6 +43,7 @@ class FedAvgServer:
                 strategy=strategy,
                 round_timeout=round_timeout,
                 wait_timeout=wait_timeout,
+                pipeline=pipeline,
             )
         )
 

@@ -1,9 +1,24 @@
-"""Deployed federation over gRPC: an arbiter server, parties that dial in, and the runtime the loop drives."""
+"""Deployed federation over gRPC: an arbiter server, parties that dial in, and the runtime the loop drives.
 
-from fedfleet.runtime.grpc.arbiter import ArbiterServer
-from fedfleet.runtime.grpc.party import Connection, Party, PartyRejected, SessionFailed
-from fedfleet.runtime.grpc.runtime import GrpcRuntime, PartiesMissingError
-from fedfleet.runtime.grpc.sync_party import SyncParty
+The names are imported on first use, so the light modules here (``wire``, ``settings``) load without
+grpc or torch (a job file's ``network:`` section is parsed with ``settings``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    "ArbiterServer": "fedfleet.runtime.grpc.arbiter",
+    "Connection": "fedfleet.runtime.grpc.party",
+    "Party": "fedfleet.runtime.grpc.party",
+    "PartyRejected": "fedfleet.runtime.grpc.party",
+    "SessionFailed": "fedfleet.runtime.grpc.party",
+    "GrpcRuntime": "fedfleet.runtime.grpc.runtime",
+    "PartiesMissingError": "fedfleet.runtime.grpc.runtime",
+    "SyncParty": "fedfleet.runtime.grpc.sync_party",
+}
 
 __all__ = [
     "ArbiterServer",
@@ -15,3 +30,18 @@ __all__ = [
     "SessionFailed",
     "SyncParty",
 ]
+
+if TYPE_CHECKING:
+    from fedfleet.runtime.grpc.arbiter import ArbiterServer
+    from fedfleet.runtime.grpc.party import Connection, Party, PartyRejected, SessionFailed
+    from fedfleet.runtime.grpc.runtime import GrpcRuntime, PartiesMissingError
+    from fedfleet.runtime.grpc.sync_party import SyncParty
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedfleet.runtime.grpc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

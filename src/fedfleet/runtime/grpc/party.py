@@ -208,6 +208,11 @@ class Party(PartySession):
         self._run(task, outbox)
 
     def _run(self, task: Task, outbox: Outbox) -> None:
+        if task.task == TaskKind.INIT:  # an arbiter without the data asks for the seeded initial model
+            header = self.result_header(task, 1.0, {}, self.trainer.params, is_delta=False)
+            self.send_params(outbox, header, self.trainer.params)
+            self.report("sent the initial model")
+            return
         if task.task == TaskKind.EVALUATE:
             metrics = self.trainer.evaluate(self.inbox, self.eval_data)
             weight = metrics.get("examples", 1.0)

@@ -44,6 +44,7 @@ from fedfleet.client.local_params import load_local_state, rows_state
 from fedfleet.client.torch_trainer import TorchTrainer
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
+from fedfleet.core.pipeline import EMPTY, Pipeline
 from fedfleet.core.update import Partial, Report, Update
 from fedfleet.errors import ConfigError, UserError
 from fedfleet.runtime.ray.ship import land, ship
@@ -111,12 +112,14 @@ class RayRuntime:
         *,
         strategy: Any = None,
         options: RayOptions | None = None,
+        pipeline: Pipeline | None = None,
     ) -> None:
         self._ray = require_ray()
         self.options = options or RayOptions()
         self.federation = federation
         self.test_data = test_data
         self.strategy = strategy
+        self.pipeline = pipeline or EMPTY  # its fold transforms run where the updates are folded
         self._factory = TrainerFactory.from_trainer(trainer)  # now: the model as it is when the runtime is made
         # params kept per client (client.keep_local) live in the trainer that trained the client: every
         # client then always goes to the same worker, and evaluation gathers every worker's rows
@@ -184,7 +187,7 @@ class RayRuntime:
     # -- Runtime protocol ----------------------------------------------------------------------------
     def fit(self, global_params: FlatParams, clients: Sequence[int], config: FitConfig) -> Iterator[Update | Partial]:
         self.start()
-        partial = self.strategy  # None: one delta per client
+        partial = (self.strategy, self.pipeline) if self.partial_sums else None  # None: one delta per client
         params_ref = self._ray.put(ship(global_params))  # once per round, whatever the number of workers
         shares = self._shares([int(c) for c in clients], config)
         self._metrics = {"workers": float(sum(1 for s in shares if s)), "workers_replaced": 0.0}
@@ -247,8 +250,9 @@ class RayRuntime:
     # -- internals -----------------------------------------------------------------------------------
     @property
     def partial_sums(self) -> bool:
-        """Whether the workers send partial aggregates (a strategy was given) or one delta per client."""
-        return self.strategy is not None
+        """Whether the workers send partial aggregates (a strategy was given, and its fold transforms act on each
+        update alone) or one delta per client."""
+        return self.strategy is not None and self.pipeline.mergeable
 
     def _shares(self, clients: list[int], config: FitConfig) -> list[list[int]]:
         workers = len(self.workers)

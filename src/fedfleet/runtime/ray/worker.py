@@ -48,6 +48,7 @@ class TrainerFactory:
     exchange: ExchangedNames
     keep_local: tuple[str, ...]
     eval_batch_size: int
+    update_transforms: tuple[Any, ...] = ()  # the party-side chain of the pipeline
 
     @classmethod
     def from_trainer(cls, trainer: TorchTrainer) -> TrainerFactory:
@@ -65,6 +66,7 @@ class TrainerFactory:
             exchange=ExchangedNames(frozenset(trainer.params.spec.names)),
             keep_local=trainer.keep_local,
             eval_batch_size=trainer.eval_batch_size,
+            update_transforms=trainer.pipeline.client,
         )
 
     def build(self, device: str | torch.device) -> TorchTrainer:
@@ -78,6 +80,7 @@ class TrainerFactory:
             keep_local=self.keep_local,
             device=device,
             eval_batch_size=self.eval_batch_size,
+            update_transforms=self.update_transforms,
         )
 
 
@@ -129,12 +132,13 @@ class Worker:
     def ready(self) -> int:
         return os.getpid()
 
-    def fit(self, global_params: Shipped, clients: list[int], config: FitConfig, strategy: Any) -> WorkerResult:
-        """Train ``clients``; with a ``strategy`` fold them into its aggregator here and send that partial."""
+    def fit(self, global_params: Shipped, clients: list[int], config: FitConfig, fold: Any) -> WorkerResult:
+        """Train ``clients``; given ``fold`` (the strategy and the pipeline), fold them here into the round's
+        aggregator (fold transforms included) and send that partial."""
         self.global_params.copy_(land(global_params))
         records: list[ClientRecord] = []
         params: list[Shipped] = []
-        aggregator = strategy.aggregator(self.global_params) if strategy is not None else None
+        aggregator = fold[1].aggregator(fold[0], self.global_params) if fold is not None else None
         for update in self.runtime.fit(self.global_params, clients, config):
             records.append(
                 ClientRecord(update.client_id, float(update.weight), update.metrics, update.is_delta, update.stats)

@@ -118,7 +118,10 @@ class VectorizedRuntime:
             )
             n = len(fed.client(cid).y)
             params = FlatParams(self.spec, {self.dtype: w[c]})
-            yield Update(params, weight=float(n), metrics=metrics, client_id=cid, stats=stats)
+            update = Update(params, weight=float(n), metrics=metrics, client_id=cid, stats=stats)
+            # the same context the sequential runtime gives the trainer: this client's seed for this round
+            local = dataclasses.replace(config, seed=client_seed(config, cid))
+            yield self.trainer.on_party(update, local, cid)
 
     def round_metrics(self) -> dict[str, float]:
         return {}

@@ -59,7 +59,9 @@ class After(TrainerCallback):
             self.snapshots.append(self.client.fed_sync.access.params.clone())
 
 
-def make_client(ctx, csv: Path, seed: int, fed_args: FedArguments, out: Path, epochs: float = 2, model=None):
+def make_client(
+    ctx, csv: Path, seed: int, fed_args: FedArguments, out: Path, epochs: float = 2, model=None, update_transforms=()
+):
     tok = gpt2_tokenizer()
     train = TokenizerDataset(tok, max_length=32, padding="max_length").load(csv)
     args = TrainingArguments(
@@ -75,7 +77,13 @@ def make_client(ctx, csv: Path, seed: int, fed_args: FedArguments, out: Path, ep
         disable_tqdm=True,
     )
     client = FedAvgClient(
-        ctx=ctx, model=model or tiny_gpt2(seed), fed_args=fed_args, training_args=args, train_set=train, tokenizer=tok
+        ctx=ctx,
+        model=model or tiny_gpt2(seed),
+        fed_args=fed_args,
+        training_args=args,
+        train_set=train,
+        tokenizer=tok,
+        update_transforms=update_transforms,
     )
     before = Before(client)
     client.callback_handler.callbacks.insert(client.callback_handler.callbacks.index(client.fed_sync), before)

@@ -5,6 +5,7 @@ import threading
 
 from fedfleet.hf import FedArguments, FedAvgServer, LocalFederation, create_context
 from fedfleet.sync.turns import Turn
+from fedfleet.transforms import ClipNorm
 from tests.grpc_jobs import free_port
 from tests.hf.test_hf_local_federation import train_all
 from tests.hf_parties import make_client, review_shares, tiny_gpt2
@@ -58,3 +59,19 @@ def test_fedyogi_in_process_equals_fedyogi_over_grpc(tmp_path):
     fedavg = LocalFederation(2)
     plain = train_pair([fedavg.context(0), fedavg.context(1)], csvs, tmp_path, "avg")
     assert not plain[0].allclose(local[0], rtol=0, atol=1e-4)  # FedYogi's server step made a difference
+
+
+def test_a_partys_update_transforms_clip_what_it_sends(tmp_path):
+    """FedAvgClient(update_transforms=[ClipNorm]): each party's delta is clipped before the fold, so the global
+    model moves at most max_norm per sync."""
+    csvs = review_shares(tmp_path / "data", 2, reviews=32)
+    fed = LocalFederation(2)
+    clip = [ClipNorm(max_norm=0.01)]
+    pairs = [
+        make_client(fed.context(i), csvs[i], i, FedArguments("step", 2), tmp_path / f"c{i}", epochs=1,
+                    model=tiny_gpt2(0), update_transforms=clip)
+        for i in range(2)
+    ]  # fmt: skip
+    assert train_all([c for c, _, _ in pairs]) == [None, None]
+    start, end = pairs[0][2].snapshots[0], pairs[0][2].snapshots[-1]
+    assert 0 < end.sub(start).sq_norm() ** 0.5 <= fed.rounds * 0.01 + 1e-6

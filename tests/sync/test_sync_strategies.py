@@ -22,7 +22,7 @@ class PlainParty:
     """A stateful local loop (SGD with momentum, full batch: no randomness) that syncs every 3 steps.
     Every party starts from the same model, so the result does not depend on who joins first."""
 
-    def __init__(self, ctx, index: int) -> None:
+    def __init__(self, ctx, index: int, pipeline=None) -> None:
         torch.manual_seed(0)
         self.model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
         self.params = bind_module(self.model)
@@ -30,7 +30,7 @@ class PlainParty:
         g = torch.Generator().manual_seed(100 + index)
         self.x, self.y = torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g) + index
         self.weight = 10.0 + 30 * index
-        self.channel = ctx.channel(self.params.spec, ROUNDS)
+        self.channel = ctx.channel(self.params.spec, ROUNDS, pipeline=pipeline, seed=index)
         self.error: BaseException | None = None
 
     def loss(self) -> torch.Tensor:
@@ -67,21 +67,21 @@ def run_parties(parties: list[PlainParty]) -> list[FlatParams]:
     return [p.params.clone() for p in parties]
 
 
-def in_process(strategy: str, pipeline=None) -> list[FlatParams]:
+def in_process(strategy: str, pipeline=None, party_pipeline=None) -> list[FlatParams]:
     fed = LocalFederation(2, strategy=strategy, timeout=60, pipeline=pipeline)
-    finals = run_parties([PlainParty(fed.context(i), i) for i in range(2)])
+    finals = run_parties([PlainParty(fed.context(i), i, party_pipeline) for i in range(2)])
     assert fed.rounds == ROUNDS and len(fed.history) == ROUNDS
     return finals
 
 
-def over_grpc(strategy: str, pipeline=None) -> list[FlatParams]:
+def over_grpc(strategy: str, pipeline=None, party_pipeline=None) -> list[FlatParams]:
     address = f"127.0.0.1:{free_port()}"
     ctxs = [create_context(p, PARTIES, f"s-{strategy}", address, insecure=True) for p in PARTIES]
     server = FedAvgServer(ctxs[2], strategy=strategy, wait_timeout=60, pipeline=pipeline)
     records: list = []
     arbiter = threading.Thread(target=lambda: records.extend(server.train()), daemon=True)
     arbiter.start()
-    finals = run_parties([PlainParty(ctxs[i], i) for i in range(2)])
+    finals = run_parties([PlainParty(ctxs[i], i, party_pipeline) for i in range(2)])
     arbiter.join(30)
     assert len(records) == ROUNDS
     return finals
@@ -106,3 +106,14 @@ def test_fold_transforms_run_in_process_and_over_grpc_alike():
     local, grpc, plain = in_process("fedavg", clip), over_grpc("fedavg", clip), in_process("fedavg")
     assert grpc[0].allclose(local[0], rtol=1e-5, atol=1e-6)
     assert not plain[0].allclose(local[0], rtol=0, atol=1e-3)  # the clip bound the aggregate
+
+
+def test_party_side_transforms_run_on_each_partys_delta_in_process_and_over_grpc():
+    """Each party clips what it sends: the global model moves at most max_norm a round."""
+    clip = build_pipeline(client=[("clip", {"max_norm": 0.01})])
+    local, grpc = in_process("fedavg", party_pipeline=clip), over_grpc("fedavg", party_pipeline=clip)
+    assert grpc[0].allclose(local[0], rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    start = bind_module(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)))  # PlainParty's initial model
+    moved = local[0].sub(start).sq_norm() ** 0.5
+    assert 0 < moved <= ROUNDS * 0.01 + 1e-6

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -33,12 +33,17 @@ class FedSyncCallback(TrainerCallback):
     params live. ``timeout``: seconds to wait for the others at a sync (None: the context's own limit)."""
 
     def __init__(
-        self, ctx: Any, fed_args: FedArguments, select: Any = "trainable", timeout: float | None = None
+        self,
+        ctx: Any,
+        fed_args: FedArguments,
+        select: Any = "trainable",
+        timeout: float | None = None,
+        update_transforms: Sequence[Any] = (),
     ) -> None:
         self.ctx = ctx
         self.fed_args = fed_args
         self.select = select
-        self.driver = SyncDriver(ctx, fed_args, timeout)
+        self.driver = SyncDriver(ctx, fed_args, timeout, update_transforms)
         self.trainer: Any = None  # set by FedAvgClient
         self.weights: list[float] = []  # the weight of each sync (examples trained on)
         self.losses: list[float] = []  # the mean training loss this rank reported at each sync
@@ -91,7 +96,7 @@ class FedSyncCallback(TrainerCallback):
         access = param_access(self.trainer, self.trainer.model, self.select)
         ranks = Ranks.of(args.world_size, args.process_index == 0, access.params.device)
         steps_per_epoch = _steps_per_epoch(args, len(self.trainer.train_dataset))
-        self.driver.start(access, ranks, state.max_steps, steps_per_epoch, state.global_step)
+        self.driver.start(access, ranks, state.max_steps, steps_per_epoch, state.global_step, args.seed)
         self._last_step = state.global_step
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:

@@ -32,7 +32,8 @@ class FedAvgClient(Trainer):
     ``loss_fn(logits, labels)`` replaces the model's own loss when given. Only the trainable parameters
     (``requires_grad``: all of them in full fine-tuning, the adapters with PEFT) are exchanged; pass
     ``select`` (``"all"``, ``"re:<regex>"`` or a callable) to choose otherwise. ``sync_timeout``: seconds
-    to wait for the other parties at a sync (None: the context's limit).
+    to wait for the other parties at a sync (None: the context's limit). ``update_transforms``: the aggregation
+    pipeline's party-side chain (e.g. ``[ClipNorm(1.0)]`` from ``fedfleet.transforms``) on each update sent.
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class FedAvgClient(Trainer):
         callbacks: Sequence[Any] = (),
         select: Any = "trainable",
         sync_timeout: float | None = None,
+        update_transforms: Sequence[Any] = (),
         **trainer_kwargs: Any,
     ) -> None:
         if getattr(ctx, "is_arbiter", False):
@@ -58,7 +60,7 @@ class FedAvgClient(Trainer):
             raise ConfigError("FedAvgClient needs train_set: the party's own training data")
         _check_vocab(tokenizer, model)
         self.fed_args = fed_args or FedArguments()
-        self.fed_sync = FedSyncCallback(ctx, self.fed_args, select, sync_timeout)
+        self.fed_sync = FedSyncCallback(ctx, self.fed_args, select, sync_timeout, update_transforms)
         super().__init__(
             model=model,
             args=training_args,

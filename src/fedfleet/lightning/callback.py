@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -41,7 +41,8 @@ class FedLightningCallback(pl.Callback):
     ``select``: which params travel (``"trainable"``: those with ``requires_grad``; ``"all"``,
     ``"re:<regex>"`` or a callable). ``batch_size_fn(batch) -> int`` counts a batch's examples when its
     first tensor's leading dimension is not that. ``timeout``: seconds to wait for the others at a sync.
-    ``seed``: in-process parties only, the seed of this party's random state while it takes its turns.
+    ``seed``: the seed of this in-process party's random state while it takes its turns, and of randomised
+    transforms. ``update_transforms``: the aggregation pipeline's party-side chain (``fedfleet.transforms``).
     Each sync is kept in ``history`` and logged to every logger of the trainer under ``fed/``.
     """
 
@@ -53,6 +54,7 @@ class FedLightningCallback(pl.Callback):
         batch_size_fn: Callable[[Any], int] | None = None,
         timeout: float | None = None,
         seed: int | None = None,
+        update_transforms: Sequence[Any] = (),
     ) -> None:
         if getattr(ctx, "is_arbiter", False):
             raise ConfigError("this context is the arbiter's: it does not train; run FedAvgServer(ctx).train() there")
@@ -64,7 +66,7 @@ class FedLightningCallback(pl.Callback):
         # in-process parties (a LocalFederation) train in turns from ``setup`` on, each with its own random
         # state seeded from this (default: torch's seed when the callback is made, e.g. seed_everything's)
         self.seed = torch.initial_seed() if seed is None else seed
-        self.driver = SyncDriver(ctx, self.fed_args, timeout)
+        self.driver = SyncDriver(ctx, self.fed_args, timeout, update_transforms)
         self.total_steps = 0
         self.history: list[SyncRecord] = []
         self._reset_round(0)
@@ -105,7 +107,7 @@ class FedLightningCallback(pl.Callback):
         total, steps_per_epoch = self._plan(trainer)
         access = lightning_access(trainer, pl_module, self.select)
         ranks = Ranks.of(trainer.world_size, trainer.is_global_zero, trainer.strategy.root_device)
-        self.driver.start(access, ranks, total, steps_per_epoch, trainer.global_step)
+        self.driver.start(access, ranks, total, steps_per_epoch, trainer.global_step, self.seed)
         self._reset_round(trainer.global_step)
 
     def on_train_batch_end(

@@ -74,8 +74,9 @@ class Context:
     def data_parties(self) -> list[str]:
         return [party_name(p) for p in self.parties if p[0] != ARBITER_ROLE]
 
-    def channel(self, spec: Any, rounds: int) -> SyncChannel:
-        """The party's stream to the arbiter for ``rounds`` syncs of params laid out as ``spec``."""
+    def channel(self, spec: Any, rounds: int, pipeline: Any = None, seed: int = 0) -> SyncChannel:
+        """The party's stream to the arbiter for ``rounds`` syncs of params laid out as ``spec``; ``pipeline``'s
+        party-side transforms see each delta before it leaves (``seed``: their randomness)."""
         if self.is_arbiter:
             raise ConfigError("the arbiter does not train; use FedAvgServer(ctx) on the arbiter")
         from fedfleet.runtime.grpc import Connection, SyncParty  # grpc and torch only for a party that trains
@@ -91,7 +92,7 @@ class Context:
             reconnect_max_s=self.reconnect_max_s,
             max_attempts=self.connect_attempts,
         )
-        return SyncParty(spec, connection, rounds=rounds)
+        return SyncParty(spec, connection, rounds=rounds, pipeline=pipeline, seed=seed)
 
 
 def create_context(

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from fedfleet.core.pipeline import Pipeline
 from fedfleet.core.update import TrainStats
 from fedfleet.sync.access import ParamAccess
 from fedfleet.sync.args import FedArguments, steps_text
@@ -69,8 +70,13 @@ class Ranks:
 class SyncDriver:
     """One party's syncs with the session ``ctx`` (gRPC ``Context`` or ``LocalFederation`` context)."""
 
-    def __init__(self, ctx: Any, fed_args: FedArguments, timeout: float | None = None) -> None:
+    def __init__(
+        self, ctx: Any, fed_args: FedArguments, timeout: float | None = None, update_transforms: Sequence[Any] = ()
+    ) -> None:
+        """``update_transforms``: the party-side chain of the aggregation pipeline (clip, ...), applied to each
+        delta rank 0 sends."""
         self.ctx = ctx
+        self.pipeline = Pipeline(client=tuple(update_transforms))
         self.fed_args = fed_args
         self.timeout = timeout  # seconds to wait for the others at a sync (None: the context's limit)
         self.name = getattr(ctx, "name", "party")
@@ -105,8 +111,11 @@ class SyncDriver:
             turn, self._turn = self._turn, None
             turn.__exit__(None, None, None)
 
-    def start(self, access: ParamAccess, ranks: Ranks, total_steps: int, steps_per_epoch: int, step: int) -> None:
-        """Plan the syncs, join the session on rank 0 and load its initial params on every rank."""
+    def start(
+        self, access: ParamAccess, ranks: Ranks, total_steps: int, steps_per_epoch: int, step: int, seed: int = 0
+    ) -> None:
+        """Plan the syncs, join the session on rank 0 and load its initial params on every rank; ``seed``: the
+        party's, for randomised transforms."""
         self.access, self.ranks = access, ranks
         self.schedule = self.fed_args.sync_steps(total_steps, steps_per_epoch, start=step)
         spec = access.params.spec
@@ -119,7 +128,8 @@ class SyncDriver:
             steps_text(self.schedule),
         )
         if ranks.is_main:
-            self.channel = self.ctx.channel(spec, self.rounds)
+            transforms = {"pipeline": self.pipeline, "seed": seed} if self.pipeline.client else {}
+            self.channel = self.ctx.channel(spec, self.rounds, **transforms)
         self._exchange(lambda: self.channel.start(access.params, self.timeout))
 
     def sync(self, weight: float, stats: TrainStats, metrics: dict[str, float] | None = None) -> bool:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.loop import Callback, LoopConfig, RoundLoop, RoundRecord
 from fedfleet.core.params import FlatParams, ParamSpec, spec_difference
-from fedfleet.core.pipeline import Pipeline
+from fedfleet.core.pipeline import EMPTY, Pipeline, TransformContext
 from fedfleet.core.update import NO_STATS, TrainStats, Update
 from fedfleet.errors import ConfigError
 from fedfleet.select import build_selector
@@ -203,8 +203,8 @@ class LocalContext:
         self.name = f"party-{index}"
         self.is_arbiter = False
 
-    def channel(self, spec: ParamSpec, rounds: int) -> SyncChannel:
-        return LocalChannel(self.federation, self.index, rounds)
+    def channel(self, spec: ParamSpec, rounds: int, pipeline: Pipeline | None = None, seed: int = 0) -> SyncChannel:
+        return LocalChannel(self.federation, self.index, rounds, pipeline, seed)
 
     def turn(self, seed: int) -> Turn | None:
         """What makes this party's run reproducible in a shared process (None: the parties overlap freely)."""
@@ -215,8 +215,11 @@ class LocalChannel:
     """A party's end: it keeps the global params of its round (one model-sized buffer, as a gRPC party's inbox)
     and sends the delta from them, computed in that buffer."""
 
-    def __init__(self, federation: LocalFederation, index: int, rounds: int) -> None:
+    def __init__(
+        self, federation: LocalFederation, index: int, rounds: int, pipeline: Pipeline | None = None, seed: int = 0
+    ) -> None:
         self.federation, self.index, self.rounds, self.syncs = federation, index, rounds, 0
+        self.pipeline, self.seed = pipeline or EMPTY, seed  # party-side transforms on each delta
         self._base: FlatParams | None = None
         self._round = 0
         self._closed = False
@@ -240,6 +243,7 @@ class LocalChannel:
             raise RuntimeError("sync() before start()")
         delta = self._base.mul_(-1.0).add_(params)  # local - global, in the round's buffer
         update = Update(delta, float(weight), dict(metrics or {}), client_id=self.index, stats=stats or NO_STATS)
+        update = self.pipeline.on_party(update, TransformContext(self._round, self.index, self.seed))
         self._round = self.federation._sync(self.index, update, self._round, timeout, params)
         self._base.copy_(params)
         self.syncs += 1

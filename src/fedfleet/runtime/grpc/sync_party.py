@@ -16,7 +16,8 @@ import logging
 import threading
 
 from fedfleet.core.params import FlatParams
-from fedfleet.core.update import NO_STATS, TrainStats
+from fedfleet.core.pipeline import EMPTY, Pipeline, TransformContext
+from fedfleet.core.update import NO_STATS, TrainStats, Update
 from fedfleet.runtime.grpc.chunks import dtype_name
 from fedfleet.runtime.grpc.party import Connection, PartySession
 from fedfleet.runtime.grpc.wire import Join, JoinMode, Result, Task, TaskKind
@@ -27,9 +28,14 @@ log = logging.getLogger("fedfleet.party")
 class SyncParty(PartySession):
     mode = JoinMode.SYNC
 
-    def __init__(self, spec: object, connection: Connection, rounds: int = 0) -> None:
+    def __init__(
+        self, spec: object, connection: Connection, rounds: int = 0, pipeline: Pipeline | None = None, seed: int = 0
+    ) -> None:
+        """``pipeline``: its party-side transforms see each delta before it is sent (``seed``: theirs)."""
         super().__init__(spec, connection)
         self.rounds = rounds  # how many syncs this party will make (tells a model-less arbiter)
+        self.pipeline = pipeline or EMPTY
+        self.seed = seed
         self.syncs = 0
         self._cv = threading.Condition()
         self._task: Task | None = None  # the round the training thread works on
@@ -98,6 +104,9 @@ class SyncParty(PartySession):
                 )
             elif task.task == TaskKind.SYNC and self._outbox is not None:
                 delta = self.inbox.mul_(-1.0).add_(params)  # local - global, in the receive buffer
+                update = Update(delta, float(weight), dict(metrics or {}), self.conn.name, True, stats or NO_STATS)
+                update = self.pipeline.on_party(update, TransformContext(task.round, self.conn.name, self.seed))
+                delta, weight, metrics, stats = update.params, update.weight, update.metrics, update.stats
                 header = Result(
                     task_id=task.task_id,
                     round=task.round,

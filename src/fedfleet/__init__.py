@@ -7,8 +7,9 @@ for torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedfleet.lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -56,13 +57,7 @@ if TYPE_CHECKING:
     from fedfleet.strategy import STRATEGIES, build_strategy
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fedfleet' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__ = lazy_names("fedfleet", _LAZY, globals())
 
 
 def __dir__() -> list[str]:

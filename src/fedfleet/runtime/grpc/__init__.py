@@ -6,8 +6,9 @@ grpc or torch (a job file's ``network:`` section is parsed with ``settings``).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedfleet.lazy import lazy_names
 
 _LAZY = {
     "ArbiterServer": "fedfleet.runtime.grpc.arbiter",
@@ -38,10 +39,4 @@ if TYPE_CHECKING:
     from fedfleet.runtime.grpc.sync_party import SyncParty
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fedfleet.runtime.grpc' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names("fedfleet.runtime.grpc", _LAZY, globals())

@@ -215,7 +215,7 @@ class Party(PartySession):
             return
         if task.task == TaskKind.EVALUATE:
             metrics = self.trainer.evaluate(self.inbox, self.eval_data)
-            weight = metrics.get("examples", 1.0)
+            weight = float(max(1, len(self.eval_data.y)))  # the mean over parties weighs each by its examples
             outbox.send(
                 Result(task_id=task.task_id, round=task.round, task=TaskKind.EVALUATE, weight=weight, metrics=metrics)
             )

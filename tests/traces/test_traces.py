@@ -188,3 +188,39 @@ def test_negative_generated_speed_is_caught_by_check():
     cap = DeviceCapacity(np.array([0.1, -0.2]), np.array([1.0, 1.0]), np.array([1.0, 1.0]))
     with pytest.raises(TraceError, match=r"mine: client 1 has seconds per sample = -0\.2"):
         cap.check("mine")
+
+
+class RunsCode:
+    """What a hostile trace file does: unpickling it calls os.system (here, touching a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_trace_pickle_that_would_run_code_is_refused_before_it_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = write(tmp_path / "cap", {1: {"computation": 10.0, "communication": RunsCode(marker)}})
+    with pytest.raises(TraceError, match=r"was refused: it names posix\.system, which is not plain data"):
+        load_fedscale_capacity(path, 2)
+    assert not marker.exists()
+    class_instance = write(tmp_path / "cls", {1: dataclass_like()})
+    with pytest.raises(TraceError, match="not plain data"):
+        load_fedscale_capacity(class_instance, 2)
+
+
+def dataclass_like():
+    from fedfleet.traces.capacity import DeviceCapacity
+
+    return DeviceCapacity.__new__(DeviceCapacity)
+
+
+def test_numpy_scalars_in_a_trace_pickle_still_load(tmp_path):
+    """FedScale's files may carry NumPy numbers: they rebuild plain data and are admitted."""
+    table = {1: {"computation": np.float64(10.0), "communication": np.int64(800)}}
+    cap = load_fedscale_capacity(write(tmp_path / "np", table), 1)
+    assert cap.seconds_per_sample.tolist() == pytest.approx([0.03])

@@ -34,6 +34,7 @@ import yaml
 
 from fedfleet.config import fedscale_keys as keys
 from fedfleet.config.loader import apply_overrides, parse
+from fedfleet.config.safe_yaml import load_yaml
 from fedfleet.config.schema import DataConfig, FedBuffConfig, JobConfig
 from fedfleet.errors import ConfigError
 
@@ -146,7 +147,7 @@ def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"FedScale job file {str(path)!r} does not exist (FedScale keeps them in benchmark/configs/)")
     try:
-        conf = yaml.safe_load(path.read_text())
+        conf = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(conf, dict):

@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar, Union
 
 import yaml
 
+from fedfleet.config.safe_yaml import load_yaml
 from fedfleet.errors import ConfigError
 from fedfleet.registry import did_you_mean
 
@@ -186,7 +187,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             elif not isinstance(child, dict):
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+        node[parts[-1]] = load_yaml(raw) if raw else ""
     return data
 
 
@@ -195,7 +196,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"job file {str(path)!r} does not exist; see examples/ for job files to start from")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is None:

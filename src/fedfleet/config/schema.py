@@ -115,7 +115,7 @@ class NetworkConfig(SessionSettings):
     of ``SessionSettings`` (address, session, certs, min_parties, round_timeout, ...) with its defaults, and:"""
 
     parties: tuple[str, ...] = ()  # the allowed parties (certificate names, e.g. guest-9999); order = client ids
-    insecure: bool = False  # plaintext, identities taken on trust; for a trusted network only
+    insecure: bool = False  # plaintext (trusted networks only); takes --insecure on the command line as well
     party_data: Literal["shard", "whole"] = "shard"  # shard: party k takes client k of data.partition
     # the arbiter evaluates the global model on the job's test split; false: it never loads the dataset (the
     # data are the parties'), takes the seeded initial model from the first party and reports their evaluation

@@ -34,8 +34,16 @@ class Access:
 
 
 def access_of(job: JobConfig, insecure: bool = False, certs: str | None = None, address: str | None = None) -> Access:
+    """How this process connects. Plaintext only when the command line says ``--insecure``: a job file (which
+    may come from someone else) cannot switch TLS off by itself, so ``network.insecure: true`` without the flag
+    is an error."""
     net = job.network
-    return Access(insecure or net.insecure, certs or net.certs, address or net.address)
+    if net.insecure and not insecure:
+        raise ConfigError(
+            "network.insecure: true asks for plaintext, but a job file cannot turn TLS off by itself: confirm with "
+            "--insecure on the command line (trusted networks only), or remove network.insecure to use mTLS"
+        )
+    return Access(insecure, certs or net.certs, address or net.address)
 
 
 def party_names(job: JobConfig) -> list[str]:

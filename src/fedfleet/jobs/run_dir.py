@@ -17,6 +17,10 @@ from fedfleet.errors import ConfigError
 
 STATUS = "status.json"
 CHECKPOINT = "checkpoint.safetensors"
+# everything a run writes in its folder (the callbacks' files and the final model): all --overwrite removes
+RUN_FILES = frozenset(
+    {STATUS, CHECKPOINT, "config.yaml", "metrics.csv", "metrics.jsonl", "model.safetensors", "result.json", "tb"}
+)
 
 
 class RunDir:
@@ -40,9 +44,26 @@ class RunDir:
                     f"{path} already holds a run ({state}); pass {hint}--overwrite to replace it, "
                     f"or --set name=<another name>"
                 )
-            shutil.rmtree(path)
+            run.clear()
         path.mkdir(parents=True, exist_ok=True)
         return run
+
+    def clear(self) -> None:
+        """``--overwrite``: remove what a run wrote, and only that. A folder without ``status.json`` was never a
+        run (a user's own folder named like one) and is refused; files a run does not write are kept."""
+        if not (self.path / STATUS).is_file():
+            raise ConfigError(
+                f"{self.path} is not a fedfleet run folder (it has no {STATUS}), so --overwrite will not delete "
+                f"anything in it; choose another output.dir or --set name=<another name>"
+            )
+        for entry in self.path.iterdir():
+            written = entry.name in RUN_FILES or entry.name.removesuffix(".tmp").lstrip(".") in RUN_FILES
+            if not written:
+                continue  # not a run's: the user's
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
     def status(self) -> dict[str, Any]:
         try:

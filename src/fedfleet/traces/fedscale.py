@@ -17,12 +17,12 @@ Which trace a client gets: FedScale reuses its traces cyclically over the popula
 number of traces); ``assign: cycle`` does that (client i takes the file's entry i mod len, in file order).
 ``assign: exact`` needs an entry for every client, keyed ``first_id + i`` (FedScale numbers clients from 1).
 
-Note: a pickle can run code when loaded; load only trace files you trust (FedScale ships them as pickles).
+FedScale ships its traces as pickles, and a pickle can run code when loaded: these are read with an unpickler
+that admits plain data only (``traces.safe_pickle``), so a file that would run anything is refused, named.
 """
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +32,7 @@ import numpy as np
 from fedfleet.traces.availability import Availability
 from fedfleet.traces.capacity import DeviceCapacity
 from fedfleet.traces.errors import TraceError
+from fedfleet.traces.safe_pickle import RefusedPickle, load_plain
 from fedfleet.traces.system import SystemTraces
 
 AUGMENTATION = 3.0  # FedScale: training a sample costs forward + backward ~ 3x the measured inference
@@ -141,8 +142,9 @@ def _read_pickle(path: str | Path, what: str, shape: str) -> dict:
             f"(download them with FedScale's download.sh), or use traces: generate"
         )
     try:
-        with path.open("rb") as f:
-            table = pickle.load(f)  # FedScale's trace format is a pickle; see the module note
+        table = load_plain(path)  # FedScale's trace format is a pickle; plain data only (see the module note)
+    except RefusedPickle as exc:
+        raise TraceError(f"{what} {str(path)!r} was refused: {exc}; expected plain data {shape}") from None
     except Exception as exc:  # unpickling fails in many ways
         raise TraceError(f"{what} {str(path)!r} is not a readable pickle ({exc}); expected {shape}") from None
     if not isinstance(table, dict) or not table:

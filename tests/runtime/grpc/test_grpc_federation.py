@@ -212,3 +212,13 @@ def test_an_arbiter_refuses_a_job_with_fedbuff(tmp_path):
     job = load_job(str(write_job(tmp_path, "\nfedbuff: {buffer: 2}\n")), [])
     with pytest.raises(ConfigError, match="fedbuff runs on the virtual clock of a simulation"):
         build_arbiter(job, Access(True, "certs", job.network.address))
+
+
+def test_a_job_file_cannot_turn_tls_off_without_the_command_line_flag(tmp_path):
+    from fedfleet.jobs.deploy import access_of
+
+    job = load_job(write_job(tmp_path), ["network.insecure=true"])
+    with pytest.raises(ConfigError, match="confirm with --insecure on the command line"):
+        access_of(job)
+    assert access_of(job, insecure=True).insecure
+    assert not access_of(load_job(write_job(tmp_path))).insecure  # the default: mutual TLS

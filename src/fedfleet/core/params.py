@@ -188,6 +188,17 @@ class FlatParams:
     def sq_norm(self) -> float:
         return float(sum(b.double().square().sum() for b in self.buffers.values()))
 
+    def max_abs(self, block: int = 1 << 20) -> float:
+        """The largest magnitude of any value (NaN when there is a NaN), block by block: no model-sized temporary."""
+        top = 0.0
+        for buf in self.buffers.values():
+            for i in range(0, buf.numel(), block):
+                m = float(buf[i : i + block].abs().max()) if buf.numel() else 0.0
+                if m != m:  # NaN
+                    return m
+                top = max(top, m)
+        return top
+
     def isfinite(self) -> bool:
         return all(_all_finite(b) for b in self.buffers.values() if b.is_floating_point())
 

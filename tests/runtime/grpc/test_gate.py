@@ -79,3 +79,23 @@ def test_typed_stats_and_shown_metrics_from_a_party_are_checked_before_folding()
     gate = open_gate()
     good = result(stats={"samples": 40.0, "loss": -0.5, "loss_sq": 0.3}, metrics={"auc": float("nan")})
     assert gate.admit("a", good) is None  # a log-likelihood may be negative, AUC undefined on one class
+
+
+def test_finite_values_that_would_overflow_the_sum_are_refused():
+    """3e38 is a finite float32, but twice it is inf: the fold would kill the round (FloatingPointError)."""
+    huge = FlatParams.from_tensors({"w": torch.tensor([1.0, 3e38, -2.0])})
+    assert check_values(huge, weight=2.0).startswith("values: values up to 3e+38 with weight 2 would overflow")
+    assert check_values(FlatParams.from_tensors({"w": torch.tensor([1e20, 0.0])}), weight=1e6) is None
+    assert check_values(FlatParams.from_tensors({"w": torch.tensor([1.0, float("inf")])})).startswith("values: NaN")
+
+
+def test_an_answer_of_another_kind_than_the_task_is_refused_and_counted():
+    """An evaluation sent for a fit task used to drop the party silently; params on an evaluate answer were
+    buffered and never given back, so every later round blocked on the pool."""
+    gate = open_gate()  # a fit round
+    assert gate.admit("a", result(task="evaluate", has_params=False)).startswith("task: a evaluate result for a fit")
+    gate = RoundGate(PARAMS.spec, max_weight=1000)
+    gate.open(4, {"a": "t-a"}, "evaluate")
+    assert gate.admit("a", result(task="evaluate")).startswith("task: an evaluate result carries metrics only")
+    assert gate.admit("a", result(task="evaluate", has_params=False, sizes={})) is None
+    assert gate.rejected == {"task": 1}

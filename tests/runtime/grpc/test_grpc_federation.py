@@ -62,6 +62,18 @@ class NaNParty(Party):
         outbox.send(iter_chunks(update.params))
 
 
+class HugeParty(Party):
+    """Finite values near float32's end: twice one of them is inf, so folding it would kill the round."""
+
+    def _run(self, task, outbox):
+        if task.task != "fit":
+            return super()._run(task, outbox)
+        update = self.trainer.fit(self.inbox, FitConfig(**task.config), self.train_data)
+        update.params.buffers[torch.float32][5] = 3e38
+        outbox.send(self.result_header(task, update.weight, update.metrics, update.params))
+        outbox.send(iter_chunks(update.params))
+
+
 class WrongShapeParty(Party):
     def _run(self, task, outbox):
         if task.task != "fit":
@@ -98,7 +110,12 @@ class SlowParty(Party):
 
 @pytest.mark.parametrize(
     "cheat, reason, folded",
-    [(NaNParty, "rejected_values", 2.0), (WrongShapeParty, "rejected_layout", 2.0), (StaleThenGoodParty, None, 3.0)],
+    [
+        (NaNParty, "rejected_values", 2.0),
+        (HugeParty, "rejected_values", 2.0),
+        (WrongShapeParty, "rejected_layout", 2.0),
+        (StaleThenGoodParty, None, 3.0),
+    ],
 )
 def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path, cheat, reason, folded):
     classes = {"host-10001": cheat, "guest-9999": SlowParty, "host-10000": SlowParty}

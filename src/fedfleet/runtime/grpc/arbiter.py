@@ -298,7 +298,7 @@ class ArbiterServer:
             return
         result, buffer = state.result, state.buffer
         state.receiver = state.result = state.buffer = None
-        refusal = check_values(buffer)
+        refusal = check_values(buffer, float(result.weight))
         if refusal:
             self.release(buffer)
             self._refuse(link, result, refusal, None)

@@ -4,7 +4,8 @@ Checked before a byte of params is buffered: right round (not stale, not after t
 this party was actually given (no replays of an earlier task), at most one answer per party (no
 duplicates), the job's param layout and sizes, a finite weight within bounds, finite typed stats and shown metrics
 that are numbers. After the params arrive,
-:func:`check_values` checks that every value is finite. Nothing is folded before both pass.
+:func:`check_values` checks that every value is finite and that
+the update times its weight cannot overflow the running sum. Nothing is folded before both pass.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Rejection(str, Enum):
     UNSOLICITED = "unsolicited"  # the party was not selected
     REPLAY = "replay"  # not the task the party was given
     DUPLICATE = "duplicate"  # the party already answered
+    TASK = "task"  # an answer of another kind than the task (an evaluation for a fit task, params with metrics)
     LAYOUT = "layout"  # params of another layout, or none
     WEIGHT = "weight"  # not a finite weight within bounds
     STATS = "stats"  # typed training stats that are not finite (or negative counts)
@@ -42,8 +44,8 @@ class Rejection(str, Enum):
         return self in FINAL
 
 
-FINAL = frozenset({Rejection.LAYOUT, Rejection.WEIGHT, Rejection.STATS, Rejection.METRICS, Rejection.VALUES,
-                   Rejection.CHUNKS})  # fmt: skip
+FINAL = frozenset({Rejection.TASK, Rejection.LAYOUT, Rejection.WEIGHT, Rejection.STATS, Rejection.METRICS,
+                   Rejection.VALUES, Rejection.CHUNKS})  # fmt: skip
 
 
 class Refusal(str):
@@ -66,12 +68,14 @@ class RoundGate:
         self.round = -1
         self._open = False
         self._tasks: dict[str, str] = {}  # party -> the task id it was given this round
+        self._kind: str = TaskKind.FIT  # what those tasks ask for
         self._answered: set[str] = set()
         self.rejected: Counter[str] = Counter()  # reason kind -> count, this round
 
-    def open(self, rnd: int, tasks: dict[str, str]) -> None:
+    def open(self, rnd: int, tasks: dict[str, str], kind: str = TaskKind.FIT) -> None:
+        """Admit answers for ``rnd`` to ``tasks`` (party -> task id), all of ``kind``."""
         with self._lock:
-            self.round, self._open = rnd, True
+            self.round, self._open, self._kind = rnd, True, kind
             self._tasks = dict(tasks)
             self._answered = set()
             self.rejected = Counter()
@@ -107,6 +111,10 @@ class RoundGate:
             return Refusal(R.REPLAY, f"task {result.task_id!r} is not the task {party} was given")
         if party in self._answered:
             return Refusal(R.DUPLICATE, f"{party} already answered round {rnd + 1}")
+        if result.task != self._kind:
+            return Refusal(R.TASK, f"a {result.task} result for a {TaskKind(self._kind).value} task")
+        if result.task == TaskKind.EVALUATE and result.has_params:
+            return Refusal(R.TASK, "an evaluate result carries metrics only, not params")
         if result.task != TaskKind.EVALUATE and not result.has_params:
             return Refusal(R.LAYOUT, f"a {result.task} result without params")
         if result.has_params and (result.spec_digest != self.spec.digest or result.sizes != self._sizes):
@@ -141,5 +149,16 @@ def _metrics_refusal(result: Result, most: int = 64) -> Refusal | None:
     return None
 
 
-def check_values(params: FlatParams) -> Refusal | None:
-    return None if params.isfinite() else Refusal(Rejection.VALUES, "NaN or inf in the params")
+# the largest |value| x weight an update may bring to the running sum: float32 ends at 3.4e38, so a million
+# such updates still fold without overflowing the sum (a finite update of 3e38 with weight 2 did)
+MAX_WEIGHTED_MAGNITUDE = 1e32
+
+
+def check_values(params: FlatParams, weight: float = 1.0) -> Refusal | None:
+    """Every value finite, and small enough that folding it (times its weight) cannot overflow the sum."""
+    top = params.max_abs()  # one pass: NaN or inf anywhere makes it non-finite
+    if not math.isfinite(top):
+        return Refusal(Rejection.VALUES, "NaN or inf in the params")
+    if top * weight > MAX_WEIGHTED_MAGNITUDE:
+        return Refusal(Rejection.VALUES, f"values up to {top:.3g} with weight {weight:g} would overflow the sum")
+    return None

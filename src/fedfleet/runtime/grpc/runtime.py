@@ -73,7 +73,7 @@ class GrpcRuntime:
         present = self._await(names)
         tasks = {name: uuid.uuid4().hex for name in present}
         self._drain_stale()
-        self.server.gate.open(config.round, tasks)
+        self.server.gate.open(config.round, tasks, TaskKind.SYNC if self.sync_mode else TaskKind.FIT)
         for name, task_id in tasks.items():
             if self.sync_mode:  # the party trains on its own schedule: it needs only the params
                 task = Task(task_id=task_id, round=config.round, task=TaskKind.SYNC)
@@ -159,7 +159,7 @@ class GrpcRuntime:
                 break
             name, task_id = present[0], uuid.uuid4().hex
             self._drain_stale()
-            self.server.gate.open(-1, {name: task_id})
+            self.server.gate.open(-1, {name: task_id}, TaskKind.INIT)
             self._send(name, Task(task_id=task_id, round=-1, task=TaskKind.INIT, has_params=False))
             for event in self._events({name}, -1):
                 if event.kind == EventKind.UPDATE:
@@ -182,7 +182,7 @@ class GrpcRuntime:
             return {}
         tasks = {name: uuid.uuid4().hex for name in present}
         self._drain_stale()
-        self.server.gate.open(self._round, tasks)
+        self.server.gate.open(self._round, tasks, TaskKind.EVALUATE)
         for name, task_id in tasks.items():
             self._send(name, Task(task_id=task_id, round=self._round, task=TaskKind.EVALUATE))
             self._send(name, iter_chunks(global_params, self.chunk_bytes))

@@ -25,3 +25,19 @@ def test_overwrite_removes_a_runs_files_and_keeps_the_users(tmp_path):
     (run.path / "notes.md").write_text("my notes")
     again = RunDir.prepare(tmp_path, "r", overwrite=True)
     assert sorted(p.name for p in again.path.iterdir()) == ["notes.md"]
+
+
+def test_resume_with_nothing_committed_starts_the_run_instead_of_refusing_for_good(tmp_path, capsys):
+    """A crash before the first round committed leaves a run folder without a checkpoint; a supervisor that
+    restarts with --resume must get a run, not the same error forever."""
+    crashed = RunDir.prepare(tmp_path, "r")
+    crashed.write_status("running", round=0)
+    (crashed.path / "config.yaml").write_text("x")
+    run = RunDir.prepare(tmp_path, "r", resume=True)
+    assert list(run.path.iterdir()) == [] and "starting from round 1" in capsys.readouterr().err
+    fresh = RunDir.prepare(tmp_path, "never-started", resume=True)
+    assert fresh.path.is_dir()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "data.csv").write_text("x")
+    with pytest.raises(ConfigError, match="not a fedfleet run folder"):
+        RunDir.prepare(tmp_path, "mine", resume=True)

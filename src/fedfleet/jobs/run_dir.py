@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,16 @@ class RunDir:
         run = cls(path)
         status = run.status()
         if resume:
-            if not (path / CHECKPOINT).is_file():
-                raise ConfigError(f"--resume: {path} holds no checkpoint to resume from; run without --resume")
+            if (path / CHECKPOINT).is_file():
+                return run
+            # nothing committed yet (a crash before round 1 ended, or a first start): --resume starts the run,
+            # so a supervisor that always restarts with --resume does not loop on an error
+            if path.exists() and any(path.iterdir()) and not (path / STATUS).is_file():
+                raise ConfigError(f"--resume: {path} holds no checkpoint and is not a fedfleet run folder")
+            if (path / STATUS).is_file():
+                run.clear()
+            print(f"--resume: nothing committed in {path} yet; starting from round 1", file=sys.stderr)
+            path.mkdir(parents=True, exist_ok=True)
             return run
         if path.exists() and any(path.iterdir()):
             if not overwrite:

@@ -99,3 +99,14 @@ def test_an_answer_of_another_kind_than_the_task_is_refused_and_counted():
     assert gate.admit("a", result(task="evaluate")).startswith("task: an evaluate result carries metrics only")
     assert gate.admit("a", result(task="evaluate", has_params=False, sizes={})) is None
     assert gate.rejected == {"task": 1}
+
+
+def test_a_flood_of_bad_messages_is_counted_but_logged_at_most_a_fixed_number_of_times(caplog):
+    from fedfleet.runtime.grpc.arbiter import WARNINGS_PER_PARTY, ArbiterServer
+
+    server = ArbiterServer(session="s", parties=["a"], spec=PARAMS.spec, address="127.0.0.1:0", credentials=None)
+    with caplog.at_level("WARNING", logger="fedfleet.arbiter"):
+        for _ in range(1000):
+            server._warn("a", "bad message from %s", "a")
+    assert len(caplog.records) == WARNINGS_PER_PARTY + 1  # and one line saying the rest are not logged
+    assert "not logged" in caplog.records[-1].getMessage()

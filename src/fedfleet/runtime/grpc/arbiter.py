@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from fedfleet.runtime.grpc.chunks import ParamsReceiver, spec_from_description
 from fedfleet.runtime.grpc.gate import Refusal, Rejection, RoundGate, check_values
 from fedfleet.runtime.grpc.links import PartyLink
 from fedfleet.runtime.grpc.service import add_handler, server_options
+from fedfleet.runtime.grpc.settings import DEFAULTS
 from fedfleet.runtime.grpc.tls import peer_identity
 from fedfleet.runtime.grpc.wire import (
     PROTOCOL,
@@ -41,6 +43,8 @@ from fedfleet.runtime.grpc.wire import (
 )
 
 log = logging.getLogger("fedfleet.arbiter")
+
+WARNINGS_PER_PARTY = 50  # logged about one party's bad messages in a session; the rest are only counted
 
 
 class EventKind(str, Enum):
@@ -72,7 +76,7 @@ class ArbiterServer:
         spec: ParamSpec | None,
         address: str,
         credentials: grpc.ServerCredentials | None,
-        max_weight: float = 1e9,
+        max_weight: float = DEFAULTS.max_weight,
         inflight: int = 1,
         mode: JoinMode = JoinMode.TASKS,
     ) -> None:
@@ -89,6 +93,7 @@ class ArbiterServer:
         self.rounds_wanted: dict[str, int] = {}  # sync mode: the number of syncs each party announced
         self.rounds: int | None = None  # sync mode, once fixed: parties announcing another number are refused
         self.events: queue.Queue[Event] = queue.Queue()
+        self._warnings: Counter[str] = Counter()  # per party: see _warn
         self._pool: queue.Queue[FlatParams] = queue.Queue()
         if spec is not None:
             self._adopt(spec)
@@ -280,13 +285,13 @@ class ArbiterServer:
             self.gate.reject(Rejection.FAILURE)
             self.events.put(Event(EventKind.FAILURE, link.name, msg.round, reason=msg.reason))
         else:
-            log.warning("%s sent an unexpected %s message; ignored", link.name, msg.kind)
+            self._warn(link.name, "%s sent an unexpected %s message; ignored", link.name, msg.kind)
 
     def _on_chunk(self, link: PartyLink, chunk: Chunk, state: _Receiving) -> None:
         if state.discarding:
             return
         if state.receiver is None:
-            log.warning("%s sent params without a result header; ignored", link.name)
+            self._warn(link.name, "%s sent params without a result header; ignored", link.name)
             return
         try:
             state.receiver.add(chunk)
@@ -305,6 +310,16 @@ class ArbiterServer:
         else:
             self.events.put(Event(EventKind.UPDATE, link.name, result.round, result, buffer))
 
+    def _warn(self, party: str, message: str, *args: object) -> None:
+        """A warning about one party's messages, at most ``WARNINGS_PER_PARTY`` of them: a party flooding the
+        arbiter with bad messages must not flood its log too (every refusal is still counted per round)."""
+        self._warnings[party] += 1
+        count = self._warnings[party]
+        if count <= WARNINGS_PER_PARTY:
+            log.warning(message, *args)
+        if count == WARNINGS_PER_PARTY:
+            log.warning("%s: %d warnings; more are counted in the rounds' metrics but not logged", party, count)
+
     def _refuse(
         self, link: PartyLink, result: Result | None, refusal: Refusal, state: _Receiving | None, counted: bool = False
     ) -> None:
@@ -314,7 +329,7 @@ class ArbiterServer:
             self.release(state.buffer)
             state.receiver = state.result = state.buffer = None
         rnd = result.round if result is not None else -1
-        log.warning("rejected an update from %s for round %d: %s", link.name, rnd + 1, refusal)
+        self._warn(link.name, "rejected an update from %s for round %d: %s", link.name, rnd + 1, refusal)
         if refusal.kind.final:
             self.events.put(Event(EventKind.REJECTED, link.name, rnd, result, reason=str(refusal)))
 

@@ -30,7 +30,7 @@ class SessionSettings:
     round_timeout: float | None = None  # seconds a round waits for updates (None: ROUND_TIMEOUT by pacing)
     join_timeout: float = 60.0  # seconds a round waits for selected parties that are not connected
     wait_timeout: float = 3600.0  # seconds the arbiter waits for parties before it gives up
-    max_weight: float = 1.0e12  # an update claiming more examples (or tokens) than this is rejected
+    max_weight: float = 1.0e9  # an update claiming more examples than this is rejected
     chunk_mib: float = 4.0  # params travel in chunks of this size
     heartbeat_s: float = 5.0  # a party's keep-alive interval
     reconnect_max_s: float = 30.0  # a party retries a lost arbiter with backoff up to this delay

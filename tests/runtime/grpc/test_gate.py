@@ -110,3 +110,29 @@ def test_a_flood_of_bad_messages_is_counted_but_logged_at_most_a_fixed_number_of
             server._warn("a", "bad message from %s", "a")
     assert len(caplog.records) == WARNINGS_PER_PARTY + 1  # and one line saying the rest are not logged
     assert "not logged" in caplog.records[-1].getMessage()
+
+
+def test_metric_names_a_party_invents_every_round_stop_widening_the_table():
+    """60k new keys a round once stalled the arbiter (a per-key list search) and gave 200k-column rows."""
+    from fedfleet.runtime.grpc.runtime import MAX_METRIC_NAMES, GrpcRuntime
+
+    runtime = GrpcRuntime.__new__(GrpcRuntime)
+    runtime._metric_names, runtime._dropped_names = set(), 0
+    for rnd in range(10):
+        shown = runtime._shown({"loss": 1.0, **{f"junk{rnd}_{i}": 0.0 for i in range(60)}})
+        assert shown["loss"] == 1.0  # names already shown always pass
+    assert len(runtime._metric_names) == MAX_METRIC_NAMES and runtime._dropped_names == 61 + 9 * 60 - MAX_METRIC_NAMES
+
+
+def test_the_metrics_file_adds_a_column_in_constant_time(tmp_path):
+    import time
+
+    from fedfleet.callbacks.metrics_file import MetricsFileCallback
+    from fedfleet.core.loop import RoundRecord
+
+    cb = MetricsFileCallback(tmp_path)
+    cb._rows, started = [], time.monotonic()
+    cb._add_columns({f"k{i}": 0.0 for i in range(60_000)})
+    cb.on_round_end(None, RoundRecord(0, {"loss": 1.0}))
+    assert time.monotonic() - started < 5  # the list search took 56 s for 60k keys
+    assert "k59999" in (tmp_path / "metrics.csv").read_text().splitlines()[0]

@@ -33,6 +33,9 @@ from fedfleet.runtime.sim.sequential import client_seed
 log = logging.getLogger("fedfleet.arbiter")
 
 
+MAX_METRIC_NAMES = 256  # distinct names the parties' metrics may bring to a session's table
+
+
 class PartiesMissingError(UserError):
     """Not enough parties connected in time."""
 
@@ -60,6 +63,8 @@ class GrpcRuntime:
         self.federated_eval = federated_eval
         self._round = 0
         self._metrics: dict[str, float] = {}
+        self._metric_names: set[str] = set()  # every name a party's metrics have shown in this session
+        self._dropped_names = 0
 
     @property
     def population(self) -> int:
@@ -69,6 +74,7 @@ class GrpcRuntime:
     def fit(self, global_params: FlatParams, clients: Sequence[int], config: FitConfig) -> Iterator[Update]:
         self._round = config.round
         self.server.current_round = config.round
+        self._dropped_names = 0
         names = [self.server.parties[int(c)] for c in clients]
         present = self._await(names)
         tasks = {name: uuid.uuid4().hex for name in present}
@@ -90,7 +96,7 @@ class GrpcRuntime:
                     yield Update(
                         event.params,
                         result.weight,
-                        result.metrics,
+                        self._shown(result.metrics),
                         client_id=self.server.index[event.party],
                         is_delta=result.is_delta,
                         stats=TrainStats.from_wire(result.stats),  # checked by the gate
@@ -107,6 +113,7 @@ class GrpcRuntime:
             "lost": float(lost),
             "timed_out": float(len(pending)),
             "rejected": float(sum(self.server.gate.rejected.values())),
+            **({"dropped_metric_names": float(self._dropped_names)} if self._dropped_names else {}),
             **{f"rejected_{kind}": float(n) for kind, n in self.server.gate.rejected.items()},
         }
         if pending:
@@ -116,6 +123,18 @@ class GrpcRuntime:
                 f"round {config.round + 1}: {accepted} good update(s), fewer than min_parties={self.min_parties} "
                 f"(rejected {self._metrics['rejected']:.0f}, lost {lost}, timed out {len(pending)})"
             )
+
+    def _shown(self, metrics: dict[str, float]) -> dict[str, float]:
+        """A party's metrics with names the session already shows, or new ones while fewer than
+        ``MAX_METRIC_NAMES`` are known: parties inventing names every round cannot widen the table without end."""
+        kept = {}
+        for name, value in metrics.items():
+            if name in self._metric_names or len(self._metric_names) < MAX_METRIC_NAMES:
+                self._metric_names.add(name)
+                kept[name] = value
+            else:
+                self._dropped_names += 1
+        return kept
 
     def evaluate(self, global_params: FlatParams) -> dict[str, float]:
         metrics: dict[str, float] = {}

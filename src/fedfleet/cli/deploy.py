@@ -94,9 +94,9 @@ def party_command(
 
 def _leave_without_native_teardown(code: int) -> None:
     """End a party process whose session is complete without running native libraries' exit-time teardown:
-    once in about 30 party exits in the suite, a finished party died in it with SIGABRT ("terminate called
-    without an active exception", a C++ thread destroyed at interpreter exit), turning a clean session into
-    exit code -6. A party has written everything by now: flush and leave."""
+    in one fresh-clone suite run (and in issue 21's runs) a finished party died in it with SIGABRT ("terminate
+    called without an active exception", a C++ thread destroyed at interpreter exit), turning a clean session
+    into exit code -6; the cause is not found. A party has written everything by now: flush and leave."""
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()

@@ -53,6 +53,17 @@ class DropHeavy:
         return aggregate
 
 
+def test_a_shipped_partial_of_a_custom_fold_transform_still_merges():
+    """Ray ships a worker's partial by pickling: its transforms come back as copies, not the same objects."""
+    import pickle
+
+    pipeline = Pipeline(server=(DropHeavy(limit=2.0),))
+    top, share = (pipeline.aggregator(build_strategy("fedavg"), delta(0.0, 0.0)) for _ in range(2))
+    share.add(Update(delta(1.0, 1.0), 1.0))
+    top.merge(pickle.loads(pickle.dumps(share)))
+    assert top.finish().count == 1
+
+
 def test_fold_transforms_run_around_the_strategys_aggregator():
     pipeline = Pipeline(server=(DropHeavy(limit=2.0),))
     agg = pipeline.aggregator(build_strategy("fedavg"), delta(0.0, 0.0))

@@ -112,7 +112,9 @@ class PipelineAggregator:
             self.inner.add(kept)
 
     def merge(self, other: Any) -> None:
-        if not isinstance(other, PipelineAggregator) or other.pipeline.server != self.pipeline.server:
+        # by kind, not equality: a partial shipped from a Ray worker carries unpickled copies of the transforms
+        kinds = [type(t) for t in self.pipeline.server]
+        if not isinstance(other, PipelineAggregator) or [type(t) for t in other.pipeline.server] != kinds:
             raise TypeError(f"cannot merge a {type(other).__name__} into an aggregator with other fold transforms")
         self.inner.merge(other.inner)
         self.left_out += other.left_out

@@ -38,7 +38,7 @@ def test_owner_and_two_data_owners_as_processes(tmp_path, lora):
     jobs = write_jobs(tmp_path, lora=lora)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "fedfleet.cli.offsite", str(j)],
+            [sys.executable, "-m", "fedfleet.cli.offsite", str(j), "--insecure"],  # the examples are plaintext
             env=ENV,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -67,6 +67,6 @@ def test_unknown_model_type_is_a_config_error():
 
 
 def test_dry_run_prints_the_resolved_job(capsys):
-    assert main(["offsite", str(EXAMPLES / "owner.yaml"), "--dry-run"]) == 0
+    assert main(["offsite", str(EXAMPLES / "owner.yaml"), "--dry-run", "--insecure"]) == 0  # its insecure: true
     printed = yaml.safe_load(capsys.readouterr().out)
     assert parse_job(printed) == load_job(EXAMPLES / "owner.yaml")

@@ -164,13 +164,18 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     )
     offsite.add_argument("job", help="this side's YAML, e.g. examples/offsite/owner.yaml")
     offsite.add_argument("--dry-run", action="store_true", help="check the YAML, print the resolved job, run nothing")
+    offsite.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC, identities taken on trust (trusted networks only); a YAML's insecure: true needs it too",
+    )
     offsite.set_defaults(func=_offsite)
 
 
 def _offsite(args: argparse.Namespace) -> int:
     from fedfleet.cli.offsite import offsite_command
 
-    return offsite_command(args.job, dry_run=args.dry_run)
+    return offsite_command(args.job, dry_run=args.dry_run, insecure=args.insecure)
 
 
 def _arbiter(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """``fedfleet offsite job.yaml`` (or ``python -m fedfleet.cli.offsite job.yaml``): run one side of an
-Offsite-Tuning job; prints one JSON summary.
+Offsite-Tuning job; prints one JSON summary. Mutual TLS from the YAML's ``certs`` folder; plaintext only with
+``--insecure`` on the command line (a YAML's ``insecure: true`` alone is refused).
 
 The model owner (role arbiter) hands out the sub model, aggregates the adapters and saves the plugged-in full
 model; a data owner (guest / host) receives the sub model, tunes the adapters on its share of the data and prints
@@ -143,15 +144,19 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def offsite_command(job_path: str, *, dry_run: bool = False) -> int:
+def offsite_command(job_path: str, *, dry_run: bool = False, insecure: bool = False) -> int:
     """Run this side of the job and print its JSON summary; a :class:`~fedfleet.errors.UserError` (a bad key
-    or value, a party that is not in ``parties``) is raised for the command line to report."""
+    or value, a party that is not in ``parties``, ``insecure: true`` without ``insecure``) is raised for the
+    command line to report. ``insecure``: the command line's --insecure, the only way to plaintext."""
+    from fedfleet.errors import ConfigError
     from fedfleet.sync.context import create_context
 
     job = load_job(job_path)
-    ctx = create_context(
-        (job.role, job.party_id), job.parties, job.session, job.address, job.certs, insecure=job.insecure
-    )
+    try:
+        certs = job.certs_for(insecure)
+    except ConfigError as exc:
+        raise ConfigError(f"{job_path}: {exc}") from None
+    ctx = create_context((job.role, job.party_id), job.parties, job.session, job.address, certs, insecure=certs is None)
     if dry_run:
         import yaml
 

@@ -7,7 +7,7 @@ Model owner::
     session: ot-sciq
     parties: [[guest, "9999"], [host, "10000"], [arbiter, "10000"]]
     address: 127.0.0.1:50051  # tuning; the hand-out listens on port + 1 unless handout_address is given
-    certs: certs             # or insecure: true
+    certs: certs             # or insecure: true, confirmed with --insecure on the command line
     model: {model_type: gpt2, n_layer: 12, n_embd: 768, n_head: 12}   # a config (random weights) ...
     # model_path: /models/gpt2                                         # ... or local pretrained weights
     offsite: {emulator_layer_num: 4, adapter_top_layer_num: 2, adapter_bottom_layer_num: 2}
@@ -86,7 +86,7 @@ class OffsiteJob:
     address: str = "127.0.0.1:50051"
     handout_address: str | None = None
     certs: str | None = "certs"
-    insecure: bool = False
+    insecure: bool = False  # plaintext (trusted networks only); takes --insecure on the command line as well
     model: dict[str, Any] | None = None
     model_path: str | None = None
     lora: LoraSettings | None = None
@@ -102,6 +102,25 @@ class OffsiteJob:
             raise ConfigError("give model (a config) or model_path")
         if self.distill is not None and self.role != "arbiter":
             raise ConfigError("distill: only the model owner (role arbiter) distils the emulator it hands out")
+
+    def certs_for(self, insecure: bool = False) -> str | None:
+        """The certificate folder for mutual TLS, or None for plaintext, which only ``--insecure`` on the command
+        line turns on: a job file (which may come from someone else) cannot switch TLS off by itself, as with
+        ``network.insecure`` of a job file (:func:`fedfleet.jobs.deploy.access_of`)."""
+        if insecure:
+            return None
+        if self.insecure:
+            raise ConfigError(
+                "insecure: true asks for plaintext, but a job file cannot turn TLS off by itself: confirm with "
+                "--insecure on the command line (`fedfleet offsite SIDE.yaml --insecure`, trusted networks only), "
+                "or remove insecure: and set certs: to a folder from `fedfleet certs` to use mTLS"
+            )
+        if self.certs is None:
+            raise ConfigError(
+                "certs: is empty, which would mean plaintext: name the certificate folder (from `fedfleet certs`), "
+                "or pass --insecure on the command line (trusted networks only)"
+            )
+        return self.certs
 
     def model_config(self) -> Any:
         from transformers import CONFIG_MAPPING, AutoConfig

@@ -2,6 +2,10 @@
 
 A party's identity is the CN of its certificate, so the CA that signs them is the root of trust: its key and
 every party key are written 0o600 and never overwritten by accident. EC P-256 keeps keys small and handshakes fast.
+
+Only the arbiter serves. Its certificate (name ``arbiter``) is a TLS server certificate valid for the DNS name
+``arbiter`` besides its hosts, and a party accepts no other server name, whatever address it dials; a party's
+certificate is a client certificate with no host names, so it cannot pose as the arbiter.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from fedfleet.errors import UserError
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
+# the one server name a party accepts (fedfleet.runtime.grpc.tls.ARBITER_NAME, which it pins with gRPC's
+# ssl_target_name_override; security may not import the runtime, a test pins that the two agree): only the
+# arbiter's certificate carries it, so no other certificate of the CA can stand in for the arbiter
+ARBITER_NAME = "arbiter"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DNS_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
 DNS_NAME_RE = re.compile(rf"(\*\.)?{_DNS_LABEL}(\.{_DNS_LABEL})*\.?")
@@ -70,34 +78,41 @@ def issue(
     directory: Path,
     name: str,
     *,
-    hosts: Sequence[str] = DEFAULT_HOSTS,
+    hosts: Sequence[str] | None = None,
     days: int = 825,
     server: bool | None = None,
     overwrite: bool = False,
 ) -> tuple[Path, Path]:
-    """Sign a key pair for party ``name`` with the CA in ``directory``; return ``(<name>.key, <name>.crt)``.
+    """Sign a key pair for ``name`` with the CA in ``directory``; return ``(<name>.key, <name>.crt)``.
 
     The pair is in the order ``grpc.ssl_server_credentials`` wants it.
 
-    ``server``: None (default) allows both TLS client and server use, so the same certificate serves a party that
-    dials the arbiter and an arbiter that listens; True restricts it to serverAuth, False to clientAuth.
+    ``name == "arbiter"``: a TLS server certificate (serverAuth only) valid for ``hosts`` (default localhost,
+    127.0.0.1 and ::1) and the DNS name ``arbiter``, the name every party checks. Any other name is a party's: a
+    TLS client certificate (clientAuth only) with no host names, since a party only dials. ``server=True`` lets a
+    party's certificate serve too (clientAuth and serverAuth, valid for ``hosts`` and its name); it still cannot
+    pass for the arbiter, whose name no other certificate may carry. ``server=False`` for the arbiter is refused.
     """
     directory = Path(directory)
     _check_name(name)
     _check_days(days)
+    serves = _serves(name, hosts, server)
+    sans = _sans(name, DEFAULT_HOSTS if hosts is None else hosts) if serves else []
     key_path, cert_path = directory / f"{name}.key", directory / f"{name}.crt"
     _refuse_existing(key_path, overwrite)
     ca_key, ca_cert = _load_ca(directory)
-    sans = _sans(name, hosts)
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     # a leaf that outlives its CA would be rejected anyway; cap it so `certs list` shows the real expiry
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    usages = [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
-    if server is not None:
-        usages = [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+    if name == ARBITER_NAME:
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH]  # it only listens; TLS refuses it as a party's certificate
+    elif serves:
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+    else:
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]  # TLS refuses it as a server's certificate
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(ca_cert.subject)
@@ -108,14 +123,24 @@ def issue(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-        .sign(ca_key, hashes.SHA256())
     )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
     _write(key_path, _key_pem(key), 0o600)
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return key_path, cert_path
+
+
+def uses(cert: x509.Certificate) -> str:
+    """What a certificate may be in a TLS handshake: ``ca``, ``client``, ``server`` or ``client+server``."""
+    basic = _extension(cert, x509.BasicConstraints)
+    if basic is not None and basic.ca:
+        return "ca"
+    ends = {"client": ExtendedKeyUsageOID.CLIENT_AUTH, "server": ExtendedKeyUsageOID.SERVER_AUTH}
+    return "+".join(end for end, oid in ends.items() if _allows(cert, oid)) or "none"
 
 
 def load_identity(cert: Path) -> str:
@@ -138,6 +163,7 @@ def describe(directory: Path) -> list[dict[str, Any]]:
                 "cn": _common_name(cert.subject, path),
                 "not_after": cert.not_valid_after_utc,
                 "issuer": _common_name(cert.issuer, path),
+                "uses": uses(cert),
             }
         )
     return rows
@@ -173,6 +199,51 @@ def _common_name(name: x509.Name, path: Path) -> str:
         raise CertificateError(f"{path} has no common name (CN); issue it with `fedfleet certs issue`")
     value = attrs[0].value
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _extension(cert: x509.Certificate, kind: type[Any]) -> Any:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _allows(cert: x509.Certificate, purpose: x509.ObjectIdentifier) -> bool:
+    """Whether TLS accepts ``cert`` for ``purpose``: no extended key usage allows every purpose."""
+    eku = _extension(cert, x509.ExtendedKeyUsage)
+    return eku is None or purpose in eku or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in eku
+
+
+def _as_host(name: str) -> str:
+    """A name as TLS matches it: case-insensitively, a trailing dot ignored."""
+    return name.lower().rstrip(".")
+
+
+def _serves(name: str, hosts: Sequence[str] | None, server: bool | None) -> bool:
+    """Whether the certificate for ``name`` is a server's; refuse what would let a party pose as the arbiter."""
+    if name == ARBITER_NAME:
+        if server is False:
+            raise CertificateError(
+                f"{ARBITER_NAME!r} is the arbiter's name and the arbiter serves: its certificate is always a server"
+                " certificate; give a party another name (e.g. guest-9999)"
+            )
+        return True
+    if _as_host(name) == ARBITER_NAME:
+        raise CertificateError(
+            f"{name!r} would match the arbiter's name {ARBITER_NAME!r} (TLS compares names case-insensitively):"
+            f" issue the arbiter's certificate as {ARBITER_NAME!r}, or give a party another name"
+        )
+    if hosts is not None and not server:
+        raise CertificateError(
+            f"--host is for a certificate that serves; {name!r} is a party, which only dials the arbiter and needs"
+            " no host names. Drop --host, or add --server if this party must also serve TLS"
+        )
+    for host in hosts or ():
+        if _as_host(host) == ARBITER_NAME:
+            raise CertificateError(
+                f"host {host!r} is the arbiter's name: only the certificate named {ARBITER_NAME!r} may carry it"
+            )
+    return bool(server)
 
 
 def _sans(name: str, hosts: Sequence[str]) -> list[x509.GeneralName]:

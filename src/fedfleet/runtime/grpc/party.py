@@ -23,6 +23,7 @@ from fedfleet.runtime.grpc.backoff import backoff_delays
 from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES, ParamsReceiver, describe_spec, dtype_name, iter_chunks
 from fedfleet.runtime.grpc.links import Outbox
 from fedfleet.runtime.grpc.service import channel_options, connect_stub
+from fedfleet.runtime.grpc.tls import ARBITER_CHANNEL_OPTIONS
 from fedfleet.runtime.grpc.wire import (
     Chunk,
     Done,
@@ -65,7 +66,10 @@ class Connection:
     def channel(self) -> grpc.Channel:
         if self.credentials is None:
             return grpc.insecure_channel(self.address, options=channel_options())
-        return grpc.secure_channel(self.address, self.credentials, options=channel_options())
+        # whatever address is dialled (an IP on an HPC node, a hostname), only a certificate of the job's CA valid
+        # for the name "arbiter" passes the handshake: another party's certificate cannot pose as the arbiter
+        options = [*channel_options(), *ARBITER_CHANNEL_OPTIONS]
+        return grpc.secure_channel(self.address, self.credentials, options=options)
 
 
 class PartySession:

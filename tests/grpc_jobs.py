@@ -59,20 +59,27 @@ def make_certs(folder: Path, names: list[str]) -> None:
 class ThreadedFederation:
     """The arbiter's loop in the test thread, each party's ``run()`` in a thread of its own."""
 
-    def __init__(self, job_path: Path, overrides: list[str] = (), insecure: bool = True, party_class=None) -> None:
+    def __init__(
+        self, job_path: Path, overrides: list[str] = (), insecure: bool = True, party_class=None, skip=()
+    ) -> None:
         self.job = load_job(job_path, list(overrides))
         self.access = Access(insecure, self.job.network.certs, self.job.network.address)
         self.arbiter = build_arbiter(self.job, self.access)
         self.parties = {}
         for name in self.job.network.parties:
+            if name in skip:  # played by the test itself (a rogue speaking the protocol by hand)
+                continue
             party = build_party(self.job, name, self.access)
             if party_class is not None and name in party_class:
                 party.__class__ = party_class[name]
             self.parties[name] = party
         self.threads: list[threading.Thread] = []
 
-    def run(self):
+    def run(self, before_parties=None):
+        """The whole session; ``before_parties()`` runs once the arbiter listens, before any party starts."""
         self.arbiter.server.start()
+        if before_parties is not None:
+            before_parties()
         for party in self.parties.values():
             thread = threading.Thread(target=party.run, daemon=True)
             thread.start()

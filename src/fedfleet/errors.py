@@ -19,3 +19,7 @@ class DataError(UserError):
 
 class TrainingDivergedError(UserError):
     """The loss became NaN or infinite during local training."""
+
+
+class RoundFailedError(UserError):
+    """A round stayed incomplete (too few good updates) after every attempt: the federation cannot go on."""

@@ -114,3 +114,18 @@ def test_local_starts_an_arbiter_and_its_parties_with_fresh_certificates(tmp_pat
     assert "created a certificate authority" in err
     assert (tmp_path / "certs" / "guest-9999.crt").is_file()
     assert "arbiter |" in out and "host-10001 |" in out and "done: 2 rounds" in out
+
+
+def test_an_arbiter_that_gives_up_tells_the_parties_why_and_they_stop(tmp_path):
+    """Two of three parties come; the arbiter gives up after its wait, and the two stop instead of redialling."""
+    make_certs(tmp_path / "certs", PARTIES)
+    job = str(write_job(tmp_path))
+    common = ["--set", "network.wait_timeout=4", "--set", "network.join_timeout=1"]
+    arbiter = start("arbiter", job, *common, "--quiet", cwd=tmp_path)
+    parties = [start("party", job, *common, "--name", name, cwd=tmp_path) for name in PARTIES[:2]]
+    _, err = arbiter.communicate(timeout=120)
+    assert arbiter.returncode == 2 and "missing host-10001" in err
+    for proc in parties:
+        _, party_err = proc.communicate(timeout=30)  # it would redial for good, were it not told
+        assert proc.returncode == 2, party_err
+        assert "the arbiter ended session" in party_err and "missing host-10001" in party_err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -9,7 +10,7 @@ import sys
 
 from fedfleet.cli.run_job import run_loop_in_folder
 from fedfleet.config import load_job
-from fedfleet.errors import ConfigError
+from fedfleet.errors import ConfigError, UserError
 from fedfleet.jobs.deploy import access_of, build_arbiter, build_party
 
 
@@ -57,7 +58,11 @@ def arbiter_command(
         )
         if code == 0:
             arbiter.runtime.finish()
-        return code
+        return code  # interrupted (130): the parties keep redialling, for the arbiter resumed with --resume
+    except UserError as exc:  # the arbiter gave up (parties missing, rounds incomplete ...): say why, or every
+        with contextlib.suppress(Exception):  # party would redial for good
+            arbiter.runtime.finish(str(exc).splitlines()[0], failed=True)
+        raise
     finally:
         arbiter.server.stop(grace=2.0)
 

@@ -32,6 +32,7 @@ from fedfleet.core.round_end import RoundEnd, RoundFeedback
 from fedfleet.core.round_plan import Heard, RoundPlanner, reported_loss
 from fedfleet.core.signals import deferred_interrupt
 from fedfleet.core.update import Aggregate, Partial, TrainStats, Update
+from fedfleet.errors import RoundFailedError
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ class RoundLoop:
                 return self.run_round(rnd)
             except RoundIncomplete as exc:
                 if attempt == self.config.max_attempts:
-                    raise
+                    raise RoundFailedError(f"{exc}; gave up after {attempt} attempts") from exc
                 log.warning(
                     "%s; running round %d again (attempt %d of %d)", exc, rnd + 1, attempt + 1, self.config.max_attempts
                 )

@@ -185,8 +185,13 @@ class FlatParams:
         self._check(other)
         return FlatParams(self.spec, {d: b - other.buffers[d] for d, b in self.buffers.items()})
 
-    def sq_norm(self) -> float:
-        return float(sum(b.double().square().sum() for b in self.buffers.values()))
+    def sq_norm(self, block: int = 1 << 20) -> float:
+        """The squared L2 norm, summed in float64 block by block: no model-sized temporary."""
+        total = 0.0
+        for buf in self.buffers.values():
+            for i in range(0, buf.numel(), block):
+                total += float(buf[i : i + block].double().square().sum())
+        return total
 
     def max_abs(self, block: int = 1 << 20) -> float:
         """The largest magnitude of any value (NaN when there is a NaN), block by block: no model-sized temporary."""

@@ -108,7 +108,7 @@ def build_arbiter(job: JobConfig, access: Access) -> ArbiterJob:
         spec=parts.trainer.params.spec if parts is not None else None,
         address=access.address,
         credentials=credentials,
-        max_weight=job.network.max_weight,
+        **job.network.server_limits(),
     )
     test = parts.test.to(parts.device) if parts is not None and len(parts.test.y) else None
     runtime = GrpcRuntime(
@@ -117,6 +117,7 @@ def build_arbiter(job: JobConfig, access: Access) -> ArbiterJob:
         round_timeout=job.network.round_timeout_s(JoinMode.TASKS),
         join_timeout=job.network.join_timeout,
         wait_timeout=job.network.wait_timeout,
+        max_weight_ratio=job.network.max_weight_ratio,
         chunk_bytes=job.network.chunk_bytes,
         evaluator=(parts.trainer, test) if test is not None else None,
     )

@@ -58,7 +58,7 @@ class SyncArbiter:
             spec=None if config.initial is None else config.initial.spec,
             address=config.address,
             credentials=credentials,
-            max_weight=config.max_weight,
+            **config.server_limits(),
             mode=JoinMode.SYNC,
         )
         self.min_parties = config.min_parties or len(config.parties)
@@ -70,6 +70,7 @@ class SyncArbiter:
             round_timeout=config.round_timeout_s(JoinMode.SYNC),
             join_timeout=config.join_timeout,
             wait_timeout=config.wait_timeout,
+            max_weight_ratio=config.max_weight_ratio,
             chunk_bytes=config.chunk_bytes,
         )
         self.loop: RoundLoop | None = None

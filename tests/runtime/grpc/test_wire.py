@@ -37,7 +37,7 @@ def test_params_stream_in_small_chunks_and_arrive_identical():
     chunks = [decode(encode(c)) for c in iter_chunks(src, chunk_bytes=256)]
     assert len(chunks) > 10  # the float32 buffer alone is 4000 bytes
     dst = src.zeros_like()
-    receiver = ParamsReceiver(dst)
+    receiver = ParamsReceiver(dst, min_chunk_bytes=0)
     for c in chunks:
         assert not receiver.complete
         receiver.add(c)
@@ -60,7 +60,7 @@ def chunk_list(params, size=256):
 def test_gap_overlap_and_overflow_are_refused():
     src = mixed_params()
     chunks = chunk_list(src)
-    receiver = ParamsReceiver(src.zeros_like())
+    receiver = ParamsReceiver(src.zeros_like(), min_chunk_bytes=0)
     receiver.add(chunks[0])
     with pytest.raises(WireError, match="gap or overlap"):
         receiver.add(chunks[2])  # skips chunk 1
@@ -68,7 +68,7 @@ def test_gap_overlap_and_overflow_are_refused():
         receiver.add(chunks[0])  # the same bytes twice
     small = FlatParams.from_tensors({"w": torch.zeros(10)})
     with pytest.raises(WireError, match="past the buffer"):
-        ParamsReceiver(small).add(chunks[0])  # 64 floats into a buffer of 10
+        ParamsReceiver(small, min_chunk_bytes=0).add(chunks[0])  # 64 floats into a buffer of 10
 
 
 def test_a_buffer_of_another_dtype_is_refused():
@@ -81,3 +81,27 @@ def test_a_buffer_of_another_dtype_is_refused():
 def test_a_corrupt_chunk_header_is_refused():
     with pytest.raises(WireError, match="malformed chunk"):
         ParamsReceiver(mixed_params()).add(Chunk(payload=b"\x10" + b"\x00" * 7 + b"{not json"))
+
+
+def test_small_chunks_before_a_buffers_end_are_refused():
+    """A sender cutting its params into tiny chunks would make the receiver loop once per element."""
+    src = mixed_params()
+    chunks = chunk_list(src)
+    with pytest.raises(WireError, match="before the buffer's end"):
+        ParamsReceiver(src.zeros_like()).add(chunks[0])
+    whole = FlatParams.from_tensors({"w": torch.zeros(10)})
+    receiver = ParamsReceiver(whole.zeros_like())
+    receiver.add(chunk_list(whole)[0])  # a buffer's last chunk may be small
+    assert receiver.complete
+
+
+def test_headers_over_the_limit_and_payloads_on_headers_only_messages_are_refused():
+    from fedfleet.runtime.grpc.wire import MAX_HEADER_BYTES, Garbled, Heartbeat, decode_or_garbled
+
+    long_header = Result(metrics={"m" * (MAX_HEADER_BYTES + 1): 1.0})
+    with pytest.raises(WireError, match="header of"):
+        decode(encode(long_header))
+    with pytest.raises(WireError, match="carries no payload"):
+        decode(encode(Heartbeat(payload=b"x" * 100)))
+    assert isinstance(decode_or_garbled(b"\x01"), Garbled)
+    assert isinstance(decode(encode(Join(payload=b"[]"))), Join)

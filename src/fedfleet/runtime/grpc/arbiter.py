@@ -2,13 +2,15 @@
 
 Each party holds one bidirectional stream. Its incoming messages are read on a thread of their own, the
 outgoing ones are yielded by the gRPC handler from the party's outbox. Results pass the round gate
-(``gate.py``) before any buffer is given to them; their params are received into one of a small pool of
-preallocated receive buffers (so server memory is the global model, the running sum and ``inflight``
-receive buffers, whatever the number of parties), checked, and handed to the round loop as events.
+(``gate.py``) before any buffer is given to them; their params are received into one of at most
+``receive_buffers`` buffers (``buffers.py``: server memory is the global model, the running sum and those
+buffers, whatever the number of parties), checked, and handed to the round loop as events. What one
+party's streams may cost (streams, time to join, messages) is rationed in ``budgets.py``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -22,7 +24,9 @@ from enum import Enum
 import grpc
 
 from fedfleet.core.params import FlatParams, ParamSpec, spec_difference
-from fedfleet.runtime.grpc.chunks import ParamsReceiver, spec_from_description
+from fedfleet.runtime.grpc.budgets import BAD_MESSAGES_PER_STREAM, JOIN_DEADLINE_S, MessageBudget, StreamLimits
+from fedfleet.runtime.grpc.buffers import ReceiveBuffers, Upload
+from fedfleet.runtime.grpc.chunks import ParamsReceiver, describe_spec, spec_from_description
 from fedfleet.runtime.grpc.gate import Refusal, Rejection, RoundGate, check_values
 from fedfleet.runtime.grpc.links import PartyLink
 from fedfleet.runtime.grpc.service import add_handler, server_options
@@ -32,6 +36,7 @@ from fedfleet.runtime.grpc.wire import (
     PROTOCOL,
     Chunk,
     Failure,
+    Garbled,
     Heartbeat,
     Join,
     JoinMode,
@@ -45,6 +50,7 @@ from fedfleet.runtime.grpc.wire import (
 log = logging.getLogger("fedfleet.arbiter")
 
 WARNINGS_PER_PARTY = 50  # logged about one party's bad messages in a session; the rest are only counted
+MAX_LAYOUT_BYTES = 16 << 20  # a model-less arbiter reads at most this much of a join's layout (100k+ tensors)
 
 
 class EventKind(str, Enum):
@@ -77,7 +83,9 @@ class ArbiterServer:
         address: str,
         credentials: grpc.ServerCredentials | None,
         max_weight: float = DEFAULTS.max_weight,
-        inflight: int = 1,
+        max_update_norm: float | None = DEFAULTS.max_update_norm,
+        receive_buffers: int = DEFAULTS.receive_buffers,
+        upload_stall_s: float = DEFAULTS.upload_stall_s,
         mode: JoinMode = JoinMode.TASKS,
     ) -> None:
         self.session = session
@@ -86,15 +94,19 @@ class ArbiterServer:
         self.secure = credentials is not None
         self.mode = mode
         self.max_weight = max_weight
-        self.inflight = inflight
+        self.max_update_norm = max_update_norm
+        self.receive_buffers = receive_buffers
+        self.upload_stall_s = upload_stall_s
         self.spec: ParamSpec | None = None
+        self.buffers: ReceiveBuffers | None = None  # made when the layout is known
+        self._layout_bytes = 0
         self.gate = RoundGate(ParamSpec([]), max_weight)  # replaced when the layout is known
         self.spec_known = threading.Event()
         self.rounds_wanted: dict[str, int] = {}  # sync mode: the number of syncs each party announced
         self.rounds: int | None = None  # sync mode, once fixed: parties announcing another number are refused
         self.events: queue.Queue[Event] = queue.Queue()
         self._warnings: Counter[str] = Counter()  # per party: see _warn
-        self._pool: queue.Queue[FlatParams] = queue.Queue()
+        self._streams = StreamLimits()
         if spec is not None:
             self._adopt(spec)
         self._links: dict[str, PartyLink] = {}
@@ -102,8 +114,12 @@ class ArbiterServer:
         self._generation = 0
         self.changed = threading.Condition()  # notified when a party joins or leaves
         self.current_round = 0
-        workers = len(self.parties) + 8  # one blocked handler per connected party, plus rejected callers
-        self._server = grpc.server(ThreadPoolExecutor(max_workers=workers), options=server_options())
+        # a handler thread per stream: each party's live one and its replacement (budgets.STREAMS_PER_PARTY), and
+        # a few for callers being refused; beyond that a call is refused at once (RESOURCE_EXHAUSTED, retried)
+        workers = 2 * len(self.parties) + 8
+        self._server = grpc.server(
+            ThreadPoolExecutor(max_workers=workers), options=server_options(), maximum_concurrent_rpcs=workers
+        )
         add_handler(self._server, self._connect)
         try:
             if credentials is None:
@@ -117,8 +133,8 @@ class ArbiterServer:
         """Fix the session's param layout: from the job's model, or (a model-less arbiter) the first party."""
         self.spec = spec
         self.gate = RoundGate(spec, self.max_weight)
-        for _ in range(self.inflight):
-            self._pool.put(FlatParams.zeros(spec))
+        self.buffers = ReceiveBuffers(spec, self.receive_buffers, self.upload_stall_s)
+        self._layout_bytes = len(json.dumps(describe_spec(spec), separators=(",", ":")))
         self.spec_known.set()
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -151,7 +167,7 @@ class ArbiterServer:
     def release(self, params: FlatParams | None) -> None:
         """Give a receive buffer back once its update is folded (or discarded)."""
         if params is not None:
-            self._pool.put(params)
+            self.buffers.release(params)
 
     def broadcast(self, msg: Message) -> None:
         with self.changed:
@@ -160,16 +176,31 @@ class ArbiterServer:
             link.outbox.send(msg)
 
     # -- one party's stream -------------------------------------------------------------------------
-    def _connect(self, requests: Iterator[Message], context: grpc.ServicerContext) -> Iterator[Message]:
+    def _connect(self, requests: Iterator[Message | Garbled], context: grpc.ServicerContext) -> Iterator[Message]:
+        certified = peer_identity(context)
+        if self.secure:  # refused before a byte of the stream is read: no certificate, or not one of the parties
+            reason = self._refuse_identity(certified)
+            if reason:
+                log.warning("refused a party (%s): %s", context.peer(), reason)
+                yield Reject(reason=reason)
+                return
+            self._limit_streams(certified, context)
+        deadline = threading.Timer(JOIN_DEADLINE_S, context.cancel)  # a stream that never joins is closed
+        deadline.daemon = True
+        deadline.start()
         try:
             join = next(requests)
-        except (StopIteration, grpc.RpcError, WireError):
+        except (StopIteration, grpc.RpcError):
             return
-        name, reason = self._identify(join, peer_identity(context))
+        finally:
+            deadline.cancel()
+        name, reason = self._identify(join, certified)
         if reason:
             log.warning("refused a party (%s): %s", context.peer(), reason)
             yield Reject(reason=reason)
             return
+        if not self.secure:
+            self._limit_streams(name, context)
         link = self._attach(name)
         self.rounds_wanted[name] = join.rounds
         context.add_callback(link.outbox.close)
@@ -179,14 +210,25 @@ class ArbiterServer:
         yield Welcome(name=name, index=link.index, round=self.current_round)
         yield from link.outbox.frames()
 
-    def _identify(self, join: Message, certified: str | None) -> tuple[str, str]:
+    def _refuse_identity(self, certified: str | None) -> str:
+        if certified is None:
+            return "no client certificate"
+        if certified not in self.index:
+            return f"{certified!r} is not a party of session {self.session!r} (parties: {', '.join(self.parties)})"
+        return ""
+
+    def _limit_streams(self, identity: str, context: grpc.ServicerContext) -> None:
+        self._streams.open(identity, context)
+        context.add_callback(lambda: self._streams.close(identity, context))
+
+    def _identify(self, join: Message | Garbled, certified: str | None) -> tuple[str, str]:
+        if isinstance(join, Garbled):
+            return "", f"the first message does not decode ({join.reason})"
         if not isinstance(join, Join):
             return "", f"the first message must be a join, got {join.kind}"
         if join.protocol != PROTOCOL:
             return "", f"protocol {join.protocol} is not this arbiter's {PROTOCOL}; use the same fedfleet version"
         if self.secure:
-            if certified is None:
-                return "", "no client certificate"
             if join.name and join.name != certified:
                 return "", f"the certificate is for {certified!r} but the party says it is {join.name!r}"
             name = certified
@@ -207,12 +249,22 @@ class ArbiterServer:
         return name, self._check_layout(name, join)
 
     def _check_layout(self, name: str, join: Join) -> str:
+        with self.changed:
+            known = self.spec
+        if known is not None and join.spec_digest == known.digest:
+            return ""  # the common case reads nothing of the layout it sent
+        # a layout is read only to learn it (a model-less arbiter) or to explain a mismatch, and only up to a
+        # size: parsing JSON costs many times its bytes in Python objects
+        most = MAX_LAYOUT_BYTES if known is None else 2 * self._layout_bytes + (64 << 10)
         theirs = None
-        if join.spec:
+        if join.payload.nbytes > most:
+            if known is None:
+                return f"{name}'s param layout is {join.payload.nbytes} bytes; at most {most} are read"
+        elif join.payload.nbytes:
             try:
-                theirs = spec_from_description(join.spec)
-            except WireError as exc:
-                return f"{name} sent {exc}"
+                theirs = spec_from_description(json.loads(bytes(join.payload)))
+            except (ValueError, WireError) as exc:
+                return f"{name} sent an unreadable param layout: {exc}"
             if theirs.digest != join.spec_digest:
                 return f"{name}'s layout does not match its own digest"
         with self.changed:
@@ -247,27 +299,38 @@ class ArbiterServer:
             self.changed.notify_all()
         link.outbox.close()
 
-    def _read(self, link: PartyLink, requests: Iterator[Message]) -> None:
+    def _read(self, link: PartyLink, requests: Iterator[Message | Garbled]) -> None:
         state = _Receiving()
+        budget = MessageBudget()
         try:
             for msg in requests:
+                if isinstance(msg, Garbled):
+                    self._warn(link.name, "%s sent an undecodable frame (%s); closing its stream", link.name,
+                               msg.reason)  # fmt: skip
+                    return
+                if not isinstance(msg, Chunk) and not budget.take():
+                    self._warn(link.name, "%s sends more than %g messages a second; closing its stream", link.name,
+                               budget.rate)  # fmt: skip
+                    return
                 self._on_message(link, msg, state)
+                if state.bad > BAD_MESSAGES_PER_STREAM:
+                    self._warn(link.name, "%s sent %d bad messages; closing its stream", link.name, state.bad)
+                    return
         except grpc.RpcError:
             pass  # the stream ended: the party left or was killed
-        except WireError as exc:
-            log.warning("%s sent an undecodable frame (%s); closing its stream", link.name, exc)
         finally:
-            if state.buffer is not None:
-                self.release(state.buffer)
+            self._end_upload(state, "the stream ended")
             self._detach(link)
 
     def _on_message(self, link: PartyLink, msg: Message, state: _Receiving) -> None:
-        if isinstance(msg, Heartbeat):  # keeps idle streams alive through proxies and NATs; nothing to do
+        if isinstance(msg, Heartbeat):  # keeps idle streams alive through proxies and NATs
+            self._check_stall(link, state)
             return
         if isinstance(msg, Chunk):
             self._on_chunk(link, msg, state)
             return
-        if state.receiver is not None:  # a new message before the last params were complete
+        if state.upload is not None:  # a new message before the last params were complete
+            self._end_upload(state, "incomplete")
             self._refuse(link, state.result, Refusal(Rejection.CHUNKS, "params ended before every byte arrived"), state)
         state.discarding = False
         if isinstance(msg, Result):
@@ -276,8 +339,7 @@ class ArbiterServer:
                 self._refuse(link, msg, refusal, state, counted=True)
                 state.discarding = msg.has_params
             elif msg.has_params:
-                state.result, state.buffer = msg, self._pool.get()  # blocks while the pool is in use
-                state.receiver = ParamsReceiver(state.buffer)
+                self._start_upload(link, msg, state)
             else:
                 self.events.put(Event(EventKind.EVALUATED, link.name, msg.round, msg))
         elif isinstance(msg, Failure):
@@ -285,30 +347,80 @@ class ArbiterServer:
             self.gate.reject(Rejection.FAILURE)
             self.events.put(Event(EventKind.FAILURE, link.name, msg.round, reason=msg.reason))
         else:
+            state.bad += 1
             self._warn(link.name, "%s sent an unexpected %s message; ignored", link.name, msg.kind)
+
+    def _start_upload(self, link: PartyLink, result: Result, state: _Receiving) -> None:
+        """Wait for a receive buffer (while the round is open and the party connected) for ``result``'s params."""
+        upload = self.buffers.start(
+            link.name, give_up=lambda: not self.gate.accepting(result.round) or link.outbox.closed.is_set()
+        )
+        if upload is None:
+            self._refuse(link, result, Refusal(Rejection.LATE, "the round closed before a receive buffer was free"),
+                         state)  # fmt: skip
+            state.discarding = True
+            return
+        state.result, state.upload, state.receiver = result, upload, ParamsReceiver(upload.buffer)
 
     def _on_chunk(self, link: PartyLink, chunk: Chunk, state: _Receiving) -> None:
         if state.discarding:
             return
-        if state.receiver is None:
+        upload, result = state.upload, state.result
+        if upload is None:
+            state.bad += 1
             self._warn(link.name, "%s sent params without a result header; ignored", link.name)
             return
-        try:
-            state.receiver.add(chunk)
-        except WireError as exc:
-            self._refuse(link, state.result, Refusal(Rejection.CHUNKS, str(exc)), state)
+        with upload.lock:
+            refusal = None
+            if upload.buffer is None:  # taken back by a party that waited while this upload stood still
+                refusal = Refusal(Rejection.STALLED, upload.taken_back)
+            elif not self.gate.accepting(result.round):  # the round closed: the rest is of no use
+                refusal = Refusal(Rejection.LATE, f"round {result.round + 1} closed before the params arrived")
+            else:
+                try:
+                    state.receiver.add(chunk)
+                    upload.touch()
+                except WireError as exc:
+                    refusal = Refusal(Rejection.CHUNKS, str(exc))
+            if refusal is not None:
+                self.buffers.abandon(upload, str(refusal))
+            complete = refusal is None and state.receiver.complete
+            buffer = self.buffers.finish(upload) if complete else None
+        if refusal is not None:
+            state.upload = state.receiver = None
             state.discarding = True
+            self._refuse(link, result, refusal, state)
             return
-        if not state.receiver.complete:
+        if not complete:
             return
-        result, buffer = state.result, state.buffer
-        state.receiver = state.result = state.buffer = None
-        refusal = check_values(buffer, float(result.weight))
+        state.upload = state.receiver = state.result = None
+        refusal = check_values(buffer, float(result.weight), self.max_update_norm if result.is_delta else None)
         if refusal:
             self.release(buffer)
-            self._refuse(link, result, refusal, None)
+            self._refuse(link, result, refusal, state)
         else:
             self.events.put(Event(EventKind.UPDATE, link.name, result.round, result, buffer))
+
+    def _check_stall(self, link: PartyLink, state: _Receiving) -> None:
+        """An upload that only sends heartbeats loses its buffer once it has stood still for ``upload_stall_s``."""
+        upload = state.upload
+        if upload is None:
+            return
+        if not self.gate.accepting(state.result.round):
+            refusal = Refusal(Rejection.LATE, f"round {state.result.round + 1} closed before the params arrived")
+        elif self.buffers.stall_reason(upload):
+            refusal = Refusal(Rejection.STALLED, self.buffers.stall_reason(upload))
+        else:
+            return
+        self._end_upload(state, str(refusal))
+        state.discarding = True
+        self._refuse(link, state.result, refusal, state)
+
+    def _end_upload(self, state: _Receiving, reason: str) -> None:
+        if state.upload is not None:
+            with state.upload.lock:
+                self.buffers.abandon(state.upload, reason)
+        state.upload = state.receiver = None
 
     def _warn(self, party: str, message: str, *args: object) -> None:
         """A warning about one party's messages, at most ``WARNINGS_PER_PARTY`` of them: a party flooding the
@@ -321,13 +433,11 @@ class ArbiterServer:
             log.warning("%s: %d warnings; more are counted in the rounds' metrics but not logged", party, count)
 
     def _refuse(
-        self, link: PartyLink, result: Result | None, refusal: Refusal, state: _Receiving | None, counted: bool = False
+        self, link: PartyLink, result: Result | None, refusal: Refusal, state: _Receiving, counted: bool = False
     ) -> None:
         if not counted:
             self.gate.reject(refusal.kind)
-        if state is not None and state.buffer is not None:
-            self.release(state.buffer)
-            state.receiver = state.result = state.buffer = None
+        state.bad += 1
         rnd = result.round if result is not None else -1
         self._warn(link.name, "rejected an update from %s for round %d: %s", link.name, rnd + 1, refusal)
         if refusal.kind.final:
@@ -339,6 +449,7 @@ class _Receiving:
 
     def __init__(self) -> None:
         self.result: Result | None = None
-        self.buffer: FlatParams | None = None
+        self.upload: Upload | None = None
         self.receiver: ParamsReceiver | None = None
-        self.discarding = False
+        self.discarding = False  # the rest of a refused upload's chunks are dropped unread
+        self.bad = 0  # refused or unexpected messages on this stream

@@ -23,6 +23,9 @@ from fedfleet.core.params import FlatParams, ParamSpec
 from fedfleet.runtime.grpc.wire import Chunk, WireError
 
 DEFAULT_CHUNK_BYTES = 4 << 20
+# every chunk but a buffer's last carries at least this much (the smallest chunk_mib): a sender cannot make the
+# receiver run its per-chunk work once per element
+MIN_CHUNK_BYTES = 64 << 10
 
 # safetensors dtype codes (the format's own names)
 DTYPE_CODES: dict[torch.dtype, str] = {
@@ -70,8 +73,9 @@ def _safetensors_blob(dtype: torch.dtype, offset: int, count: int, data: np.ndar
 class ParamsReceiver:
     """Writes incoming chunks into ``target`` and says when every byte of every buffer has arrived."""
 
-    def __init__(self, target: FlatParams) -> None:
+    def __init__(self, target: FlatParams, min_chunk_bytes: int = MIN_CHUNK_BYTES) -> None:
         self.target = target
+        self.min_chunk_bytes = min_chunk_bytes
         self._by_name = {dtype_name(d): d for d in target.buffers}
         self._cursor = dict.fromkeys(target.buffers, 0)
         self._bytes = {d: b.view(torch.uint8) if b.device.type == "cpu" else None for d, b in target.buffers.items()}
@@ -94,6 +98,8 @@ class ParamsReceiver:
         item = buf.element_size()
         if len(data) != count * item:
             raise WireError(f"{dtype} chunk holds {len(data)} bytes for {count} elements")
+        if offset + count < buf.numel() and len(data) < self.min_chunk_bytes:
+            raise WireError(f"{dtype} chunk of {len(data)} bytes before the buffer's end (min {self.min_chunk_bytes})")
         flat_bytes = self._bytes[dt]
         incoming = np.frombuffer(data, dtype=np.uint8)
         if flat_bytes is not None:

@@ -34,7 +34,9 @@ class Rejection(str, Enum):
     WEIGHT = "weight"  # not a finite weight within bounds
     STATS = "stats"  # typed training stats that are not finite (or negative counts)
     METRICS = "metrics"  # shown metrics that are not short names and numbers
-    VALUES = "values"  # NaN or inf in the params
+    VALUES = "values"  # NaN or inf in the params, or values that could overflow the sum
+    NORM = "norm"  # an update longer than network.max_update_norm
+    STALLED = "stalled"  # an upload that stood still for network.upload_stall_s
     CHUNKS = "chunks"  # the params' chunks do not cover the buffers exactly
     FAILURE = "failure"  # the party reported it could not do the task
 
@@ -45,7 +47,7 @@ class Rejection(str, Enum):
 
 
 FINAL = frozenset({Rejection.TASK, Rejection.LAYOUT, Rejection.WEIGHT, Rejection.STATS, Rejection.METRICS,
-                   Rejection.VALUES, Rejection.CHUNKS})  # fmt: skip
+                   Rejection.VALUES, Rejection.NORM, Rejection.CHUNKS, Rejection.STALLED})  # fmt: skip
 
 
 class Refusal(str):
@@ -83,6 +85,10 @@ class RoundGate:
     def close(self) -> None:
         with self._lock:
             self._open = False
+
+    def accepting(self, rnd: int) -> bool:
+        """Whether answers for ``rnd`` are still wanted (an upload for a closed round is abandoned)."""
+        return self._open and self.round == rnd
 
     def admit(self, party: str, result: Result) -> Refusal | None:
         """None when the result may be received; otherwise why not (and it is counted)."""
@@ -154,11 +160,17 @@ def _metrics_refusal(result: Result, most: int = 64) -> Refusal | None:
 MAX_WEIGHTED_MAGNITUDE = 1e32
 
 
-def check_values(params: FlatParams, weight: float = 1.0) -> Refusal | None:
-    """Every value finite, and small enough that folding it (times its weight) cannot overflow the sum."""
+def check_values(params: FlatParams, weight: float = 1.0, max_norm: float | None = None) -> Refusal | None:
+    """Every value finite, small enough that folding it (times its weight) cannot overflow the sum, and with
+    ``max_norm``, an L2 norm within it (for a delta; a party's full params are bounded by the first checks only)."""
     top = params.max_abs()  # one pass: NaN or inf anywhere makes it non-finite
     if not math.isfinite(top):
         return Refusal(Rejection.VALUES, "NaN or inf in the params")
     if top * weight > MAX_WEIGHTED_MAGNITUDE:
         return Refusal(Rejection.VALUES, f"values up to {top:.3g} with weight {weight:g} would overflow the sum")
+    if max_norm is not None:
+        norm = math.sqrt(params.sq_norm())
+        if norm > max_norm:
+            detail = f"an update of L2 norm {norm:.4g}, over network.max_update_norm={max_norm:g}"
+            return Refusal(Rejection.NORM, detail)
     return None

@@ -8,6 +8,7 @@ exponential backoff and jitter, forever by default; a refusal (wrong session, un
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from fedfleet.runtime.grpc.wire import (
     Chunk,
     Done,
     Failure,
+    Garbled,
     Heartbeat,
     Join,
     JoinMode,
@@ -93,9 +95,9 @@ class PartySession:
         return Join(
             session=self.conn.session,
             spec_digest=self.spec.digest,
-            spec=describe_spec(self.spec),
             name=self.conn.name,
             mode=self.mode,
+            payload=json.dumps(describe_spec(self.spec), separators=(",", ":")).encode(),
         )
 
     def on_task(self, task: Task, outbox: Outbox) -> None:
@@ -150,6 +152,8 @@ class PartySession:
             receiver: ParamsReceiver | None = None
             task: Task | None = None
             for msg in stream:
+                if isinstance(msg, Garbled):
+                    raise WireError(msg.reason)
                 if isinstance(msg, Welcome):
                     welcomed, self.index = True, msg.index
                     log.info("%s joined session %s as party %d", self.conn.name, self.conn.session, msg.index)
@@ -173,7 +177,7 @@ class PartySession:
                         task = receiver = None
             raise _StreamBroken("the arbiter closed the stream", welcomed)
         except grpc.RpcError as exc:
-            raise _StreamBroken(f"connection lost ({exc.code().name}: {exc.details()})", welcomed) from None
+            raise _StreamBroken(f"connection lost ({exc.code().name}: {exc.details()}){_hint(exc)}", welcomed) from None
         except WireError as exc:
             raise _StreamBroken(f"garbled message from the arbiter ({exc})", welcomed) from None
         finally:
@@ -252,6 +256,24 @@ class Party(PartySession):
             spec_digest=params.spec.digest,
             sizes={dtype_name(d): b.numel() for d, b in params.buffers.items()},
         )
+
+
+# what gRPC's handshake says when the server's certificate is not the job's arbiter's
+_NOT_THE_ARBITER = (
+    "Hostname Verification Check failed",
+    "unsupported certificate purpose",
+    "certificate verify failed",
+)
+
+
+def _hint(exc: grpc.RpcError) -> str:
+    details = exc.details() or ""
+    if any(text in details for text in _NOT_THE_ARBITER):
+        return (
+            "; the server there did not show the certificate the job's CA issued as 'arbiter': check the address, "
+            "and that the arbiter's certificate comes from `fedfleet certs issue <dir> arbiter`"
+        )
+    return ""
 
 
 class _StreamBroken(Exception):

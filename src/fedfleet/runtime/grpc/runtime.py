@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
+import statistics
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -52,6 +53,7 @@ class GrpcRuntime:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         evaluator: Any = None,
         federated_eval: bool = True,
+        max_weight_ratio: float | None = None,
     ) -> None:
         self.server = server
         self.min_parties = min_parties
@@ -65,6 +67,9 @@ class GrpcRuntime:
         self._metrics: dict[str, float] = {}
         self._metric_names: set[str] = set()  # every name a party's metrics have shown in this session
         self._dropped_names = 0
+        self.max_weight_ratio = max_weight_ratio
+        self._last_weight: dict[str, float] = {}  # each party's latest accepted training weight
+        self._clamped = 0
 
     @property
     def population(self) -> int:
@@ -74,7 +79,7 @@ class GrpcRuntime:
     def fit(self, global_params: FlatParams, clients: Sequence[int], config: FitConfig) -> Iterator[Update]:
         self._round = config.round
         self.server.current_round = config.round
-        self._dropped_names = 0
+        self._dropped_names = self._clamped = 0
         names = [self.server.parties[int(c)] for c in clients]
         present = self._await(names)
         tasks = {name: uuid.uuid4().hex for name in present}
@@ -92,10 +97,13 @@ class GrpcRuntime:
         for event in self._events(pending, config.round):
             if event.kind == EventKind.UPDATE:
                 result = event.result
+                # updates fold as they arrive, so a party's weight is capped by the others' latest known ones
+                weight = self._capped(event.party, float(result.weight), self._last_weight)
+                self._last_weight[event.party] = float(result.weight)
                 try:
                     yield Update(
                         event.params,
-                        result.weight,
+                        weight,
                         self._shown(result.metrics),
                         client_id=self.server.index[event.party],
                         is_delta=result.is_delta,
@@ -114,6 +122,7 @@ class GrpcRuntime:
             "timed_out": float(len(pending)),
             "rejected": float(sum(self.server.gate.rejected.values())),
             **({"dropped_metric_names": float(self._dropped_names)} if self._dropped_names else {}),
+            **({"clamped_weights": float(self._clamped)} if self._clamped else {}),
             **{f"rejected_{kind}": float(n) for kind, n in self.server.gate.rejected.items()},
         }
         if pending:
@@ -135,6 +144,20 @@ class GrpcRuntime:
             else:
                 self._dropped_names += 1
         return kept
+
+    def _capped(self, party: str, weight: float, weights: dict[str, float]) -> float:
+        """``weight``, cut to ``max_weight_ratio`` times the median of the other parties' ``weights``: one party
+        claiming a huge example count cannot take over the mean (counted as ``clamped_weights``)."""
+        others = sorted(w for name, w in weights.items() if name != party)
+        if self.max_weight_ratio is None or not others:
+            return weight
+        cap = self.max_weight_ratio * statistics.median(others)
+        if weight <= cap:
+            return weight
+        self._clamped += 1
+        log.warning("%s claims weight %g, cut to %g (network.max_weight_ratio=%g x the others' median)", party,
+                    weight, cap, self.max_weight_ratio)  # fmt: skip
+        return cap
 
     def evaluate(self, global_params: FlatParams) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -205,11 +228,15 @@ class GrpcRuntime:
         for name, task_id in tasks.items():
             self._send(name, Task(task_id=task_id, round=self._round, task=TaskKind.EVALUATE))
             self._send(name, iter_chunks(global_params, self.chunk_bytes))
-        means = MetricMean()
+        answers = {}
         for event in self._events(set(tasks), self._round):
             if event.kind == EventKind.EVALUATED:
-                means.add(event.result.metrics, event.result.weight)
+                answers[event.party] = event.result
         self.server.gate.close()
+        weights = {name: float(result.weight) for name, result in answers.items()}
+        means = MetricMean()  # every answer is in: each weight is capped by the others' in this evaluation
+        for name, result in answers.items():
+            means.add(result.metrics, self._capped(name, weights[name], weights))
         return means.means()
 
     def _send(self, name: str, item: Any) -> None:

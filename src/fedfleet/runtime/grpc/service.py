@@ -11,11 +11,14 @@ from typing import Any
 
 import grpc
 
-from fedfleet.runtime.grpc.wire import Message, decode, encode
+from fedfleet.runtime.grpc.wire import Garbled, Message, decode_or_garbled, encode
 
 SERVICE = "fedfleet.Federation"
 METHOD = "Connect"
-MAX_MESSAGE_BYTES = 32 << 20  # chunks are a few MiB; this is headroom, not a design size
+# the largest message is a chunk of at most 16 MiB (network.chunk_mib) or a join's layout of at most 16 MiB
+# (arbiter.MAX_LAYOUT_BYTES), plus a header of at most 64 KiB: gRPC refuses a longer one from its length prefix,
+# before buffering it (a 30 MiB frame under a 32 MiB limit cost the arbiter 3.5x the frame in copies)
+MAX_MESSAGE_BYTES = 17 << 20
 FLOW_WINDOW_BYTES = 16 << 20
 
 
@@ -43,13 +46,17 @@ def server_options() -> list[tuple[str, Any]]:
     ]
 
 
-Handler = Callable[[Iterator[Message], grpc.ServicerContext], Iterator[Message]]
+Handler = Callable[[Iterator[Message | Garbled], grpc.ServicerContext], Iterator[Message]]
 
 
 def add_handler(server: grpc.Server, handler: Handler) -> None:
-    method = grpc.stream_stream_rpc_method_handler(handler, request_deserializer=decode, response_serializer=encode)
+    method = grpc.stream_stream_rpc_method_handler(
+        handler, request_deserializer=decode_or_garbled, response_serializer=encode
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: method}),))
 
 
-def connect_stub(channel: grpc.Channel) -> Callable[[Iterator[Message]], Iterator[Message]]:
-    return channel.stream_stream(f"/{SERVICE}/{METHOD}", request_serializer=encode, response_deserializer=decode)
+def connect_stub(channel: grpc.Channel) -> Callable[[Iterator[Message]], Iterator[Message | Garbled]]:
+    return channel.stream_stream(
+        f"/{SERVICE}/{METHOD}", request_serializer=encode, response_deserializer=decode_or_garbled
+    )

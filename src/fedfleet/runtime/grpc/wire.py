@@ -1,9 +1,10 @@
 """Typed messages between the arbiter and a party, and their one frame format.
 
 Both sides import these classes, so no message name or field is a magic string shared by convention.
-A frame is ``u32 header length | JSON header | payload``; only chunks carry a payload (a few MiB of
-tensor bytes, see ``chunks.py``). JSON keeps the headers readable in logs and needs no code generator;
-the bytes that matter never go through it.
+A frame is ``u32 header length | JSON header | payload``. Headers are small (at most ``MAX_HEADER_BYTES``);
+only chunks (a few MiB of tensor bytes, see ``chunks.py``) and a join (the party's param layout, read only
+when the arbiter needs it) carry a payload. JSON keeps the headers readable in logs and needs no code
+generator; the bytes that matter never go through it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
 
-PROTOCOL = 3  # bumped when a message changes incompatibly; checked at join (3: a result's typed stats)
+PROTOCOL = 4  # bumped when a message changes incompatibly; checked at join (4: the join's layout is its payload)
+# a header is a few hundred bytes (a result's metrics are at most 64 short names); parsing JSON costs many times
+# its size in Python objects, so a longer one is refused before it is parsed
+MAX_HEADER_BYTES = 64 << 10
 
 _HEADER_LEN = struct.Struct("<I")
 MESSAGES: dict[str, type[Message]] = {}
@@ -48,6 +52,7 @@ Payload = bytes | memoryview | tuple  # a tuple of buffers is joined into the fr
 @dataclass
 class Message:
     kind: ClassVar[str] = ""
+    carries_payload: ClassVar[bool] = False  # only chunks and joins have bytes after the header
     payload: Payload = field(default=b"", repr=False, compare=False)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -60,15 +65,20 @@ class Message:
 # -- party -> arbiter -------------------------------------------------------------------------------
 @dataclass
 class Join(Message):
-    """The first message of a party's stream. ``name`` is only trusted on an ``--insecure`` arbiter."""
+    """The first message of a party's stream. ``name`` is only trusted on an ``--insecure`` arbiter.
+
+    The payload is the party's param layout as JSON ``[[name, shape, dtype], ...]`` (``chunks.describe_spec``):
+    an arbiter that has a model compares digests and reads it only to explain a mismatch; a model-less one
+    learns the session's layout from it.
+    """
 
     kind: ClassVar[str] = "join"
+    carries_payload: ClassVar[bool] = True
     session: str = ""
     spec_digest: str = ""
     protocol: int = PROTOCOL
     name: str = ""
     mode: str = JoinMode.TASKS  # a JoinMode (plain text in the header)
-    spec: list = field(default_factory=list)  # [[name, shape, dtype], ...]: lets a model-less arbiter learn it
     rounds: int = 0  # sync mode: how many times the party will sync (0 = the arbiter decides)
 
 
@@ -153,6 +163,19 @@ class Chunk(Message):
     """A slice of one dtype buffer of the params being sent; the payload is a safetensors blob."""
 
     kind: ClassVar[str] = "chunk"
+    carries_payload: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class Garbled:
+    """What a frame that does not decode becomes on the receiving side (never sent, not a message kind).
+
+    gRPC's own handling of a deserializer that raises aborts the call from inside its machinery (an arbiter
+    then hung in shutdown); as a value, a garbled frame is handled like any other bad message: it costs the
+    stream that sent it.
+    """
+
+    reason: str
 
 
 def encode(msg: Message) -> bytes:
@@ -167,9 +190,22 @@ def decode(frame: bytes) -> Message:
     if len(view) < _HEADER_LEN.size:
         raise WireError(f"frame of {len(view)} bytes is too short")
     (n,) = _HEADER_LEN.unpack_from(view)
+    if n > MAX_HEADER_BYTES or _HEADER_LEN.size + n > len(view):
+        raise WireError(f"a header of {n} bytes in a frame of {len(view)} (headers are at most {MAX_HEADER_BYTES})")
     try:
         header = json.loads(bytes(view[_HEADER_LEN.size : _HEADER_LEN.size + n]))
         cls = MESSAGES[header.pop("t")]
-        return cls(payload=view[_HEADER_LEN.size + n :], **header)
-    except (KeyError, TypeError, ValueError) as exc:
+        payload = view[_HEADER_LEN.size + n :]
+        if payload.nbytes and not cls.carries_payload:
+            raise ValueError(f"a {cls.kind} message carries no payload, got {payload.nbytes} bytes")
+        return cls(payload=payload, **header)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise WireError(f"undecodable frame: {exc}") from None
+
+
+def decode_or_garbled(frame: bytes) -> Message | Garbled:
+    """``decode`` for gRPC's deserializer hook: a bad frame becomes a :class:`Garbled` value, not an exception."""
+    try:
+        return decode(frame)
+    except WireError as exc:
+        return Garbled(str(exc))

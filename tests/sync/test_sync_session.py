@@ -128,3 +128,30 @@ def test_sync_rejects_a_non_positive_weight():
     ctx = SyncParty(bind_module(tiny_model(0)).spec, connection("127.0.0.1:1", "guest-9999"))
     with pytest.raises(ValueError, match="weight must be > 0"):
         ctx.sync(bind_module(tiny_model(0)), 0.0)
+
+
+def test_the_first_party_to_join_cannot_fix_the_sessions_length_for_the_others():
+    """A party announcing 99 syncs joins first; the two others plan 2: the session runs 2, the odd one is told."""
+    names = ["guest-9999", "host-10000", "host-10001"]
+    address = f"127.0.0.1:{free_port()}"
+    config = SyncSessionConfig(session="s1", parties=names, address=address, certs=None, min_parties=2,
+                               join_timeout=10, wait_timeout=30)  # fmt: skip
+    arbiter = SyncArbiter(config)
+    odd = TrainingParty(address, names[0], 0, rounds=99)
+    honest = [TrainingParty(address, name, seed, rounds=2) for seed, name in enumerate(names[1:], start=1)]
+    result: dict = {}
+    server = threading.Thread(target=lambda: result.update(history=arbiter.serve()), daemon=True)
+    server.start()
+    threads = [threading.Thread(target=p.run, daemon=True) for p in [odd, *honest]]
+    threads[0].start()
+    arbiter.server.spec_known.wait(30)  # the odd party joined first and gave the layout
+    for t in threads[1:]:
+        t.start()
+    for t in [*threads, server]:
+        t.join(60)
+    assert isinstance(odd.error, PartyRejected) and "plans 99 syncs but most parties plan 2" in str(odd.error)
+    for p in honest:
+        assert p.error is None, p.error
+        assert len(p.before_sync) == 2
+    assert [r.metrics["clients"] for r in result["history"]] == [2.0, 2.0]
+    assert result["history"][-1].metrics["wall_s"] < 5  # no round waits for the refused party to come back

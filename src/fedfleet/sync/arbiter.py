@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -136,12 +137,27 @@ class SyncArbiter:
             )
 
     def _announced_rounds(self) -> int:
-        wanted = {n for n in self.server.rounds_wanted.values() if n > 0}
+        """The number of syncs most connected parties announced, once every party joined (or join_timeout
+        passed): the first party to join cannot fix the session's length for the others. Parties that
+        announced another number are refused; a tie cannot be decided."""
+        coming = [name for name in self.config.parties if name not in self.server.refused]
+        with self.server.changed:
+            self.server.changed.wait_for(
+                lambda: len(self.server.connected()) >= len(coming),
+                min(self.config.join_timeout, self.config.wait_timeout),
+            )
+        connected = set(self.server.connected())
+        wanted = {name: n for name, n in self.server.rounds_wanted.items() if n > 0 and name in connected}
         if not wanted:
             raise ConfigError("no party announced how many times it syncs; give the arbiter rounds=")
-        if len(wanted) > 1:
+        (top, votes), *others = Counter(wanted.values()).most_common()
+        if others and others[0][1] == votes:
             raise ConfigError(
-                f"the parties plan different numbers of syncs ({self.server.rounds_wanted}); give them the same "
-                f"training length and aggregation frequency, or give the arbiter rounds="
+                f"the parties plan different numbers of syncs ({wanted}); give them the same training length and "
+                f"aggregation frequency, or give the arbiter rounds="
             )
-        return wanted.pop()
+        for name, n in wanted.items():
+            if n != top:
+                self.server.refuse(name, f"{name} plans {n} syncs but most parties plan {top}; give every party "
+                                   f"the same training length and aggregation frequency")  # fmt: skip
+        return top

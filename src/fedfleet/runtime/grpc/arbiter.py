@@ -50,6 +50,7 @@ from fedfleet.runtime.grpc.wire import (
 log = logging.getLogger("fedfleet.arbiter")
 
 WARNINGS_PER_PARTY = 50  # logged about one party's bad messages in a session; the rest are only counted
+MAX_ROUNDS = 10**7  # syncs a party may announce
 MAX_LAYOUT_BYTES = 16 << 20  # a model-less arbiter reads at most this much of a join's layout (100k+ tensors)
 
 
@@ -104,6 +105,7 @@ class ArbiterServer:
         self.spec_known = threading.Event()
         self.rounds_wanted: dict[str, int] = {}  # sync mode: the number of syncs each party announced
         self.rounds: int | None = None  # sync mode, once fixed: parties announcing another number are refused
+        self.refused: set[str] = set()  # parties refused after their join (see refuse)
         self.events: queue.Queue[Event] = queue.Queue()
         self._warnings: Counter[str] = Counter()  # per party: see _warn
         self._streams = StreamLimits()
@@ -169,6 +171,18 @@ class ArbiterServer:
         if params is not None:
             self.buffers.release(params)
 
+    def refuse(self, name: str, reason: str, grace: float = 2.0) -> None:
+        """Refuse a connected party after its join (it must not retry): send ``reason`` and close its stream."""
+        link = self.link(name)
+        if link is None:
+            return
+        log.warning("refused %s: %s", name, reason)
+        with self.changed:
+            self.refused.add(name)  # it will not come back: rounds do not wait for it
+        link.outbox.send(Reject(reason=reason))
+        link.outbox.drain(grace)
+        link.outbox.close()
+
     def broadcast(self, msg: Message) -> None:
         with self.changed:
             links = list(self._links.values())
@@ -181,7 +195,7 @@ class ArbiterServer:
         if self.secure:  # refused before a byte of the stream is read: no certificate, or not one of the parties
             reason = self._refuse_identity(certified)
             if reason:
-                log.warning("refused a party (%s): %s", context.peer(), reason)
+                self._warn(certified or "?", "refused a party (%s): %s", context.peer(), reason)
                 yield Reject(reason=reason)
                 return
             self._limit_streams(certified, context)
@@ -196,13 +210,18 @@ class ArbiterServer:
             deadline.cancel()
         name, reason = self._identify(join, certified)
         if reason:
-            log.warning("refused a party (%s): %s", context.peer(), reason)
+            claimed = certified if self.secure else getattr(join, "name", "")
+            if claimed in self.index:  # a refused party stops (Reject is final): rounds do not wait for it
+                with self.changed:
+                    self.refused.add(claimed)
+                    self.changed.notify_all()
+            self._warn(claimed or "?", "refused a party (%s): %s", context.peer(), reason)
             yield Reject(reason=reason)
             return
         if not self.secure:
             self._limit_streams(name, context)
+        self.rounds_wanted[name] = join.rounds  # before the join is seen: the announced rounds are counted then
         link = self._attach(name)
-        self.rounds_wanted[name] = join.rounds
         context.add_callback(link.outbox.close)
         reader = threading.Thread(target=self._read, args=(link, requests), name=f"read-{name}", daemon=True)
         self._readers = [t for t in self._readers if t.is_alive()] + [reader]
@@ -226,6 +245,8 @@ class ArbiterServer:
             return "", f"the first message does not decode ({join.reason})"
         if not isinstance(join, Join):
             return "", f"the first message must be a join, got {join.kind}"
+        if not (isinstance(join.rounds, int) and 0 <= join.rounds <= MAX_ROUNDS):
+            return "", f"a join must announce 0 to {MAX_ROUNDS} syncs, got {join.rounds!r}"
         if join.protocol != PROTOCOL:
             return "", f"protocol {join.protocol} is not this arbiter's {PROTOCOL}; use the same fedfleet version"
         if self.secure:
@@ -280,6 +301,7 @@ class ArbiterServer:
 
     def _attach(self, name: str) -> PartyLink:
         with self.changed:
+            self.refused.discard(name)  # restarted with what it was refused for fixed
             old = self._links.get(name)
             if old is not None:  # a restarted party: the new stream replaces the old one
                 old.outbox.close()

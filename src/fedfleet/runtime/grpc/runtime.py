@@ -279,8 +279,10 @@ class GrpcRuntime:
         with self.server.changed:
             while True:
                 present = [n for n in names if self.server.link(n) is not None]
+                coming = [n for n in names if n not in self.server.refused]  # a refused party does not return
                 waited = time.monotonic() - start
-                if len(present) == len(names) or (waited >= self.join_timeout and len(present) >= need):
+                enough = len(present) >= need
+                if (enough and len(present) >= len(coming)) or (waited >= self.join_timeout and enough):
                     return present
                 if waited >= self.wait_timeout:
                     missing = sorted(set(names) - set(present))

@@ -204,6 +204,22 @@ class LongDelta(CheatingParty):
         super().answer(task, update, outbox)
 
 
+class NearOverflow(CheatingParty):
+    """Finite values near float32's end: times a weight of 2 they overflow the running sum."""
+
+    def answer(self, task, update, outbox):
+        update.params.buffers[torch.float32][5] = 3e38
+        super().answer(task, update, outbox)
+
+
+class InventedMetricNames(CheatingParty):
+    """Sixty-four new metric names in every answer (the most one answer may carry)."""
+
+    def answer(self, task, update, outbox):
+        update.metrics = {f"m{task.round}_{i}": 1.0 for i in range(64)}
+        super().answer(task, update, outbox)
+
+
 class HugeWeight(CheatingParty):
     def answer(self, task, update, outbox):
         update.weight = 1e9
@@ -216,6 +232,7 @@ class HugeWeight(CheatingParty):
         (EvaluationWithParams, ["network.receive_buffers=1"], "rejected_task"),
         (BoomMetric, [], "rejected_metrics"),
         (LongDelta, ["network.max_update_norm=100"], "rejected_norm"),
+        (NearOverflow, [], "rejected_values"),
     ],
 )
 def test_a_refused_answer_costs_the_rogue_its_round_and_nothing_else(tmp_path, cheat, overrides, reason):
@@ -224,6 +241,15 @@ def test_a_refused_answer_costs_the_rogue_its_round_and_nothing_else(tmp_path, c
     for record in history:
         assert record.metrics["clients"] == 2.0 and record.metrics[reason] == 1.0
     assert fed.arbiter.loop.global_params.isfinite()
+
+
+def test_metric_names_invented_every_round_stop_widening_the_table(tmp_path):
+    fed = federation(tmp_path, ["rounds=5"], party_class={ROGUE: InventedMetricNames})
+    history, _ = run_with_deadline(fed, 90)
+    assert all(r.metrics["clients"] == 3.0 for r in history)  # its updates still count
+    assert "dropped_metric_names" not in history[2].metrics  # 3 x 64 names (and the honest ones') fit
+    assert history[4].metrics["dropped_metric_names"] == 64.0  # the fifth round's would pass 256
+    assert len({k for r in history for k in r.metrics if k.startswith("m")}) <= 256
 
 
 def test_a_claimed_weight_is_cut_to_a_multiple_of_the_others_median(tmp_path):

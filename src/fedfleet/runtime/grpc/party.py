@@ -20,6 +20,7 @@ import grpc
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
 from fedfleet.errors import TrainingDivergedError, UserError
+from fedfleet.runtime.grpc import handshake
 from fedfleet.runtime.grpc.backoff import backoff_delays
 from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES, ParamsReceiver, describe_spec, dtype_name, iter_chunks
 from fedfleet.runtime.grpc.links import Outbox
@@ -113,13 +114,19 @@ class PartySession:
     def run(self) -> str:
         """Serve until the arbiter says the session is done; returns its reason."""
         delays = backoff_delays(cap=self.conn.reconnect_max_s)
-        failures = 0
+        failures = closed = 0
         while True:
             try:
                 return self._serve()
             except _StreamBroken as exc:
                 if self._closing():  # this side closed the stream: nothing was lost, nothing to redial
                     return "stopped"
+                closed = closed + 1 if exc.closed_at_handshake else 0
+                if closed >= handshake.CLOSED_STREAK:
+                    exc.problem = handshake.closed_streak_problem(closed)
+                if exc.problem:  # the certificates or the transport do not match: redialling would not help
+                    problem = f"cannot reach the arbiter at {self.conn.address}: {exc.problem}"
+                    raise handshake.HandshakeFailed(problem) from None
                 if exc.welcomed:  # it was up: start the backoff from the bottom
                     delays, failures = backoff_delays(cap=self.conn.reconnect_max_s), 0
                 failures += 1
@@ -177,7 +184,13 @@ class PartySession:
                         task = receiver = None
             raise _StreamBroken("the arbiter closed the stream", welcomed)
         except grpc.RpcError as exc:
-            raise _StreamBroken(f"connection lost ({exc.code().name}: {exc.details()}){_hint(exc)}", welcomed) from None
+            details = exc.details() or ""
+            raise _StreamBroken(
+                f"connection lost ({exc.code().name}: {details})",
+                welcomed,
+                problem=handshake.fatal_problem(details),
+                closed_at_handshake=not welcomed and handshake.CLOSED in details,
+            ) from None
         except WireError as exc:
             raise _StreamBroken(f"garbled message from the arbiter ({exc})", welcomed) from None
         finally:
@@ -258,25 +271,9 @@ class Party(PartySession):
         )
 
 
-# what gRPC's handshake says when the server's certificate is not the job's arbiter's
-_NOT_THE_ARBITER = (
-    "Hostname Verification Check failed",
-    "unsupported certificate purpose",
-    "certificate verify failed",
-)
-
-
-def _hint(exc: grpc.RpcError) -> str:
-    details = exc.details() or ""
-    if any(text in details for text in _NOT_THE_ARBITER):
-        return (
-            "; the server there did not show the certificate the job's CA issued as 'arbiter': check the address, "
-            "and that the arbiter's certificate comes from `fedfleet certs issue <dir> arbiter`"
-        )
-    return ""
-
-
 class _StreamBroken(Exception):
-    def __init__(self, message: str, welcomed: bool) -> None:
+    def __init__(self, message: str, welcomed: bool, problem: str = "", closed_at_handshake: bool = False) -> None:
         super().__init__(message)
         self.welcomed = welcomed
+        self.problem = problem  # a handshake failure that will repeat (handshake.FATAL)
+        self.closed_at_handshake = closed_at_handshake

@@ -35,6 +35,18 @@ def test_typo_key_names_the_path_and_suggests(tmp_path):
         load_job(write(tmp_path, "roundz: 3\n"))
 
 
+def test_every_problem_of_a_job_file_is_reported_at_once(tmp_path):
+    """Three mistakes in three places: one run names all three (they used to take three runs)."""
+    text = "roundz: 3\nclient: {lrr: 0.1, epochs: two}\noutput: {tensorboard: 1}\n"
+    with pytest.raises(ConfigError) as caught:
+        load_job(write(tmp_path, text))
+    message = str(caught.value)
+    for problem in ("roundz: unknown key", "client.lrr: unknown key", "client.epochs: expected a whole number",
+                    "output.tensorboard: expected true or false"):  # fmt: skip
+        assert problem in message
+    assert message.count("\n") == 3  # one line each
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

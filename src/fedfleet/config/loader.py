@@ -52,19 +52,23 @@ def parse(cls: type[T], data: Any, where: str = "", *, source: str = "") -> T:
         raise ConfigError(f"{here}: expected a mapping of keys, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for key in data:
-        if key not in fields:
-            raise ConfigError(
-                _from(source, f"{_join(where, str(key))}: unknown key{did_you_mean(str(key), list(fields))}; ")
-                + f"valid keys here: {', '.join(fields)}"
-            )
-    try:
-        kwargs = {key: _convert(hints[key], value, _join(where, key)) for key, value in data.items()}
-    except ConfigError as exc:
-        raise ConfigError(_from(source, str(exc))) from None
-    missing = [n for n, f in fields.items() if n not in kwargs and _required(f)]
-    if missing:
-        raise ConfigError(f"{here}: missing required key {missing[0]!r}")
+    # every problem of the file at once (a job with three mistakes should not take three runs to learn them)
+    problems = [
+        f"{_join(where, str(key))}: unknown key{did_you_mean(str(key), list(fields))}; "
+        f"valid keys here: {', '.join(fields)}"
+        for key in data
+        if key not in fields
+    ]
+    kwargs = {}
+    for key, value in data.items():
+        if key in fields:
+            try:
+                kwargs[key] = _convert(hints[key], value, _join(where, key))
+            except ConfigError as exc:
+                problems.extend(str(exc).split(_PROBLEMS_SEP))
+    problems += [f"{here}: missing required key {n!r}" for n, f in fields.items() if _key_missing(n, f, data)]
+    if problems:
+        raise ConfigError(_from(source, _PROBLEMS_SEP.join(problems)))
     try:
         return cls(**kwargs)
     except (ValueError, ConfigError) as exc:  # a __post_init__ check
@@ -74,6 +78,13 @@ def parse(cls: type[T], data: Any, where: str = "", *, source: str = "") -> T:
 def load(cls: type[T], path: str | Path) -> T:
     """:func:`parse` the YAML file ``path`` into ``cls``; every error names the file."""
     return parse(cls, read_yaml(path), source=str(path))
+
+
+_PROBLEMS_SEP = "\n  "  # problems after the first, one per line
+
+
+def _key_missing(name: str, f: dataclasses.Field, data: dict) -> bool:
+    return name not in data and _required(f)
 
 
 def _from(source: str, message: str) -> str:

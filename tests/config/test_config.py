@@ -161,3 +161,17 @@ def test_the_python_api_and_a_job_file_share_one_set_of_defaults():
     # the one default that depends on pacing, from one table
     assert job.network.round_timeout_s(JoinMode.TASKS) == ROUND_TIMEOUT[JoinMode.TASKS] == 600
     assert sync.round_timeout_s(JoinMode.SYNC) == ROUND_TIMEOUT[JoinMode.SYNC] == 24 * 3600
+
+
+@pytest.mark.parametrize(
+    ("override", "fedfleet"),
+    [
+        ("sample_mode=oort", "selector.name=oort"),
+        ("gradient_policy=fed-prox", "strategy.name=fedprox"),
+        ("learning_rate=0.1", "client.lr=0.1"),
+    ],
+)
+def test_a_fedscale_key_given_to_set_names_the_fedfleet_key(override, fedfleet):
+    with pytest.raises(ConfigError, match=f"FedScale key, and --set takes fedfleet keys: --set {fedfleet}"):
+        load_job(None, [override])
+    assert load_job(None, ["rounds=3"]).rounds == 3  # a key both use is simply the fedfleet one

@@ -401,3 +401,14 @@ def group_of() -> dict[str, tuple[str, list[str]]]:
 
 def known_keys() -> list[str]:
     return sorted({*DIRECT, *CHOICES, *group_of(), "data_set", *SYSTEM_KEYS, *ASYNC_KEYS, *IGNORED})
+
+
+def fedfleet_override(key: str, value: str) -> str | None:
+    """The ``--set`` that means FedScale's ``key=value`` (``sample_mode=oort`` -> ``selector.name=oort``), or None
+    when ``key`` is not a FedScale job key with another fedfleet name."""
+    if key in DIRECT and DIRECT[key].target != key:
+        return f"{DIRECT[key].target}={value}"
+    if key in CHOICES:
+        choice = CHOICES[key].table.get(value)
+        return f"{CHOICES[key].target}.name={choice.name if choice else value}"
+    return None

@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar, Union
 
 import yaml
 
+from fedfleet.config.fedscale_keys import fedfleet_override
 from fedfleet.config.safe_yaml import load_yaml
 from fedfleet.errors import ConfigError
 from fedfleet.registry import did_you_mean
@@ -188,6 +189,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set client.lr=0.05")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
+        fedfleet = fedfleet_override(key.strip(), raw.strip()) if len(parts) == 1 else None
+        if fedfleet is not None and parts[0] not in data:
+            raise ConfigError(f"--set {key}: {key} is a FedScale key, and --set takes fedfleet keys: --set {fedfleet}")
         node = data
         for part in parts[:-1]:
             child = node.get(part)

@@ -69,12 +69,35 @@ def run_loop_in_folder(
     run.write_status(state, round=loop.round)
     if job.system is not None or job.fedbuff is not None:  # the virtual clock: the time it would take in the field
         print(_time_summary(final, loop))
-    accuracy = final.get("test_accuracy", final.get("test_party_accuracy"))
-    if accuracy is not None:
-        print(f"final test accuracy: {accuracy:.2%} after {loop.round} {loop.unit}s ({run.path})")
+    summary = headline(final)
+    if summary:
+        print(f"final {summary} after {loop.round} {loop.unit}s ({run.path})")
     else:
         print(f"done: {loop.round} {loop.unit}s ({run.path})")
     return 0
+
+
+# the metric a run is judged by, first found: a click model's AUC and log loss (its accuracy is about the
+# majority rate whatever it learns), else a classifier's accuracy; the arbiter's own, else the parties'
+HEADLINES: tuple[tuple[str, str, str], ...] = (
+    ("test_auc", "test AUC", ".4f"),
+    ("test_accuracy", "test accuracy", ".2%"),
+    ("test_party_auc", "test AUC", ".4f"),
+    ("test_party_accuracy", "test accuracy", ".2%"),
+)
+COMPANIONS = {"test_auc": "test_log_loss", "test_party_auc": "test_party_log_loss"}
+
+
+def headline(metrics: dict[str, float]) -> str:
+    """``test AUC: 0.7312, log loss 0.5120`` (or the accuracy, ...) from a run's final metrics; "" if none."""
+    for key, label, fmt in HEADLINES:
+        if key in metrics:
+            text = f"{label}: {metrics[key]:{fmt}}"
+            companion = COMPANIONS.get(key)
+            if companion in metrics:
+                text += f", log loss {metrics[companion]:.4f}"
+            return text
+    return ""
 
 
 def _callbacks(job: JobConfig, run: RunDir, quiet: bool, checkpoint_every: int) -> list[Callback]:

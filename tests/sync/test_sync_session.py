@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fedfleet.core.params import FlatParams, bind_module
-from fedfleet.runtime.grpc import Connection, PartyRejected, SyncParty
+from fedfleet.runtime.grpc import Connection, PartyRejected, SessionFailed, SyncParty
 from fedfleet.sync.arbiter import SyncArbiter, SyncSessionConfig
 from tests.grpc_jobs import free_port
 
@@ -120,8 +120,9 @@ def test_parties_that_plan_different_numbers_of_syncs_are_told():
     a = TrainingParty(address, NAMES[0], 0, rounds=2)
     b = TrainingParty(address, NAMES[1], 1, rounds=3)
     _, _, result = run_session(parties=[a, b], wait_timeout=5, join_timeout=2)
-    errors = [str(e) for e in (a.error, b.error, result.get("error")) if e is not None]
-    assert any("syncs" in e for e in errors), errors
+    assert "different numbers of syncs" in str(result.get("error"))
+    for party in (a, b):  # both are told, neither is left waiting (the second used to be refused alone)
+        assert isinstance(party.error, SessionFailed) and "different numbers of syncs" in str(party.error)
 
 
 def test_sync_rejects_a_non_positive_weight():

@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the job as a fedfleet job file (with --from-fedscale: the translation) and run nothing",
     )
     sim.add_argument("--quiet", action="store_true", help="no progress bar or per-round table")
+    sim.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import this module first, e.g. one that registers your model or dataset (repeatable; found in the "
+        "job file's folder, the current folder or sys.path)",
+    )
     sim.set_defaults(func=_simulate)
 
     _add_deploy_parsers(sub)
@@ -107,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="list registered strategies, models, datasets, partitioners, selectors")
     lst.add_argument("kind", nargs="?", help="only this kind (e.g. strategies)")
+    lst.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import this module first, e.g. one that registers your model or dataset (repeatable; found in the "
+        "job file's folder, the current folder or sys.path)",
+    )
     lst.set_defaults(func=_list)
     return parser
 
@@ -125,6 +143,15 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
         "--insecure", action="store_true", help="plaintext gRPC, identities taken on trust (trusted networks only)"
     )
     parser.add_argument("--certs", metavar="DIR", help="certificate folder (default: network.certs)")
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import this module first, e.g. one that registers your model or dataset (repeatable; found in the "
+        "job file's folder, the current folder or sys.path)",
+    )
 
 
 def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
@@ -240,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "imports", None):  # before the job is read: the modules register what it names
+            from fedfleet.config.imports import import_user_modules
+
+            import_user_modules(args.imports, near=getattr(args, "job", None))
         return func(args)
     except UserError as exc:
         print(f"fedfleet: error: {exc}", file=sys.stderr)

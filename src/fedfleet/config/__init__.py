@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from fedfleet.config.imports import import_user_modules
 from fedfleet.config.loader import Named, apply_overrides, parse, read_yaml
 from fedfleet.config.schema import (
     ClientConfig,
@@ -21,7 +22,10 @@ from fedfleet.config.schema import (
 def load_job(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Read a job file (or start from the defaults when ``path`` is None) and apply ``--set`` overrides."""
     data = read_yaml(path) if path is not None else {}
-    return parse(JobConfig, apply_overrides(data, overrides or []))
+    data = apply_overrides(data, overrides or [])
+    if isinstance(data.get("imports"), list):  # the user's modules register the models and datasets it names
+        import_user_modules(data["imports"], near=path)
+    return parse(JobConfig, data)
 
 
 def to_dict(config: Any) -> Any:

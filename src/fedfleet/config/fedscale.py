@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from fedfleet.config import fedscale_keys as keys
+from fedfleet.config.imports import import_user_modules
 from fedfleet.config.loader import apply_overrides, parse
 from fedfleet.config.safe_yaml import load_yaml
 from fedfleet.config.schema import DataConfig, FedBuffConfig, JobConfig
@@ -116,6 +117,8 @@ def from_fedscale(path: str | Path, overrides: list[str] | None = None, *, warn:
         data = _merge(data, extension)
     translation.fill_sgd_client(data)
     data = apply_overrides(data, list(overrides or []))
+    if isinstance(data.get("imports"), list):  # the `fedfleet:` section's modules: the user's models and datasets
+        import_user_modules(data["imports"], near=path)
     translation.finish_system(data)
     translation.finish_async(data)
     top = [key for key in conf if key in keys.TOP_LEVEL_IGNORED and key not in translation.top_level_used]

@@ -205,6 +205,7 @@ class JobConfig:
     system: SystemConfig | None = None  # simulate device speeds, networks and availability (traces)
     fedbuff: FedBuffConfig | None = None  # asynchronous buffered aggregation instead of rounds (simulate only)
     transforms: TransformsConfig = field(default_factory=TransformsConfig)  # clip, ... around the aggregation
+    imports: tuple[str, ...] = ()  # the user's modules, imported first: they register models, datasets, ...
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):

@@ -132,14 +132,30 @@ def test_a_conf_where_every_key_applies_warns_nothing(tmp_path):
 
 
 # -- errors ----------------------------------------------------------------------------------------
-def test_unknown_keys_are_an_error_naming_each_with_the_closest_known_key(tmp_path):
-    path = conf(tmp_path, *DIGITS, "learing_rate: 0.1", "num_participant: 10", "zzz_unheard_of: 1")
-    with pytest.raises(ConfigError) as err:
-        from_fedscale(path)
-    text = str(err.value)
-    assert "'learing_rate' (did you mean 'learning_rate'?)" in text
-    assert "'num_participant' (did you mean 'num_participants'?)" in text
-    assert "'zzz_unheard_of'" in text and "fedfleet:" in text
+def test_unknown_keys_are_warned_with_the_closest_known_key_and_ignored_as_fedscale_does(tmp_path):
+    """FedScale ignores job_conf keys it does not know (its own DLRM guide has `n_rows:`); a typo is still named."""
+    entries = ("learing_rate: 0.1", "num_participant: 10", "zzz_unheard_of: 1", "n_rows: 100000")
+    with pytest.warns(FedScaleKeyWarning) as caught:
+        report = from_fedscale(conf(tmp_path, *DIGITS, *entries))
+    text = str(caught[0].message)
+    assert "learing_rate: not a FedScale key (did you mean 'learning_rate'?)" in text
+    assert "num_participant: not a FedScale key (did you mean 'num_participants'?)" in text
+    assert "zzz_unheard_of, n_rows: not a FedScale key; ignored" in text  # keys with one reason share a line
+    assert report.job.client.lr == 0.05  # the typo'd key set nothing: FedScale's default learning rate
+
+
+def test_a_fedfleet_section_dataset_replaces_a_data_set_fedfleet_cannot_read(tmp_path):
+    """The Taobao guide's job with the user's own Taobao-shaped CSV: the `fedfleet:` section's dataset wins."""
+    csv = tmp_path / "clicks.csv"
+    csv.write_text("a,b,label\n" + "".join(f"{i % 3},{i % 5},{i % 2}\n" for i in range(40)))
+    extra = f"""
+    fedfleet:
+      data: {{dataset: {{name: csv, path: {csv}}}, clients: 2}}
+      model: {{name: mlp}}
+    """
+    with pytest.warns(FedScaleKeyWarning, match="data_set: taobao: replaced by the dataset of the `fedfleet:`"):
+        report = from_fedscale(conf(tmp_path, "data_set: taobao", "model: dlrm", extra=extra))
+    assert report.job.data.dataset.name == "csv"
 
 
 def test_unknown_top_level_key_and_a_missing_job_conf(tmp_path):

@@ -38,6 +38,7 @@ from fedfleet.config.loader import apply_overrides, parse
 from fedfleet.config.safe_yaml import load_yaml
 from fedfleet.config.schema import DataConfig, FedBuffConfig, JobConfig
 from fedfleet.errors import ConfigError
+from fedfleet.registry import did_you_mean
 
 # the order in which sections appear in the printed job file (as in examples/*.yaml)
 _ORDER = ("name", "seed", "rounds", "cohort", "eval_every", "selector", "data", "model", "strategy", "client",
@@ -107,13 +108,14 @@ def from_fedscale(path: str | Path, overrides: list[str] | None = None, *, warn:
     path = Path(path)
     conf = _read(path)
     job_conf = _job_conf(conf, path)
-    _check_known(job_conf, path)
-    translation = _Translation(job_conf, path, conf.get("aggregator_entry"))
-    data = translation.run()
+    unknown = _unknown_keys(job_conf)
+    job_conf = {k: v for k, v in job_conf.items() if k not in dict(unknown)}
     extension = conf.get(keys.EXTENSION)
+    if extension is not None and not isinstance(extension, dict):
+        raise ConfigError(f"{path}: the `fedfleet:` section must be a mapping of fedfleet keys, got {extension!r}")
+    translation = _Translation(job_conf, path, conf.get("aggregator_entry"), replaced=_replaced_sections(extension))
+    data = translation.run()
     if extension is not None:
-        if not isinstance(extension, dict):
-            raise ConfigError(f"{path}: the `fedfleet:` section must be a mapping of fedfleet keys, got {extension!r}")
         data = _merge(data, extension)
     translation.fill_sgd_client(data)
     data = apply_overrides(data, list(overrides or []))
@@ -122,7 +124,7 @@ def from_fedscale(path: str | Path, overrides: list[str] | None = None, *, warn:
     translation.finish_system(data)
     translation.finish_async(data)
     top = [key for key in conf if key in keys.TOP_LEVEL_IGNORED and key not in translation.top_level_used]
-    ignored = [(key, keys.IGNORED[key]) for key in top] + translation.ignored
+    ignored = [(key, keys.IGNORED[key]) for key in top] + translation.ignored + unknown
     data = {k: data[k] for k in (*_ORDER, *data) if k in data}  # sections in the usual order
     try:
         job = parse(JobConfig, copy.deepcopy(data))
@@ -184,15 +186,27 @@ def _job_conf(conf: dict[str, Any], path: Path) -> dict[str, Any]:
     return merged
 
 
-def _check_known(job_conf: Mapping[str, Any], path: Path) -> None:
+def _unknown_keys(job_conf: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Keys of neither FedScale's config_parser.py nor fedfleet's tables, as (key, reason) for the report: FedScale
+    ignores them too (its own copy of the DLRM guide has `n_rows:`), so they are a warning with a did-you-mean."""
     known = keys.known_keys()
-    unknown = [k for k in job_conf if k not in known]
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown FedScale keys in job_conf: {_with_hints(unknown, known)}. fedfleet knows the keys "
-            f"of FedScale's config_parser.py (see docs/coming-from-fedscale.md); put fedfleet-only settings in a "
-            f"top-level `fedfleet:` section"
-        )
+    return [
+        (str(key), f"not a FedScale key{did_you_mean(str(key), known)}; ignored, as FedScale does")
+        for key in job_conf
+        if key not in known
+    ]
+
+
+def _replaced_sections(extension: Any) -> frozenset[str]:
+    """The dotted keys a `fedfleet:` section gives (``data.dataset``, ...), one level deep."""
+    if not isinstance(extension, dict):
+        return frozenset()
+    found = set()
+    for section, value in extension.items():
+        found.add(str(section))
+        if isinstance(value, dict):
+            found.update(f"{section}.{key}" for key in value)
+    return frozenset(found)
 
 
 def _with_hints(names: list[str], known: list[str]) -> str:
@@ -207,9 +221,13 @@ def _with_hints(names: list[str], known: list[str]) -> str:
 class _Translation:
     """One pass over the tables; records what each key became (``mapped``) or why it does not apply."""
 
-    def __init__(self, job_conf: dict[str, Any], path: Path, aggregator_entry: Any = None) -> None:
+    def __init__(
+        self, job_conf: dict[str, Any], path: Path, aggregator_entry: Any = None, replaced: frozenset[str] = frozenset()
+    ) -> None:
         self.given = job_conf
         self.path = path
+        self.replaced = replaced  # fedfleet keys the `fedfleet:` section sets itself: their FedScale source may be
+        # one fedfleet cannot translate (data_set: taobao beside a csv dataset of the user's)
         self.aggregator_entry = aggregator_entry  # conf.yml's top level: FedScale's switch to asynchronous FL
         self.data: dict[str, Any] = {}
         self.values: dict[str, Any] = {}  # converted values (given or FedScale's default), for derived params
@@ -311,6 +329,10 @@ class _Translation:
 
     def _dataset(self) -> None:
         raw = self.given.get("data_set")
+        if "data.dataset" in self.replaced:
+            if raw is not None:
+                self.ignored.append(("data_set", f"{raw}: replaced by the dataset of the `fedfleet:` section"))
+            return
         if raw is None:
             raise ConfigError(
                 f"{self.path}: job_conf has no data_set (FedScale's default, cifar10, is a download); "

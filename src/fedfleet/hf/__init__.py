@@ -12,11 +12,25 @@ from typing import Any
 
 from fedfleet.sync import Context, FedArguments, FedAvgServer, LocalFederation, create_context
 
-__all__ = ["Context", "FedArguments", "FedAvgClient", "FedAvgServer", "LocalFederation", "create_context"]
+# FATE-LLM's spellings of the same classes, so its tutorials run with only their imports changed
+FedAVGServer = FedAvgServer
+FedAVGArguments = FedArguments
+
+__all__ = [
+    "Context",
+    "FedAVGArguments",
+    "FedAVGClient",
+    "FedAVGServer",
+    "FedArguments",
+    "FedAvgClient",
+    "FedAvgServer",
+    "LocalFederation",
+    "create_context",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "FedAvgClient":
+    if name in ("FedAvgClient", "FedAVGClient"):
         from fedfleet.hf.trainer import FedAvgClient
 
         return FedAvgClient

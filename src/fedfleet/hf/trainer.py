@@ -52,8 +52,13 @@ class FedAvgClient(Trainer):
         select: Any = "trainable",
         sync_timeout: float | None = None,
         update_transforms: Sequence[Any] = (),
+        val_set: Any = None,  # FATE-LLM's name for eval_set
         **trainer_kwargs: Any,
     ) -> None:
+        if val_set is not None:
+            if eval_set is not None:
+                raise ConfigError("give eval_set or val_set (FATE-LLM's name for it), not both")
+            eval_set = val_set
         if getattr(ctx, "is_arbiter", False):
             raise ConfigError("this context is the arbiter's; data owners use FedAvgClient, the arbiter FedAvgServer")
         if train_set is None:

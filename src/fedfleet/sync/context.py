@@ -95,15 +95,38 @@ class Context:
         return SyncParty(spec, connection, rounds=rounds, pipeline=pipeline, seed=seed)
 
 
+# FATE-LLM's create_context keywords that name its own federation and computing engines: what to give instead
+FATE_ENGINE_KEYWORDS = {
+    "federation_engine": "fedfleet's parties dial the arbiter over gRPC: give arbiter_address= (and certs=)",
+    "federation_conf": "give arbiter_address= and certs= (or insecure=True on a trusted network)",
+    "computing_engine": "each data owner trains in its own process (or torchrun / deepspeed group): drop it",
+}
+
+
 def create_context(
     local_party: tuple[str, str | int],
     parties: Sequence[tuple[str, str | int]],
-    session_id: str,
+    session_id: str | None = None,
     arbiter_address: str = DEFAULTS.address,
     certs: str | None = DEFAULTS.certs,
     insecure: bool = False,
+    *,
+    federation_session_id: str | None = None,
+    **fate_keywords: Any,
 ) -> Context:
-    """A party's context for a deployed session (FATE-LLM's ``create_context`` for the gRPC runtime)."""
+    """A party's context for a deployed session (FATE-LLM's ``create_context`` for the gRPC runtime).
+
+    ``federation_session_id`` is FATE-LLM's name for ``session_id``; FATE's engine keywords are refused with
+    what fedfleet takes instead."""
+    for key in fate_keywords:
+        if key not in FATE_ENGINE_KEYWORDS:
+            raise TypeError(f"create_context() got an unexpected keyword argument {key!r}")
+        raise ConfigError(f"create_context: {key} is FATE-LLM's; {FATE_ENGINE_KEYWORDS[key]}")
+    if session_id is not None and federation_session_id is not None and session_id != federation_session_id:
+        raise ConfigError("give session_id or federation_session_id (FATE-LLM's name for it), not both")
+    session_id = session_id if session_id is not None else federation_session_id
+    if not session_id:
+        raise ConfigError("create_context needs the session's id: session_id= (FATE-LLM: federation_session_id=)")
     norm = tuple((str(r), str(i)) for r, i in parties)
     local = (str(local_party[0]), str(local_party[1]))
     names = [party_name(p) for p in norm]

@@ -57,14 +57,18 @@ class OffsiteTuningServer:
     def __init__(
         self,
         ctx: Context,
-        main: OffsiteTuningMainModel,
+        main: OffsiteTuningMainModel | None = None,
         sub: OffsiteTuningSubModel | None = None,
         lora: LoraSettings | None = None,
         fed_args: FedArguments | None = None,
         rounds: int | None = None,
         handout_at: str | None = None,
         wait_timeout: float = DEFAULTS.wait_timeout,
+        *,
+        model: OffsiteTuningMainModel | None = None,
+        aggregate_model: bool = True,
     ) -> None:
+        main = _fate_model("main", main, model, aggregate_model)
         if not ctx.is_arbiter:
             raise ConfigError(f"OffsiteTuningServer runs on the model owner (the arbiter); this is {ctx.name}")
         self.ctx, self.main, self.lora = ctx, main, lora
@@ -131,6 +135,22 @@ def receive_submodel(
     return received
 
 
+def _fate_model(name: str, ours: Any, fates: Any, aggregate_model: Any) -> Any:
+    """The model given as fedfleet's ``main=``/``sub=`` or FATE-LLM's ``model=``, and FATE's ``aggregate_model``
+    (fedfleet always averages the adapters; FATE's False, local tuning only, is refused at once)."""
+    if aggregate_model is not True:
+        raise ConfigError(
+            f"aggregate_model={aggregate_model!r}: fedfleet's Offsite-Tuning always averages the data owners' "
+            f"adapters (FATE's aggregate_model=True); for tuning without the others, run one data owner alone"
+        )
+    if ours is not None and fates is not None:
+        raise ConfigError(f"give {name}= or model= (FATE-LLM's name for it), not both")
+    model = ours if ours is not None else fates
+    if model is None:
+        raise ConfigError(f"give the {name} model: {name}= (FATE-LLM: model=)")
+    return model
+
+
 class OffsiteTuningClient(FedAvgClient):
     """A data owner: receives the sub model, then trains its adapters (``lora``: LoRA on them) as a
     ``FedAvgClient``; every other argument is FedAvgClient's (``training_args``, ``train_set``, ...)."""
@@ -138,11 +158,13 @@ class OffsiteTuningClient(FedAvgClient):
     def __init__(
         self,
         ctx: Context,
-        sub: OffsiteTuningSubModel,
+        sub: OffsiteTuningSubModel | None = None,
         lora: LoraSettings | None = None,
         handout_at: str | None = None,
         **client_kwargs: Any,
     ) -> None:
+        # FATE-LLM's keywords, checked before the hand-out: an error after it would leave the owner waiting
+        sub = _fate_model("sub", sub, client_kwargs.pop("model", None), client_kwargs.pop("aggregate_model", True))
         if getattr(ctx, "is_arbiter", False):
             raise ConfigError("the arbiter is the model owner: use OffsiteTuningServer there")
         self.sub = sub

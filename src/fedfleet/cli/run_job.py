@@ -40,7 +40,8 @@ def run_loop_in_folder(
 ) -> int:
     run = RunDir.prepare(job.output.dir, job.name, resume=resume, overwrite=overwrite)
     (run.path / "config.yaml").write_text(yaml.safe_dump(to_dict(job), sort_keys=False))
-    loop.callbacks.extend(_callbacks(job, run, quiet, checkpoint_every or job.output.checkpoint_every))
+    clock = "sim_time_s" if getattr(loop.runtime, "virtual_clock", True) else "wall_time_s"
+    loop.callbacks.extend(_callbacks(job, run, quiet, checkpoint_every or job.output.checkpoint_every, clock))
     if resume and resume_from_checkpoint(loop, run.path):
         print(f"resuming {run.path} after round {loop.round}", file=sys.stderr)
     run.write_status("running", round=loop.round)
@@ -100,7 +101,7 @@ def headline(metrics: dict[str, float]) -> str:
     return ""
 
 
-def _callbacks(job: JobConfig, run: RunDir, quiet: bool, checkpoint_every: int) -> list[Callback]:
+def _callbacks(job: JobConfig, run: RunDir, quiet: bool, checkpoint_every: int, clock: str) -> list[Callback]:
     callbacks: list[Callback] = [MetricsFileCallback(run.path)]
     if job.output.tensorboard:
         callbacks.append(TensorBoardCallback(run.path / "tb"))
@@ -108,7 +109,7 @@ def _callbacks(job: JobConfig, run: RunDir, quiet: bool, checkpoint_every: int) 
         callbacks.append(EarlyStopping(**dataclasses.asdict(job.output.early_stopping)))
     callbacks.append(CheckpointCallback(run.path, every=checkpoint_every))
     if job.output.progress and not quiet:
-        callbacks.append(ProgressCallback())
+        callbacks.append(ProgressCallback(columns=("train_loss", "test_loss", "test_accuracy", clock)))
     return callbacks
 
 

@@ -299,6 +299,9 @@ class RoundLoop:
         self.wall_time += metrics["wall_s"]
         metrics["wall_time_s"] = self.wall_time
         self._note_target(rnd, metrics)
+        if not getattr(self.runtime, "virtual_clock", True):  # real parties: a simulated clock would mislead
+            for key in VIRTUAL_CLOCK_METRICS:
+                metrics.pop(key, None)
         record = RoundRecord(rnd, metrics)
         self.round = rnd + 1
         self.history.append(record)
@@ -322,6 +325,10 @@ class RoundLoop:
                 "sim_time_s": metrics["sim_time_s"],
                 "wall_time_s": metrics["wall_time_s"],
             }
+
+
+# what the virtual clock adds to a round's record; runtimes of real parties (``virtual_clock = False``) drop them
+VIRTUAL_CLOCK_METRICS = ("sim_round_s", "sim_time_s", "sim_time_to_target_s")
 
 
 def train_metrics(aggregate: Aggregate | None) -> dict[str, float]:

@@ -173,6 +173,8 @@ class LocalRuntime:
     params and yields their updates in party order as they sync (so the fold's float sum is the same whichever
     thread arrives first). Moves params, never computes with them."""
 
+    virtual_clock = False  # the parties are real trainers in threads: wall time only
+
     def __init__(self, federation: LocalFederation) -> None:
         self.federation = federation
 

@@ -239,3 +239,10 @@ def test_a_job_file_cannot_turn_tls_off_without_the_command_line_flag(tmp_path):
         access_of(job)
     assert access_of(job, insecure=True).insecure
     assert not access_of(load_job(write_job(tmp_path))).insecure  # the default: mutual TLS
+
+
+def test_a_deployed_rounds_records_carry_wall_time_not_a_simulated_clock(tmp_path):
+    history = ThreadedFederation(write_job(tmp_path), ["rounds=2"]).run()
+    for record in history:
+        assert "wall_s" in record.metrics and "wall_time_s" in record.metrics
+        assert not {"sim_round_s", "sim_time_s"} & record.metrics.keys()

@@ -42,6 +42,8 @@ class PartiesMissingError(UserError):
 
 
 class GrpcRuntime:
+    virtual_clock = False  # real parties on real links: rounds take wall time only
+
     def __init__(
         self,
         server: ArbiterServer,

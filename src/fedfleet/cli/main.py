@@ -99,15 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the job as a fedfleet job file (with --from-fedscale: the translation) and run nothing",
     )
     sim.add_argument("--quiet", action="store_true", help="no progress bar or per-round table")
-    sim.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import this module first, e.g. one that registers your model or dataset (repeatable; found in the "
-        "job file's folder, the current folder or sys.path)",
-    )
+    _add_import_arg(sim)
     sim.set_defaults(func=_simulate)
 
     _add_deploy_parsers(sub)
@@ -116,7 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="list registered strategies, models, datasets, partitioners, selectors")
     lst.add_argument("kind", nargs="?", help="only this kind (e.g. strategies)")
-    lst.add_argument(
+    _add_import_arg(lst)
+    lst.set_defaults(func=_list)
+    return parser
+
+
+def _add_import_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--import",
         dest="imports",
         action="append",
@@ -125,8 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="import this module first, e.g. one that registers your model or dataset (repeatable; found in the "
         "job file's folder, the current folder or sys.path)",
     )
-    lst.set_defaults(func=_list)
-    return parser
 
 
 def _add_job_args(parser: argparse.ArgumentParser) -> None:
@@ -143,15 +139,7 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
         "--insecure", action="store_true", help="plaintext gRPC, identities taken on trust (trusted networks only)"
     )
     parser.add_argument("--certs", metavar="DIR", help="certificate folder (default: network.certs)")
-    parser.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import this module first, e.g. one that registers your model or dataset (repeatable; found in the "
-        "job file's folder, the current folder or sys.path)",
-    )
+    _add_import_arg(parser)
 
 
 def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:

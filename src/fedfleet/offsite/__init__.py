@@ -10,7 +10,8 @@ plugs the tuned adapters into the full model.
   generic ``AutoMainModel`` / ``AutoSubModel``; :mod:`builtins` -- GPT-2 and LLaMA main/sub models;
 - :mod:`tuning` -- adapter-only (or LoRA) training setup; :mod:`evaluate` -- the paper's table;
 - :mod:`distill` -- the paper's distilled emulator (trained on public text to mimic the full middle);
-- :mod:`session` -- the deployed protocol (model owner = arbiter, data owners over gRPC).
+- :mod:`session` -- the deployed protocol (model owner = arbiter, data owners over gRPC);
+- :mod:`row_pieces` -- an embedding shared as numbered row pieces (FATE's ``split_numpy_array``, ...).
 """
 
 from fedfleet.offsite.builtins import GPT2LMHeadMainModel, GPT2LMHeadSubModel, LlamaMainModel, LlamaSubModel
@@ -18,6 +19,7 @@ from fedfleet.offsite.distill import distill_emulator, emulator_gap
 from fedfleet.offsite.families import FAMILIES, FamilySpec, family_of, register_family
 from fedfleet.offsite.models import AutoMainModel, AutoSubModel, OffsiteTuningMainModel, OffsiteTuningSubModel
 from fedfleet.offsite.plan import OffsitePlan, uniform_stride
+from fedfleet.offsite.row_pieces import join_rows, recover_numpy_array, split_numpy_array, split_rows
 
 __all__ = [
     "FAMILIES",
@@ -34,6 +36,10 @@ __all__ = [
     "distill_emulator",
     "emulator_gap",
     "family_of",
+    "join_rows",
+    "recover_numpy_array",
     "register_family",
+    "split_numpy_array",
+    "split_rows",
     "uniform_stride",
 ]

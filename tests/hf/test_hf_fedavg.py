@@ -4,6 +4,8 @@ import dataclasses
 import threading
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from fedfleet.errors import ConfigError
 from fedfleet.hf import FedArguments, FedAvgClient, FedAvgServer, LocalFederation, create_context
@@ -100,6 +102,11 @@ def test_grpc_step_syncs_with_a_model_less_arbiter(tmp_path, lora):
     if lora:  # only the adapters travel: a few KB of the model's MBs
         assert all("lora_" in n for n in spec.names)
         assert spec.nbytes < 0.02 * sum(p.numel() * 4 for p in model.parameters())
+    # FATE's FedAVGServer.save_model: what the arbiter folded, by name, loadable into a party's model
+    saved = load_file(str(server.save_model(tmp_path / "server")))
+    assert sorted(saved) == sorted(trainable)
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, trainable[name].detach().cpu())  # the parties ended at the final aggregate
 
 
 def test_bad_input_is_named_before_training(tmp_path):

@@ -5,9 +5,11 @@ It imports no transformers: an arbiter holds no model, so it starts in the time 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fedfleet.core.loop import RoundRecord
+from fedfleet.core.serialize import save_params
 from fedfleet.errors import ConfigError
 from fedfleet.runtime.grpc.settings import DEFAULTS
 from fedfleet.sync.arbiter import SyncArbiter, SyncSessionConfig
@@ -49,3 +51,18 @@ class FedAvgServer:
 
     def train(self) -> list[RoundRecord]:
         return self.arbiter.serve()
+
+    def save_model(self, output_dir: str | Path) -> Path:
+        """Write the session's final global params (the tensors the parties exchanged, by name) to
+        ``output_dir/model.safetensors`` (FATE-LLM's ``FedAVGServer.save_model``); returns the file's path.
+
+        The arbiter holds no model: this is what it folded, e.g. the LoRA adapters of a PEFT session, which a
+        party's model loads with ``load_state_dict(..., strict=False)``."""
+        loop = self.arbiter.loop
+        if loop is None or loop.round == 0:
+            raise ConfigError("save_model comes after train(): no round has been aggregated yet")
+        folder = Path(output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "model.safetensors"
+        save_params(loop.global_params, path, metadata={"rounds": str(loop.round), "session": self.ctx.session_id})
+        return path

@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml
 # DeepSpeed's CPU all-reduce op, compiled once (minutes on 2 cores) where tests/test_hf_deepspeed.py looks;
 # only the tests need it, so `make demo` does not wait for it
 $(DS_OP): $(STAMP)
+	@# a compile stopped midway (Ctrl-C) leaves torch's lock file, and the next one would wait for it forever
+	@find .torch_extensions -name lock -mmin +10 -delete 2>/dev/null || true
 	TORCH_EXTENSIONS_DIR=$(CURDIR)/.torch_extensions DS_ACCELERATOR=cpu $(BIN)/python -c \
 	  "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
 	@touch $(DS_OP)

@@ -33,12 +33,11 @@ from typing import Any
 import yaml
 
 from fedfleet.config import fedscale_keys as keys
+from fedfleet.config.fedscale_read import job_conf_of, read_conf, replaced_sections, unknown_keys
 from fedfleet.config.imports import import_user_modules
 from fedfleet.config.loader import apply_overrides, parse
-from fedfleet.config.safe_yaml import load_yaml
 from fedfleet.config.schema import DataConfig, FedBuffConfig, JobConfig
 from fedfleet.errors import ConfigError
-from fedfleet.registry import did_you_mean
 
 # the order in which sections appear in the printed job file (as in examples/*.yaml)
 _ORDER = ("name", "seed", "rounds", "cohort", "eval_every", "selector", "data", "model", "strategy", "client",
@@ -106,14 +105,14 @@ def from_fedscale(path: str | Path, overrides: list[str] | None = None, *, warn:
     Raises :class:`ConfigError` for unknown keys, bad values and datasets or models fedfleet cannot provide.
     """
     path = Path(path)
-    conf = _read(path)
-    job_conf = _job_conf(conf, path)
-    unknown = _unknown_keys(job_conf)
+    conf = read_conf(path)
+    job_conf = job_conf_of(conf, path)
+    unknown = unknown_keys(job_conf)
     job_conf = {k: v for k, v in job_conf.items() if k not in dict(unknown)}
     extension = conf.get(keys.EXTENSION)
     if extension is not None and not isinstance(extension, dict):
         raise ConfigError(f"{path}: the `fedfleet:` section must be a mapping of fedfleet keys, got {extension!r}")
-    translation = _Translation(job_conf, path, conf.get("aggregator_entry"), replaced=_replaced_sections(extension))
+    translation = _Translation(job_conf, path, conf.get("aggregator_entry"), replaced=replaced_sections(extension))
     data = translation.run()
     if extension is not None:
         data = _merge(data, extension)
@@ -145,76 +144,6 @@ def from_fedscale(path: str | Path, overrides: list[str] | None = None, *, warn:
     if warn and message is not None:
         warnings.warn(message, FedScaleKeyWarning, stacklevel=2)
     return report
-
-
-# -- reading ---------------------------------------------------------------------------------------
-def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"FedScale job file {str(path)!r} does not exist (FedScale keeps them in benchmark/configs/)")
-    try:
-        conf = load_yaml(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(conf, dict):
-        raise ConfigError(f"{path}: a FedScale job file is a mapping with a job_conf: list, got {type(conf).__name__}")
-    top = {*keys.TOP_LEVEL_IGNORED, "job_conf", keys.EXTENSION}
-    unknown = [str(k) for k in conf if k not in top]
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown top-level keys {_with_hints(unknown, sorted(top))}; job settings belong in the "
-            f"job_conf: list, fedfleet-only ones in a `fedfleet:` section"
-        )
-    return conf
-
-
-def _job_conf(conf: dict[str, Any], path: Path) -> dict[str, Any]:
-    """``job_conf: [{key: value}, ...]`` as one ordered mapping; a repeated key keeps its last value, as in FedScale."""
-    entries = conf.get("job_conf")
-    if entries is None:
-        raise ConfigError(f"{path}: no job_conf: list; FedScale's job settings are a list like `- rounds: 100`")
-    if isinstance(entries, dict):  # a mapping is the same thing written differently
-        entries = [entries]
-    if not isinstance(entries, list):
-        raise ConfigError(f"{path}: job_conf must be a list of `- key: value` entries, got {entries!r}")
-    merged: dict[str, Any] = {}
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{path}: job_conf entry {i + 1} ({entry!r}) is not a `key: value` pair")
-        for key, value in entry.items():
-            merged.pop(str(key), None)  # keep the position of the value that counts
-            merged[str(key)] = value
-    return merged
-
-
-def _unknown_keys(job_conf: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Keys of neither FedScale's config_parser.py nor fedfleet's tables, as (key, reason) for the report: FedScale
-    ignores them too (its own copy of the DLRM guide has `n_rows:`), so they are a warning with a did-you-mean."""
-    known = keys.known_keys()
-    return [
-        (str(key), f"not a FedScale key{did_you_mean(str(key), known)}; ignored, as FedScale does")
-        for key in job_conf
-        if key not in known
-    ]
-
-
-def _replaced_sections(extension: Any) -> frozenset[str]:
-    """The dotted keys a `fedfleet:` section gives (``data.dataset``, ...), one level deep."""
-    if not isinstance(extension, dict):
-        return frozenset()
-    found = set()
-    for section, value in extension.items():
-        found.add(str(section))
-        if isinstance(value, dict):
-            found.update(f"{section}.{key}" for key in value)
-    return frozenset(found)
-
-
-def _with_hints(names: list[str], known: list[str]) -> str:
-    parts = []
-    for name in names:
-        close = difflib.get_close_matches(name, known, n=1)
-        parts.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
-    return ", ".join(parts)
 
 
 # -- translating -----------------------------------------------------------------------------------

@@ -95,3 +95,28 @@ def test_federated_dataset_clients_are_views_in_partition_order():
         assert torch.equal(c.y, y[torch.from_numpy(p.client(i))])
         assert torch.equal(c.x, x[torch.from_numpy(p.client(i))])
     assert fed.sizes().tolist() == p.sizes().tolist()
+
+
+def test_natural_leaves_out_users_outside_min_and_max_samples_as_fedscales_filters_do():
+    """FedScale's filter_less / filter_more: a user with fewer than min_samples (more than max_samples) is left out."""
+    keys = np.array(["a"] * 1 + ["b"] * 3 + ["c"] * 5 + ["d"] * 8)
+    p = partition("natural", keys, None, seed=0, min_samples=3, max_samples=5)
+    assert sorted(keys[p.client(i)][0] for i in range(p.num_clients)) == ["b", "c"]
+    assert sorted(p.order.tolist()) == list(range(1, 9))  # b's and c's rows, each once
+    sub = partition("natural", keys, 1, seed=0, min_samples=4)  # one user drawn among the eligible c, d
+    assert sub.num_clients == 1 and set(keys[sub.client(0)]) <= {"c", "d"} and len(sub.client(0)) >= 4
+
+
+@pytest.mark.parametrize(
+    ("params", "clients", "message"),
+    [
+        ({"min_samples": 9}, None, r"leave no user: none has at least 9 samples \(users hold 1 to 8\)"),
+        ({"min_samples": 4, "max_samples": 3}, None, "min_samples 4 is larger than data.partition.max_samples 3"),
+        ({"min_samples": 0}, None, "data.partition.min_samples must be >= 1, got 0"),
+        ({"min_samples": 4}, 3, "between 1 and the 2 users with at least 4 samples, got 3"),
+    ],
+)
+def test_natural_sample_bounds_that_leave_nothing_are_named(params, clients, message):
+    keys = np.array(["a"] * 1 + ["b"] * 3 + ["c"] * 5 + ["d"] * 8)
+    with pytest.raises(ConfigError, match=message):
+        partition("natural", keys, clients, seed=0, **params)

@@ -107,25 +107,59 @@ def shards(labels: np.ndarray, num_clients: int, rng: np.random.Generator, shard
 
 
 @PARTITIONERS.register("natural")
-def natural(keys: np.ndarray, num_clients: int | None, rng: np.random.Generator) -> Partition:
+def natural(
+    keys: np.ndarray,
+    num_clients: int | None,
+    rng: np.random.Generator,
+    min_samples: int = 1,
+    max_samples: int | None = None,
+) -> Partition:
     """One client per distinct user key (e.g. a writer, a user id): the data's own federation.
 
-    With ``num_clients`` set, a random subset of that many users is kept.
+    Users with fewer than ``min_samples`` or more than ``max_samples`` samples are left out (their rows
+    join no client), as FedScale's ``filter_less`` / ``filter_more`` leave them out of selection. With
+    ``num_clients`` set, a random subset of that many of the remaining users is kept.
     """
     if keys is None:
         raise ConfigError("the natural partition needs per-sample user keys; this dataset has none (use dirichlet)")
     users, owner = np.unique(np.asarray(keys), return_inverse=True)
     owner = owner.astype(np.int64)
-    if num_clients is None or num_clients == len(users):
+    eligible = _eligible(np.bincount(owner, minlength=len(users)), min_samples, max_samples)
+    if num_clients is None and len(eligible) == len(users):
         return from_owners(owner, len(users))
-    if not 1 <= num_clients <= len(users):
-        raise ConfigError(f"data.clients must be between 1 and the {len(users)} users, got {num_clients}")
-    kept = np.sort(rng.choice(len(users), size=num_clients, replace=False))
+    count = len(eligible) if num_clients is None else num_clients
+    if not 1 <= count <= len(eligible):
+        among = "users" if len(eligible) == len(users) else f"users with {_bounds(min_samples, max_samples)} samples"
+        raise ConfigError(f"data.clients must be between 1 and the {len(eligible)} {among}, got {num_clients}")
+    kept = eligible if count == len(eligible) else np.sort(rng.choice(eligible, size=count, replace=False))
     new_id = np.full(len(users), -1, dtype=np.int64)
-    new_id[kept] = np.arange(num_clients)
+    new_id[kept] = np.arange(count)
     mine = new_id[owner]
-    sub = from_owners(mine[mine >= 0], num_clients)
+    sub = from_owners(mine[mine >= 0], count)
     return Partition(np.flatnonzero(mine >= 0)[sub.order], sub.offsets)
+
+
+def _eligible(sizes: np.ndarray, min_samples: int, max_samples: int | None) -> np.ndarray:
+    """Indices of the users whose sample counts lie inside the bounds (all of them by default)."""
+    if min_samples < 1:
+        raise ConfigError(f"data.partition.min_samples must be >= 1, got {min_samples}")
+    if max_samples is not None and max_samples < min_samples:
+        raise ConfigError(
+            f"data.partition.min_samples {min_samples} is larger than data.partition.max_samples {max_samples}"
+        )
+    inside = sizes >= min_samples
+    if max_samples is not None:
+        inside &= sizes <= max_samples
+    if not inside.any():
+        raise ConfigError(
+            f"data.partition min_samples / max_samples leave no user: none has {_bounds(min_samples, max_samples)} "
+            f"samples (users hold {int(sizes.min())} to {int(sizes.max())})"
+        )
+    return np.flatnonzero(inside)
+
+
+def _bounds(low: int, high: int | None) -> str:
+    return f"at least {low}" if high is None else f"{low} to {high}"
 
 
 def partition(scheme: str, labels: np.ndarray, num_clients: int | None, seed: int, **params: object) -> Partition:

@@ -1,5 +1,6 @@
 """Datasets, partitioners and the federated dataset (clients as index ranges)."""
 
+from fedfleet.data import csv_table as _csv_table  # noqa: F401  (registers the csv dataset)
 from fedfleet.data import movielens as _movielens  # noqa: F401  (registers the movielens_ctr dataset)
 from fedfleet.data.datasets import DATASETS, Dataset, from_tensors, load_dataset
 from fedfleet.data.features import FeatureLayout

@@ -7,7 +7,6 @@ features (:class:`FeatureLayout`, for models that embed them) and how a test set
 
 from __future__ import annotations
 
-import csv
 import gzip
 import importlib.util
 from dataclasses import dataclass, replace
@@ -92,37 +91,6 @@ def mnist5k() -> Dataset:
     # 784 pixel columns, then the label in the last column (500 examples of each digit)
     pixels, labels = table[:, :-1], table[:, -1].astype(np.int64)
     return from_tensors((pixels / 255.0).reshape(-1, 1, 28, 28), labels, 10, name="mnist5k")
-
-
-@DATASETS.register("csv")
-def csv_file(
-    path: str, label_column: str = "label", key_column: str | None = None, shape: list[int] | None = None
-) -> Dataset:
-    """A CSV file with a header: numeric feature columns, a label column, optionally a user-key column."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DataError(f"data.dataset.path {str(file)!r} does not exist; give the path of a CSV file with a header")
-    with open(file, newline="") as f:
-        header = next(csv.reader(f), None)
-    if not header:
-        raise DataError(f"{file} is empty; it needs a header row naming the columns")
-    for column in (label_column, key_column):
-        if column is not None and column not in header:
-            raise DataError(f"{file} has no column {column!r}; its columns are {', '.join(header)}")
-    skip = {label_column, key_column}
-    features = [i for i, c in enumerate(header) if c not in skip]
-    try:
-        table = np.genfromtxt(file, delimiter=",", skip_header=1, dtype=np.float64, usecols=features, ndmin=2)
-        labels = np.genfromtxt(file, delimiter=",", skip_header=1, usecols=header.index(label_column), ndmin=1)
-    except ValueError as exc:
-        raise DataError(f"{file}: cannot read numbers: {exc}") from None
-    if np.isnan(table).any() or np.isnan(labels).any():
-        raise DataError(f"{file}: some feature or label cells are empty or not numbers")
-    keys = None
-    if key_column is not None:
-        keys = np.genfromtxt(file, delimiter=",", skip_header=1, usecols=header.index(key_column), dtype=str, ndmin=1)
-    x = table.reshape(-1, *shape) if shape else table
-    return from_tensors(x, labels.astype(np.int64), keys=keys, name=file.stem)
 
 
 @DATASETS.register("npz")

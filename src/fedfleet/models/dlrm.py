@@ -84,10 +84,12 @@ def dlrm(
     bottom: Sequence[int] = (64,),
     top: Sequence[int] = (64, 32),
 ) -> nn.Module:
-    """DLRM on a dataset with a feature layout (e.g. ``movielens_ctr``); two classes give one click logit."""
+    """DLRM on a dataset with a feature layout (``movielens_ctr``, a csv with ``sparse:``); two classes give one
+    click logit."""
     if features is None:
         raise ConfigError(
-            "dlrm needs a dataset that declares dense and sparse (categorical) columns, such as movielens_ctr"
+            "dlrm needs a dataset that declares dense and sparse (categorical) columns, such as movielens_ctr, or "
+            "your own table: {name: csv, path: clicks.csv, sparse: [user_id, item_id], dense: [price]}"
         )
     if tuple(input_shape) != (features.width,):
         raise ConfigError(f"dlrm: inputs of shape {tuple(input_shape)} do not match the {features.width} columns")

@@ -69,6 +69,7 @@ def test_the_dlrm_guide_conf_translates_key_by_key(tmp_path):
     assert (job.client.optimizer, job.client.momentum, job.client.weight_decay) == ("sgd", 0.9, 5e-4)
     assert job.runtime.device == "cpu"
     assert (job.data.dataset.name, job.data.partition.name, job.data.clients) == ("movielens_ctr", "natural", None)
+    assert job.data.partition.params == {"min_samples": 21}  # filter_less: users with fewer are left out
     # the guide's layer lists carry DLRM's fixed ends: the bottom ends at the embedding size, the top at one logit
     assert job.model.name == "dlrm"
     assert job.model.params == {"embedding_dim": 16, "bottom": [122, 64], "top": [512, 256]}
@@ -84,13 +85,19 @@ def test_the_dlrm_guide_conf_translates_key_by_key(tmp_path):
     assert (job.system.round_end.name, job.system.round_end.params) == ("overcommit", {"factor": 0.3})
 
     message = str(caught[0].message)
-    named = "ps_ip worker_ips setup_commands wandb_token data_dir filter_less num_loaders test_bsz save_checkpoint"
+    named = "ps_ip worker_ips setup_commands wandb_token data_dir num_loaders test_bsz save_checkpoint"
     for key in (*named.split(), "sparse_feature_number", "dense_feature_dim", "num_field", "task"):
         assert key in message, key
     assert "one process" in message  # why the cluster keys do not apply
-    assert "keeps every client" in message  # why filter_less does not
     assert [key for key, _ in report.ignored].count("ps_ip") == 1
-    for applied in ("num_participants", "learning_rate", "yogi_eta", "round_threshold", "device_conf_file"):
+    for applied in (
+        "num_participants",
+        "learning_rate",
+        "yogi_eta",
+        "round_threshold",
+        "device_conf_file",
+        "filter_less",
+    ):
         assert applied not in message
 
 
@@ -361,7 +368,7 @@ def test_every_table_entry_is_a_registered_fedfleet_entry_with_real_parameters()
     for choice in keys.DATASETS.values():
         assert choice.data["dataset"] in DATASETS
     claimed = [set(keys.DIRECT), set(keys.CHOICES), set(keys.group_of()), {"data_set"}, set(keys.SYSTEM_KEYS)]
-    claimed.append(set(keys.ASYNC_KEYS))
+    claimed += [set(keys.ASYNC_KEYS), set(keys.DATA_FILTERS)]
     for i, a in enumerate(claimed):
         assert not a & set(keys.IGNORED), a & set(keys.IGNORED)  # a key is mapped or ignored, never both
         for b in claimed[i + 1 :]:
@@ -372,6 +379,7 @@ def test_every_table_entry_is_a_registered_fedfleet_entry_with_real_parameters()
 def test_the_guide_names_every_key_that_is_translated():
     doc = (ROOT / "docs" / "coming-from-fedscale.md").read_text()
     translated = {*keys.DIRECT, *keys.CHOICES, *keys.group_of(), "data_set", *keys.SYSTEM_KEYS, *keys.ASYNC_KEYS}
+    translated |= set(keys.DATA_FILTERS)
     assert [key for key in sorted(translated) if f"`{key}`" not in doc] == []
 
 

@@ -116,10 +116,12 @@ def from_fedscale(path: str | Path, overrides: list[str] | None = None, *, warn:
     data = translation.run()
     if extension is not None:
         data = _merge(data, extension)
+        translation.drop_replaced_choices(extension)
     translation.fill_sgd_client(data)
     data = apply_overrides(data, list(overrides or []))
     if isinstance(data.get("imports"), list):  # the `fedfleet:` section's modules: the user's models and datasets
         import_user_modules(data["imports"], near=path)
+    translation.finish_data(data)
     translation.finish_system(data)
     translation.finish_async(data)
     top = [key for key in conf if key in keys.TOP_LEVEL_IGNORED and key not in translation.top_level_used]
@@ -346,7 +348,45 @@ class _Translation:
         self.targets["fedbuff"] = key
         self.differs.append((key, keys.ASYNC_DIFFERS))
 
+    def drop_replaced_choices(self, extension: Mapping[str, Any]) -> None:
+        """A `fedfleet:` section naming another entry (``model: {name: my_dlrm}``) replaces the translated one
+        whole: the FedScale keys that chose and parameterised it are then reported as replaced, not as applied."""
+        for key, spec in keys.CHOICES.items():
+            new, old = extension.get(spec.target), self.data.get(spec.target)
+            name = new if isinstance(new, str) else new.get("name") if isinstance(new, dict) else None
+            if name is None or not isinstance(old, dict) or name == old.get("name"):
+                continue
+            sources = {key, *(param for choice in spec.table.values() for param in choice.params)}
+            self.mapped = [m for m in self.mapped if m[0].split(":")[0] not in sources]
+            reason = f"replaced by the `fedfleet:` section's {spec.target}: {name}"
+            self.ignored += [(source, reason) for source in self.given if source in sources]
+            self.targets = {t: k for t, k in self.targets.items() if t.split(".")[0] != spec.target}
+
     # steps that run after the `fedfleet:` section and --set overrides, which may change what they depend on
+    def finish_data(self, data: dict[str, Any]) -> None:
+        """filter_less / filter_more bound a natural partition's clients; other partitions size clients themselves."""
+        given = {key: self.given[key] for key in keys.DATA_FILTERS if self.given.get(key) is not None}
+        if not given:
+            return
+        section = data.get("data")
+        partition = section.get("partition") if isinstance(section, dict) else None
+        partition = DataConfig().partition.name if partition is None else partition
+        name = partition.get("name") if isinstance(partition, dict) else partition
+        if name != "natural" or not isinstance(section, dict):
+            self.ignored += [(key, keys.NATURAL_ONLY.format(name=name)) for key in given]
+            return
+        params = dict(partition) if isinstance(partition, dict) else {"name": name}
+        for key, raw in given.items():
+            spec = keys.DATA_FILTERS[key]
+            param = spec.target.rsplit(".", 1)[1]
+            if param in params:  # the `fedfleet:` section or --set gave its own bound
+                self.ignored.append((key, f"the `fedfleet:` section or --set gives {spec.target} itself"))
+                continue
+            params[param] = spec.convert(key, raw)
+            self.targets[spec.target] = key
+            self._record(key, params[param], True, f"{spec.target}: {params[param]} (clients outside are left out)")
+        section["partition"] = params
+
     def fill_sgd_client(self, data: dict[str, Any]) -> None:
         """FedScale's client optimizer (SGD, momentum 0.9, weight decay 5e-4), unless the job chose another."""
         client = data.setdefault("client", {})

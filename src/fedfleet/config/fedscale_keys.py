@@ -9,6 +9,7 @@ same file would under FedScale. A key is exactly one of:
                    parameters come from further keys          yogi_eta -> strategy.server_lr
     SYSTEM         the simulated devices (traces, round end)  device_conf_file, overcommitment
     DATA_KEYS      the dataset                                data_set
+    DATA_FILTERS   bounds on a natural partition's clients    filter_less -> data.partition.min_samples
     ASYNC          the fedbuff section, when the job is       async_mode, max_concurrency -> fedbuff.concurrency
                    asynchronous
     IGNORED        known, but does not apply (with why)       ps_ip, use_cuda's cuda_device, num_loaders
@@ -281,12 +282,35 @@ DATASETS: dict[str, DataChoice] = {
 # FedScale's datasets are downloads (benchmark/dataset/download.sh); fedfleet fetches nothing at run time
 UNAVAILABLE_DATASETS = {
     "taobao": "the Taobao click logs of FedScale's DLRM guide are a Kaggle download; data_set: movielens is "
-    "the same job (click prediction, users as clients) on data fedfleet reads offline",
+    "the same job (click prediction, users as clients) on data fedfleet reads offline, or bring your Taobao table "
+    "as a CSV: `fedfleet: {data: {dataset: {name: csv, path: taobao.csv, label_column: clk, key_column: userid, "
+    "sparse: [userid, adgroup_id, cate_id, brand], dense: [price]}, partition: natural, clients: null}}` "
+    "(docs/coming-from-fedscale.md)",
 }
 DATASET_HINT = (
     "use one fedfleet provides offline: movielens (click prediction, one client per user: FedScale's DLRM "
     "guide), mnist, digits, synthetic; or your own file with data_set: csv or npz and `fedfleet: {data: "
     "{dataset: {name: csv, path: ...}}}`"
+)
+
+
+# FedScale leaves out of selection every client with fewer than filter_less or more than filter_more samples
+# (client_manager.register_client). fedfleet's natural partition (one client per user key) does the same; other
+# partitions size their clients themselves. FedScale's defaults (32, 1e15) are not applied when a key is absent:
+# 32 was set for FedScale's datasets and would drop a third of fedfleet's MovieLens stand-in (298 of its 943 users
+# hold fewer than 32 training ratings), so a job that leaves filter_less out keeps every client.
+def _at_least_one(key: str, value: Any) -> int:
+    return max(1, to_int(key, value))  # FedScale keeps size >= filter_less: 0 (or less) keeps every client, as 1 does
+
+
+DATA_FILTERS: dict[str, Direct] = {
+    "filter_less": Direct("data.partition.min_samples", _at_least_one),
+    "filter_more": Direct("data.partition.max_samples", to_int),
+}
+NATURAL_ONLY = (
+    "bounds a natural partition's clients (one per user key, sized by the data); this job's partition is {name}, "
+    "whose clients fedfleet sizes itself: give your CSV a key column and `partition: natural` in the `fedfleet:` "
+    "section"
 )
 
 
@@ -333,12 +357,16 @@ _CLUSTER = (
     "no parameter server or executors to start"
 )
 _LOADERS = "client data lives in memory as tensors; there are no loader workers or data folders"
+_CLIENT_MAP = (
+    "fedfleet does not read FedScale's sample-to-client map (client_id,sample_path,label_name,label_id rows); "
+    "bring your own client split as a column of your table: `fedfleet: {data: {dataset: {name: csv, path: ..., "
+    "key_column: client_id}, partition: natural, clients: null}}` makes one client per distinct key"
+)
 _FROM_DATA = "fedfleet reads it from the dataset (input shape, classes, DLRM's dense/sparse columns and table sizes)"
 _OTHER_TASKS = "a setting of FedScale's NLP / detection / speech / RL tasks, which fedfleet's simulate does not have"
 _LOGGING = "fedfleet writes metrics.csv, metrics.jsonl and TensorBoard events (tb/) into <output.dir>/<name>/"
 _DP = "differential privacy is not part of fedfleet simulate yet: updates are folded without noise"
 _CONSTANT_LR = "fedfleet keeps the client learning rate constant (FedScale decays it every decay_round rounds)"
-_EVERY_CLIENT = "fedfleet keeps every client, however few or many samples it holds"
 
 _CLUSTER_KEYS = ("ps_ip", "ps_port", "worker_ips", "exp_path", "executor_entry", "aggregator_entry", "auth",
                  "setup_commands", "this_rank", "connection_timeout", "num_executors", "executor_configs", "backend",
@@ -356,7 +384,8 @@ _OTHER_TASK_KEYS = ("embedding_file", "cfg_file", "test_output_dir", "train_size
 IGNORED: dict[str, str] = {
     **dict.fromkeys(_CLUSTER_KEYS, _CLUSTER),
     "cuda_device": "fedfleet picks the device with runtime.device (e.g. --set runtime.device=cuda:1)",
-    **dict.fromkeys(("num_loaders", "data_dir", "data_map_file", "data_cache", "conf_path"), _LOADERS),
+    **dict.fromkeys(("num_loaders", "data_dir", "data_cache", "conf_path"), _LOADERS),
+    "data_map_file": _CLIENT_MAP,
     "test_bsz": "central evaluation batches are sized by fedfleet",
     "test_ratio": "fedfleet evaluates on the whole held-out set (data.test_fraction sets its size)",
     "task": "fedfleet knows the task from the dataset and model (e.g. movielens_ctr + dlrm: clicks with a BCE loss)",
@@ -366,7 +395,6 @@ IGNORED: dict[str, str] = {
     **dict.fromkeys(("log_path", "time_stamp", "wandb_token", "dump_epoch"), _LOGGING),
     "save_checkpoint": "fedfleet always checkpoints (every output.checkpoint_every rounds and after the last)",
     **dict.fromkeys(("decay_factor", "decay_round", "min_learning_rate"), _CONSTANT_LR),
-    **dict.fromkeys(("filter_less", "filter_more"), _EVERY_CLIENT),
     "train_uniform": "fedfleet's partition is set by the dataset (data.partition)",
     "model_size": "fedfleet measures the bytes exchanged from the model's params",
     "clock_factor": "scale FedScale trace compute with `fedfleet: {system: {traces: {augmentation_factor: ...}}}`",
@@ -400,7 +428,7 @@ def group_of() -> dict[str, tuple[str, list[str]]]:
 
 
 def known_keys() -> list[str]:
-    return sorted({*DIRECT, *CHOICES, *group_of(), "data_set", *SYSTEM_KEYS, *ASYNC_KEYS, *IGNORED})
+    return sorted({*DIRECT, *CHOICES, *group_of(), "data_set", *DATA_FILTERS, *SYSTEM_KEYS, *ASYNC_KEYS, *IGNORED})
 
 
 def fedfleet_override(key: str, value: str) -> str | None:

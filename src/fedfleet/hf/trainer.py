@@ -66,6 +66,7 @@ class FedAvgClient(Trainer):
         _check_vocab(tokenizer, model)
         self.fed_args = fed_args or FedArguments()
         self.fed_sync = FedSyncCallback(ctx, self.fed_args, select, sync_timeout, update_transforms)
+        self.fed_sync.driver.vocab = _vocab(tokenizer)  # the parties' token ids must mean the same (core.vocab)
         super().__init__(
             model=model,
             args=training_args,
@@ -93,6 +94,15 @@ class FedAvgClient(Trainer):
                 return super().train(*args, **kwargs)
         finally:
             self.fed_sync.close()  # also when training fails: leave the session instead of hanging it
+
+
+def _vocab(tokenizer: Any) -> str:
+    """The join's vocabulary fingerprint; '' for no tokenizer (or an image processor: nothing to compare)."""
+    if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
+        return ""
+    from fedfleet.hf.data.tokenizer import vocab_fingerprint
+
+    return vocab_fingerprint(tokenizer)
 
 
 def _loss_adapter(loss_fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -160,6 +160,7 @@ def build_party(job: JobConfig, name: str, access: Access) -> Party:
         credentials=credentials,
         heartbeat_s=job.network.heartbeat_s,
         reconnect_max_s=job.network.reconnect_max_s,
+        give_up_s=job.network.give_up_s,
         chunk_bytes=job.network.chunk_bytes,
     )
     return Party(parts.trainer, train, evaluation, connection)

@@ -56,7 +56,8 @@ class Context:
     certs: str | None = DEFAULTS.certs  # None: plaintext (insecure=True)
     heartbeat_s: float = DEFAULTS.heartbeat_s
     reconnect_max_s: float = DEFAULTS.reconnect_max_s
-    connect_attempts: int | None = 30  # consecutive failed dials before giving up (None: forever)
+    give_up_s: float | None = DEFAULTS.give_up_s  # seconds without reaching the arbiter before giving up
+    connect_attempts: int | None = None  # consecutive failed dials before giving up (None: give_up_s decides)
 
     @property
     def role(self) -> str:
@@ -74,9 +75,10 @@ class Context:
     def data_parties(self) -> list[str]:
         return [party_name(p) for p in self.parties if p[0] != ARBITER_ROLE]
 
-    def channel(self, spec: Any, rounds: int, pipeline: Any = None, seed: int = 0) -> SyncChannel:
+    def channel(self, spec: Any, rounds: int, pipeline: Any = None, seed: int = 0, vocab: str = "") -> SyncChannel:
         """The party's stream to the arbiter for ``rounds`` syncs of params laid out as ``spec``; ``pipeline``'s
-        party-side transforms see each delta before it leaves (``seed``: their randomness)."""
+        party-side transforms see each delta before it leaves (``seed``: their randomness); ``vocab``: the
+        fingerprint of the party's token ids, which must be the other parties'."""
         if self.is_arbiter:
             raise ConfigError("the arbiter does not train; use FedAvgServer(ctx) on the arbiter")
         from fedfleet.runtime.grpc import Connection, SyncParty  # grpc and torch only for a party that trains
@@ -91,8 +93,9 @@ class Context:
             heartbeat_s=self.heartbeat_s,
             reconnect_max_s=self.reconnect_max_s,
             max_attempts=self.connect_attempts,
+            give_up_s=self.give_up_s,
         )
-        return SyncParty(spec, connection, rounds=rounds, pipeline=pipeline, seed=seed)
+        return SyncParty(spec, connection, rounds=rounds, pipeline=pipeline, seed=seed, vocab=vocab)
 
 
 # FATE-LLM's create_context keywords that name its own federation and computing engines: what to give instead
@@ -111,13 +114,16 @@ def create_context(
     certs: str | None = DEFAULTS.certs,
     insecure: bool = False,
     *,
+    give_up_s: float | None = DEFAULTS.give_up_s,
     federation_session_id: str | None = None,
     **fate_keywords: Any,
 ) -> Context:
     """A party's context for a deployed session (FATE-LLM's ``create_context`` for the gRPC runtime).
 
-    ``federation_session_id`` is FATE-LLM's name for ``session_id``; FATE's engine keywords are refused with
-    what fedfleet takes instead."""
+    ``give_up_s``: a party stops (``ConnectionError``) once the arbiter has been out of reach this long (not
+    started, wrong address, down), 10 minutes by default; ``None`` redials forever. A TLS set-up mistake stops
+    it at once (``HandshakeFailed``). ``federation_session_id`` is FATE-LLM's name for ``session_id``; FATE's
+    engine keywords are refused with what fedfleet takes instead."""
     for key in fate_keywords:
         if key not in FATE_ENGINE_KEYWORDS:
             raise TypeError(f"create_context() got an unexpected keyword argument {key!r}")
@@ -136,4 +142,6 @@ def create_context(
         raise ConfigError("the parties must include exactly one arbiter, e.g. ('arbiter', '10000')")
     if not any(r in DATA_ROLES for r, _ in norm):
         raise ConfigError("the parties must include at least one guest or host")
-    return Context(local, norm, session_id, arbiter_address, None if insecure else certs)
+    if give_up_s is not None and not give_up_s > 0:
+        raise ConfigError(f"create_context: give_up_s must be > 0 seconds (or None: forever), got {give_up_s}")
+    return Context(local, norm, session_id, arbiter_address, None if insecure else certs, give_up_s=give_up_s)

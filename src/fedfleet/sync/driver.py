@@ -86,6 +86,7 @@ class SyncDriver:
         self.access: ParamAccess | None = None
         self.ranks = Ranks()
         self.channel: Any = None
+        self.vocab = ""  # the fingerprint of the party's token ids (set by the HF adapter from its tokenizer)
         self._turn: Any = None
 
     @property
@@ -128,8 +129,10 @@ class SyncDriver:
             steps_text(self.schedule),
         )
         if ranks.is_main:
-            transforms = {"pipeline": self.pipeline, "seed": seed} if self.pipeline.client else {}
-            self.channel = self.ctx.channel(spec, self.rounds, **transforms)
+            extra: dict[str, Any] = {"pipeline": self.pipeline, "seed": seed} if self.pipeline.client else {}
+            if self.vocab:  # checked against the other parties' when joining
+                extra["vocab"] = self.vocab
+            self.channel = self.ctx.channel(spec, self.rounds, **extra)
         self._exchange(lambda: self.channel.start(access.params, self.timeout))
 
     def sync(self, weight: float, stats: TrainStats, metrics: dict[str, float] | None = None) -> bool:

@@ -25,6 +25,7 @@ from fedfleet.core.loop import Callback, LoopConfig, RoundLoop, RoundRecord
 from fedfleet.core.params import FlatParams, ParamSpec, spec_difference
 from fedfleet.core.pipeline import EMPTY, Pipeline, TransformContext
 from fedfleet.core.update import NO_STATS, TrainStats, Update
+from fedfleet.core.vocab import SessionVocabulary
 from fedfleet.errors import ConfigError
 from fedfleet.select import build_selector
 from fedfleet.strategy import Strategy, build_strategy
@@ -59,6 +60,7 @@ class LocalFederation:
         self._floor = threading.Lock()  # held by the party whose turn it is to train
         self._initial: FlatParams | None = None
         self._planned: dict[int, int] = {}
+        self._vocabs: dict[int, str] = {}  # each party's vocabulary fingerprint ("" = no tokenizer)
         self._failed: str | None = None  # why the federation cannot go on
         self._arrived: dict[int, Update] = {}  # this round's updates, by party
         self._task: tuple[int, FlatParams] | None = None  # (round, its global params); round == rounds: the end
@@ -80,10 +82,11 @@ class LocalFederation:
         return self.loop.history if self.loop is not None else []
 
     # -- the parties' side (called by LocalChannel, holding nothing) ------------------------------------
-    def _start(self, index: int, params: FlatParams, rounds: int, timeout: float | None) -> int:
-        """Register, check the plan and layout, wait for round 0's params; returns the round the party is in."""
+    def _start(self, index: int, params: FlatParams, rounds: int, timeout: float | None, vocab: str = "") -> int:
+        """Register, check the plan, layout and vocabulary, wait for round 0's params; returns the party's round."""
         with self._cv:
             self._planned[index] = rounds
+            self._vocabs[index] = vocab
             if index == 0:  # every party starts from party 0's params, as over gRPC from the first to join
                 self._initial = params.clone()
             self._cv.notify_all()
@@ -93,6 +96,7 @@ class LocalFederation:
                     f"party-{index}'s model has another param layout than party-0's (is it the same architecture?): "
                     f"{spec_difference(self._initial.spec, params.spec)}"
                 )
+            self._check_vocab(index)
             plans = {r for r in self._planned.values() if r > 0}
             if len(plans) > 1:
                 listed = ", ".join(f"party-{i}: {r}" for i, r in sorted(self._planned.items()))
@@ -106,6 +110,14 @@ class LocalFederation:
                 )
                 self._arbiter.start()
             return self._take(0, params, "at the start", timeout)
+
+    def _check_vocab(self, index: int) -> None:
+        """The parties' token ids must mean the same (core.vocab); checked in party order, as gRPC joins are."""
+        session = SessionVocabulary()
+        for i, vocab in sorted(self._vocabs.items()):
+            reason = session.check(f"party-{i}", vocab)
+            if reason and i == index:
+                raise ConfigError(reason)
 
     def _sync(self, index: int, update: Update, round: int, timeout: float | None, into: FlatParams) -> int:
         """Hand in ``update`` for ``round`` and load the next global params into ``into``; returns the next round."""
@@ -205,8 +217,10 @@ class LocalContext:
         self.name = f"party-{index}"
         self.is_arbiter = False
 
-    def channel(self, spec: ParamSpec, rounds: int, pipeline: Pipeline | None = None, seed: int = 0) -> SyncChannel:
-        return LocalChannel(self.federation, self.index, rounds, pipeline, seed)
+    def channel(
+        self, spec: ParamSpec, rounds: int, pipeline: Pipeline | None = None, seed: int = 0, vocab: str = ""
+    ) -> SyncChannel:
+        return LocalChannel(self.federation, self.index, rounds, pipeline, seed, vocab)
 
     def turn(self, seed: int) -> Turn | None:
         """What makes this party's run reproducible in a shared process (None: the parties overlap freely)."""
@@ -218,16 +232,23 @@ class LocalChannel:
     and sends the delta from them, computed in that buffer."""
 
     def __init__(
-        self, federation: LocalFederation, index: int, rounds: int, pipeline: Pipeline | None = None, seed: int = 0
+        self,
+        federation: LocalFederation,
+        index: int,
+        rounds: int,
+        pipeline: Pipeline | None = None,
+        seed: int = 0,
+        vocab: str = "",
     ) -> None:
         self.federation, self.index, self.rounds, self.syncs = federation, index, rounds, 0
+        self.vocab = vocab  # the fingerprint of the party's token ids
         self.pipeline, self.seed = pipeline or EMPTY, seed  # party-side transforms on each delta
         self._base: FlatParams | None = None
         self._round = 0
         self._closed = False
 
     def start(self, params: FlatParams, timeout: float | None = None) -> FlatParams:
-        self._round = self.federation._start(self.index, params, self.rounds, timeout)
+        self._round = self.federation._start(self.index, params, self.rounds, timeout, self.vocab)
         self._base = params.clone()
         return params
 

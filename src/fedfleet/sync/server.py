@@ -30,7 +30,11 @@ class FedAvgServer:
         round_timeout: float | None = DEFAULTS.round_timeout,  # None: a day, as for every party-paced session
         wait_timeout: float = DEFAULTS.wait_timeout,
         pipeline: Any = None,
+        join_timeout: float = DEFAULTS.join_timeout,
     ) -> None:
+        """``wait_timeout``: seconds a round waits for a party that is not connected (it died, or was not started)
+        before the session ends; ``join_timeout``: seconds it waits before going on without it when enough
+        parties are there (``min_parties``), or before it ends when the missing party was refused."""
         if not ctx.is_arbiter:
             raise ConfigError(f"FedAvgServer runs on the arbiter; this context is {ctx.name}'s")
         self.ctx = ctx
@@ -45,6 +49,7 @@ class FedAvgServer:
                 strategy=strategy,
                 round_timeout=round_timeout,
                 wait_timeout=wait_timeout,
+                join_timeout=join_timeout,
                 pipeline=pipeline,
             )
         )

@@ -22,6 +22,7 @@ from fedfleet.hf.data.tokenizer import (
     pretrained_encoder,
     require_pad_token,
     tokenizer_fingerprint,
+    vocab_fingerprint,
 )
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "require_pad_token",
     "split_csv",
     "tokenizer_fingerprint",
+    "vocab_fingerprint",
     "write_reviews_csv",
     "write_text_csv",
 ]

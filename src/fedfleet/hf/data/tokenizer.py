@@ -104,6 +104,16 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return digest.hexdigest()
 
 
+def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of what each token id means (the id -> token table, added tokens included), for the join.
+
+    Unlike :func:`tokenizer_fingerprint` it leaves out how a text is cut (merges, normalizer): two parties
+    whose tokenizers cut a text differently but agree on every id's token can still average embeddings.
+    """
+    table = sorted((i, t) for t, i in tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(table, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+
+
 def require_pad_token(tokenizer: PreTrainedTokenizerBase) -> int:
     """The tokenizer's pad id, or a DataError that says how to set one (GPT-2-style tokenizers have none)."""
     if tokenizer.pad_token_id is None:

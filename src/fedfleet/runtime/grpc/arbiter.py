@@ -24,6 +24,7 @@ from enum import Enum
 import grpc
 
 from fedfleet.core.params import FlatParams, ParamSpec, spec_difference
+from fedfleet.core.vocab import SessionVocabulary
 from fedfleet.runtime.grpc.budgets import BAD_MESSAGES_PER_STREAM, JOIN_DEADLINE_S, MessageBudget, StreamLimits
 from fedfleet.runtime.grpc.buffers import ReceiveBuffers, Upload
 from fedfleet.runtime.grpc.chunks import ParamsReceiver, describe_spec, spec_from_description
@@ -105,7 +106,8 @@ class ArbiterServer:
         self.spec_known = threading.Event()
         self.rounds_wanted: dict[str, int] = {}  # sync mode: the number of syncs each party announced
         self.rounds: int | None = None  # sync mode, once fixed: parties announcing another number are refused
-        self.refused: set[str] = set()  # parties refused after their join (see refuse)
+        self.refused: dict[str, str] = {}  # parties refused at or after their join (see refuse), and why
+        self.vocabulary = SessionVocabulary()  # what token ids mean, fixed by the first party with a tokenizer
         self.events: queue.Queue[Event] = queue.Queue()
         self._warnings: Counter[str] = Counter()  # per party: see _warn
         self._streams = StreamLimits()
@@ -178,7 +180,7 @@ class ArbiterServer:
             return
         log.warning("refused %s: %s", name, reason)
         with self.changed:
-            self.refused.add(name)  # it will not come back: rounds do not wait for it
+            self.refused[name] = reason  # it will not come back: rounds do not wait for it
         link.outbox.send(Reject(reason=reason))
         link.outbox.drain(grace)
         link.outbox.close()
@@ -213,7 +215,7 @@ class ArbiterServer:
             claimed = certified if self.secure else getattr(join, "name", "")
             if claimed in self.index:  # a refused party stops (Reject is final): rounds do not wait for it
                 with self.changed:
-                    self.refused.add(claimed)
+                    self.refused[claimed] = reason
                     self.changed.notify_all()
             self._warn(claimed or "?", "refused a party (%s): %s", context.peer(), reason)
             yield Reject(reason=reason)
@@ -267,7 +269,7 @@ class ArbiterServer:
                 f"{name} plans {join.rounds} syncs but the session has {self.rounds} rounds; give every party the "
                 f"same training length and aggregation frequency"
             )
-        return name, self._check_layout(name, join)
+        return name, self._check_layout(name, join) or self.vocabulary.check(name, join.vocab)
 
     def _check_layout(self, name: str, join: Join) -> str:
         with self.changed:
@@ -301,7 +303,7 @@ class ArbiterServer:
 
     def _attach(self, name: str) -> PartyLink:
         with self.changed:
-            self.refused.discard(name)  # restarted with what it was refused for fixed
+            self.refused.pop(name, None)  # restarted with what it was refused for fixed
             old = self._links.get(name)
             if old is not None:  # a restarted party: the new stream replaces the old one
                 old.outbox.close()

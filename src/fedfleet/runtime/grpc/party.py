@@ -3,7 +3,9 @@
 The party opens the stream (it needs no inbound port), joins the session, and then answers tasks:
 ``fit`` trains its trainer from the params that follow and sends back the update in chunks; ``evaluate``
 sends back metrics. A broken stream (the arbiter restarted, the network dropped) is retried with
-exponential backoff and jitter, forever by default; a refusal (wrong session, unknown certificate) is not.
+exponential backoff and jitter until the arbiter has been out of reach for ``give_up_s`` (10 minutes by
+default: a restarted arbiter is back well within that, a dead one is not waited for all day); a refusal (wrong
+session, unknown certificate) is not retried at all.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +37,7 @@ from fedfleet.runtime.grpc.wire import (
     Heartbeat,
     Join,
     JoinMode,
+    Notice,
     Reject,
     Result,
     Task,
@@ -63,8 +67,9 @@ class Connection:
     credentials: grpc.ChannelCredentials | None  # None: plaintext (--insecure)
     heartbeat_s: float = 5.0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    max_attempts: int | None = None  # consecutive failed connection attempts before giving up; None = forever
+    max_attempts: int | None = None  # consecutive failed connection attempts before giving up; None = no limit
     reconnect_max_s: float = 30.0
+    give_up_s: float | None = 600.0  # seconds without reaching the arbiter before giving up; None = forever
 
     def channel(self) -> grpc.Channel:
         if self.credentials is None:
@@ -89,6 +94,8 @@ class PartySession:
         self.spec = spec
         self.inbox = FlatParams.zeros(spec)  # the global params arrive here, one buffer for every task
         self.index = -1
+        self.vocab = ""  # the fingerprint of the party's token ids, sent in the join ("" = no tokenizer)
+        self.notice = ""  # the arbiter's last notice (what the session waits for)
         self._outbox: Outbox | None = None
         self._channel: grpc.Channel | None = None
 
@@ -98,6 +105,7 @@ class PartySession:
             spec_digest=self.spec.digest,
             name=self.conn.name,
             mode=self.mode,
+            vocab=self.vocab,
             payload=json.dumps(describe_spec(self.spec), separators=(",", ":")).encode(),
         )
 
@@ -115,6 +123,7 @@ class PartySession:
         """Serve until the arbiter says the session is done; returns its reason."""
         delays = backoff_delays(cap=self.conn.reconnect_max_s)
         failures = closed = 0
+        lost_at: float | None = None  # when the arbiter was last seen going away (reset by a welcome)
         while True:
             try:
                 return self._serve()
@@ -127,12 +136,20 @@ class PartySession:
                 if exc.problem:  # the certificates or the transport do not match: redialling would not help
                     problem = f"cannot reach the arbiter at {self.conn.address}: {exc.problem}"
                     raise handshake.HandshakeFailed(problem) from None
-                if exc.welcomed:  # it was up: start the backoff from the bottom
-                    delays, failures = backoff_delays(cap=self.conn.reconnect_max_s), 0
+                if exc.welcomed or lost_at is None:  # it was up: start the backoff (and the clock) from the bottom
+                    delays, failures, lost_at = backoff_delays(cap=self.conn.reconnect_max_s), 0, time.monotonic()
                 failures += 1
                 if self.conn.max_attempts is not None and failures >= self.conn.max_attempts:
                     raise ConnectionError(f"cannot reach the arbiter at {self.conn.address}: {exc}") from None
                 delay = next(delays)
+                if self.conn.give_up_s is not None:
+                    left = self.conn.give_up_s - (time.monotonic() - lost_at)
+                    if left <= 0:
+                        raise ConnectionError(
+                            f"the arbiter at {self.conn.address} has been out of reach for {self.conn.give_up_s:g} s "
+                            f"(the party's give-up time; last: {exc}): is it running at that address?"
+                        ) from None
+                    delay = min(delay, left)
                 log.warning("%s: %s; reconnecting in %.1f s", self.conn.name, exc, delay)
                 if self._wait_before_retry(delay):
                     return "stopped"
@@ -166,6 +183,9 @@ class PartySession:
                     log.info("%s joined session %s as party %d", self.conn.name, self.conn.session, msg.index)
                 elif isinstance(msg, Reject):
                     raise PartyRejected(f"the arbiter refused {self.conn.name}: {msg.reason}")
+                elif isinstance(msg, Notice):
+                    self.notice = msg.text[:1000]
+                    log.warning("%s: the arbiter says: %s", self.conn.name, self.notice)
                 elif isinstance(msg, Done) and msg.failed:
                     raise SessionFailed(f"the arbiter ended session {self.conn.session}: {msg.reason}")
                 elif isinstance(msg, Done):

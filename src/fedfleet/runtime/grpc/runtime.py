@@ -28,7 +28,7 @@ from fedfleet.core.update import TrainStats, Update
 from fedfleet.errors import UserError
 from fedfleet.runtime.grpc.arbiter import ArbiterServer, Event, EventKind
 from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES, iter_chunks
-from fedfleet.runtime.grpc.wire import Done, JoinMode, Task, TaskKind
+from fedfleet.runtime.grpc.wire import Done, JoinMode, Notice, Task, TaskKind
 from fedfleet.runtime.sim.sequential import client_seed
 
 log = logging.getLogger("fedfleet.arbiter")
@@ -278,6 +278,7 @@ class GrpcRuntime:
         start = time.monotonic()
         need = min(self.min_parties, len(names))
         last_note = start
+        told = ("", 0.0)  # the missing parties last told to the others, and when
         with self.server.changed:
             while True:
                 present = [n for n in names if self.server.link(n) is not None]
@@ -286,14 +287,37 @@ class GrpcRuntime:
                 enough = len(present) >= need
                 if (enough and len(present) >= len(coming)) or (waited >= self.join_timeout and enough):
                     return present
+                if not enough and waited >= self.join_timeout and len(coming) < need:
+                    # the others wait in vain for a party that was refused (unless it is fixed and restarted)
+                    why = "; ".join(f"{n}: {self.server.refused[n]}" for n in names if n in self.server.refused)
+                    raise PartiesMissingError(
+                        f"round {self._round + 1} needs {need} parties and only {len(coming)} may take part: the "
+                        f"arbiter refused {why}"
+                    )
                 if waited >= self.wait_timeout:
                     missing = sorted(set(names) - set(present))
+                    how = "their training scripts" if self.sync_mode else "`fedfleet party <job.yaml> --name <party>`"
                     raise PartiesMissingError(
                         f"only {len(present)} of the {need} parties round {self._round + 1} needs connected in "
-                        f"{self.wait_timeout:.0f} s; missing {', '.join(missing)}: start them with "
-                        f"`fedfleet party <job.yaml> --name <party>` (or lower network.min_parties)"
+                        f"{self.wait_timeout:.0f} s; missing {', '.join(missing)}: start them with {how} (or lower "
+                        f"min_parties)"
                     )
                 if time.monotonic() - last_note >= 10:
-                    log.warning("round %d waits for %s", self._round + 1, ", ".join(sorted(set(names) - set(present))))
+                    missing = ", ".join(sorted(set(names) - set(present)))
+                    log.warning("round %d waits for %s", self._round + 1, missing)
+                    told = self._tell_waiting(missing, waited, told)
                     last_note = time.monotonic()
                 self.server.changed.wait(0.5)
+
+    def _tell_waiting(self, missing: str, waited: float, told: tuple[str, float]) -> tuple[str, float]:
+        """Tell the connected parties whom the round waits for (when that changes, then once a minute): a party
+        blocked in its sync would otherwise wait up to wait_timeout without a word."""
+        if missing == told[0] and time.monotonic() - told[1] < 60:
+            return told
+        self.server.broadcast(
+            Notice(
+                text=f"round {self._round + 1} waits for {missing} (for {waited:.0f} s so far; the session gives up "
+                f"after {self.wait_timeout:.0f} s)"
+            )
+        )
+        return missing, time.monotonic()

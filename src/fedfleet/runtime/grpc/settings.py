@@ -38,6 +38,7 @@ class SessionSettings:
     chunk_mib: float = 4.0  # params travel in chunks of this size
     heartbeat_s: float = 5.0  # a party's keep-alive interval
     reconnect_max_s: float = 30.0  # a party retries a lost arbiter with backoff up to this delay
+    give_up_s: float = 600.0  # a party stops when it has not reached the arbiter for this long
 
     key_prefix: ClassVar[str] = ""  # how errors name the keys ("network." in a job file)
 
@@ -47,7 +48,7 @@ class SessionSettings:
             raise ValueError(f"{p}address must be host:port, got {self.address!r}")
         for key in ("min_parties", "round_timeout", "join_timeout", "wait_timeout", "max_weight", "heartbeat_s",
                     "reconnect_max_s", "max_weight_ratio", "max_update_norm", "receive_buffers",
-                    "upload_stall_s"):  # fmt: skip
+                    "upload_stall_s", "give_up_s"):  # fmt: skip
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{p}{key} must be > 0, got {value}")

@@ -29,10 +29,18 @@ class SyncParty(PartySession):
     mode = JoinMode.SYNC
 
     def __init__(
-        self, spec: object, connection: Connection, rounds: int = 0, pipeline: Pipeline | None = None, seed: int = 0
+        self,
+        spec: object,
+        connection: Connection,
+        rounds: int = 0,
+        pipeline: Pipeline | None = None,
+        seed: int = 0,
+        vocab: str = "",
     ) -> None:
-        """``pipeline``: its party-side transforms see each delta before it is sent (``seed``: theirs)."""
+        """``pipeline``: its party-side transforms see each delta before it is sent (``seed``: theirs); ``vocab``:
+        the fingerprint of the party's token ids (``hf.data.vocab_fingerprint``), checked against the others'."""
         super().__init__(spec, connection)
+        self.vocab = vocab
         self.rounds = rounds  # how many syncs this party will make (tells a model-less arbiter)
         self.pipeline = pipeline or EMPTY
         self.seed = seed
@@ -146,7 +154,8 @@ class SyncParty(PartySession):
             )
             self._raise_error()
             if not ready:
-                raise TimeoutError(f"{self.conn.name}: no global params from the arbiter within {timeout} s")
+                said = f" (the arbiter's last notice: {self.notice})" if self.notice else ""
+                raise TimeoutError(f"{self.conn.name}: no global params from the arbiter within {timeout} s{said}")
             if self._fresh is None:  # ended without sending final params (e.g. the arbiter was stopped)
                 return False
             task, self._fresh = self._fresh, None

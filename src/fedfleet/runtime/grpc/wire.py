@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
 
-PROTOCOL = 4  # bumped when a message changes incompatibly; checked at join (4: the join's layout is its payload)
+PROTOCOL = 5  # bumped when a message changes incompatibly; checked at join (5: notices, the join's vocabulary)
 # a header is a few hundred bytes (a result's metrics are at most 64 short names); parsing JSON costs many times
 # its size in Python objects, so a longer one is refused before it is parsed
 MAX_HEADER_BYTES = 64 << 10
@@ -80,6 +80,7 @@ class Join(Message):
     name: str = ""
     mode: str = JoinMode.TASKS  # a JoinMode (plain text in the header)
     rounds: int = 0  # sync mode: how many times the party will sync (0 = the arbiter decides)
+    vocab: str = ""  # a hash of the party's token ids (``hf.data.vocab_fingerprint``); "" when it has no tokenizer
 
 
 @dataclass
@@ -150,6 +151,14 @@ class Done(Message):
     kind: ClassVar[str] = "done"
     reason: str = ""
     failed: bool = False  # the arbiter gave up (it cannot go on): waiting or redialling would not help
+
+
+@dataclass
+class Notice(Message):
+    """Something a waiting party should know (a round waits for a party that left); the party logs it."""
+
+    kind: ClassVar[str] = "notice"
+    text: str = ""
 
 
 # -- both ways --------------------------------------------------------------------------------------

@@ -92,8 +92,10 @@ def test_the_taobao_example_runs_on_a_taobao_shaped_csv_from_the_command_line(tm
     taobao_csv(tmp_path / "taobao.csv")  # where the example reads it: the folder fedfleet runs from
     short = ["rounds=2", "cohort=4", "eval_every=1", "client.batch_size=32", f"output.dir={tmp_path / 'runs'}"]
     sets = [arg for item in [*short, "output.tensorboard=false"] for arg in ("--set", item)]
-    out = fedfleet("simulate", "--quiet", "--from-fedscale", str(EXAMPLE), *sets, cwd=tmp_path, timeout=120)
+    # as a FedScale user runs it: no --from-fedscale, the file's job_conf: list says what it is
+    out = fedfleet("simulate", "--quiet", str(EXAMPLE), *sets, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
+    assert "is a FedScale job file (job_conf: list): translating it" in out.stderr
     assert "final test AUC:" in out.stdout and "simulated time:" in out.stdout
     assert "data_map_file" not in out.stderr and "taobao_dlrm" in out.stderr
     run = tmp_path / "runs" / "taobao"

@@ -9,6 +9,7 @@ import yaml
 from fedfleet.cli.run_job import run_loop_in_folder
 from fedfleet.config import JobConfig, load_job, to_dict
 from fedfleet.config.fedscale import from_fedscale
+from fedfleet.config.fedscale_read import is_fedscale_file
 from fedfleet.errors import ConfigError
 from fedfleet.jobs.simulation import Simulation
 
@@ -47,6 +48,9 @@ def _load(job_path: str | None, fedscale: str | None, overrides: list[str]) -> t
     """The job, its text as a fedfleet job file, and how to name it again in a resume command."""
     if job_path is not None and fedscale is not None:
         raise ConfigError(f"give a job file or --from-fedscale, not both (got {job_path} and {fedscale})")
+    if job_path is not None and is_fedscale_file(job_path):  # a FedScale user's own conf.yml, as they run it
+        print(f"fedfleet: {job_path} is a FedScale job file (job_conf: list): translating it", file=sys.stderr)
+        job_path, fedscale = None, job_path
     if fedscale is not None:
         report = from_fedscale(fedscale, overrides, warn=False)
         message = report.warning()

@@ -36,6 +36,16 @@ def read_conf(path: Path) -> dict[str, Any]:
     return conf
 
 
+def is_fedscale_file(path: str | Path) -> bool:
+    """Whether a job file is FedScale's (a mapping with a job_conf: list) rather than fedfleet's."""
+    file = Path(path)
+    try:
+        conf = load_yaml(file.read_text()) if file.is_file() else None
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return False  # fedfleet's loader reports what is wrong with it
+    return isinstance(conf, dict) and isinstance(conf.get("job_conf"), list)
+
+
 def job_conf_of(conf: dict[str, Any], path: Path) -> dict[str, Any]:
     """``job_conf: [{key: value}, ...]`` as one ordered mapping; a repeated key keeps its last value, as in FedScale."""
     entries = conf.get("job_conf")

@@ -1,0 +1,56 @@
+"""The mask generator: AES-256-CTR keystreams added into a ring vector, in place.
+
+A mask is the keystream of AES-256-CTR under a 32-byte key derived from a full secret (``crypto.derive``), read
+as little-endian ring elements (uint32 or uint64). Each key serves one stream only, so the counter starts at
+zero. Why this shape:
+- the keystream is written into one preallocated buffer with ``update_into`` (no allocation per chunk), and
+  numpy adds it into the accumulator in place; unsigned arithmetic wraps mod 2**32 (2**64), which is the ring;
+- the accumulator is walked in chunks (256 KiB by default, as measured in benchmarks/secagg.py) and every
+  stream is applied to a chunk before the next one, so the chunk stays in cache and memory stays O(model) for
+  any number of streams (never k masks of the model's size at once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+CHUNK_BYTES = 1 << 18
+_ZERO_COUNTER = bytes(16)
+
+
+def _stream(key: bytes):
+    return Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER)).encryptor()
+
+
+def add_masks(acc: np.ndarray, masks: Iterable[tuple[bytes, int]], chunk_bytes: int = CHUNK_BYTES) -> None:
+    """acc += sum of sign * PRG(key) over ``masks`` (pairs of key and sign +1 / -1), in acc's ring, in place."""
+    if acc.dtype not in (np.uint32, np.uint64) or acc.ndim != 1 or not acc.flags.c_contiguous:
+        raise ValueError(f"masks go into a flat contiguous uint32 / uint64 vector, got {acc.dtype} {acc.shape}")
+    streams = [(_stream(key), sign) for key, sign in masks]
+    if not streams:
+        return
+    lanes = acc.dtype.newbyteorder("<")  # the keystream's byte order, whatever the machine's
+    per_chunk = max(1, chunk_bytes // acc.itemsize)
+    zeros = np.zeros(per_chunk * acc.itemsize, dtype=np.uint8)
+    buf = np.empty_like(zeros)
+    for lo in range(0, acc.size, per_chunk):
+        part = acc[lo : lo + per_chunk]
+        nbytes = part.size * acc.itemsize
+        out = buf[:nbytes]
+        ks = out.view(lanes)
+        for enc, sign in streams:
+            enc.update_into(zeros[:nbytes], out)
+            if sign > 0:
+                np.add(part, ks, out=part)
+            else:
+                np.subtract(part, ks, out=part)
+
+
+def keystream(key: bytes, count: int, dtype: np.dtype | type) -> np.ndarray:
+    """The first ``count`` ring elements of one mask (what ``add_masks`` adds for sign +1)."""
+    out = np.zeros(count, dtype=dtype)
+    add_masks(out, [(key, 1)])
+    return out

@@ -1,7 +1,57 @@
-"""Secure aggregation (SecAgg+, Bell et al. CCS 2020): the primitives. The party and server state machines
-build on them (their API is documented here once they land)."""
+"""Secure aggregation (SecAgg+, Bell et al. CCS 2020; SecAgg, Bonawitz et al. CCS 2017 with k = n - 1): the
+server learns only the weighted sum of the surviving parties' updates, and the round survives dropouts at every
+stage while enough parties remain. Pure state machines: no sockets, no threads; the runtimes carry the messages.
+
+Public API (``from fedfleet.secagg import ...``):
+
+- ``SecAggConfig(neighbours=None, threshold=0.5, clip=1.0, bits=16, max_weight=1000.0)``: settings;
+  ``.validate(n_parties) -> Plan`` raises ConfigError naming the key and its bound.
+- ``Plan``: what a round's parties and server agree on (degree, threshold, ring_bits, dtype, weight_levels,
+  ``neighbourhood(m)`` for m advertisers).
+- ``SecAggParty(party, session, round, config, plan, *, seed=None)``: one party for one round:
+  ``advertise() -> Advertise``, ``share_keys(Roster) -> list[EncryptedShare]``,
+  ``masked_input(values, weight, inbox) -> MaskedInput``, ``unmask(UnmaskRequest) -> UnmaskReply``.
+- ``SecAggServer(session, round, config, parties, graph_seed, *, length=None)``: ``receive_advert``,
+  ``rosters()``, ``receive_shares(party, shares)``, ``inboxes()``, ``receive_masked_input``,
+  ``unmask_requests()``, ``receive_unmask_reply``, ``result() -> SecAggResult``.
+- ``SecAggResult(sum, factors, weight, survivors, total, sum_bound, factors_bound, clip)``: the dequantised
+  sum of f_i * clip(x_i), sum of f_i, sum of capped weights, who is in it, the exact ring sum, error bounds;
+  ``.mean()`` and ``.mean_bound()``.
+- Messages: ``Advertise``, ``Roster``, ``EncryptedShare``, ``MaskedInput``, ``UnmaskRequest``, ``UnmaskReply``.
+- ``run_round(inputs, weights, config, session="s", round=0, drop=None, seed=0) -> SecAggResult`` and
+  ``Stage`` (ADVERTISE, SHARE, MASKED_INPUT, UNMASK, DURING_UNMASK): the whole round in memory.
+- ``SecAggRefused`` (one message or request refused) and ``SecAggFailed`` (the round cannot be unmasked; a
+  RoundIncomplete, so the round loop runs it again).
+
+Modules: config (settings, plan), quantize (fixed point, stochastic rounding, the error bound), shamir (secret
+sharing over GF(2**521 - 1)), crypto (X25519, HKDF-SHA256, AES-256-GCM), masks (AES-256-CTR mask streams added
+in place), graph (the seeded k-regular share graph), messages, party, server, local, errors.
+
+What the server cannot check under the masks (finite values, norms), the party checks before masking:
+``masked_input`` refuses NaN and inf, clips every param to [-clip, clip] and caps the weight at max_weight.
+"""
 
 from fedfleet.secagg.config import Plan, SecAggConfig
 from fedfleet.secagg.errors import SecAggFailed, SecAggRefused
+from fedfleet.secagg.local import Stage, run_round
+from fedfleet.secagg.messages import Advertise, EncryptedShare, MaskedInput, Roster, UnmaskReply, UnmaskRequest
+from fedfleet.secagg.party import SecAggParty
+from fedfleet.secagg.server import SecAggResult, SecAggServer
 
-__all__ = ["Plan", "SecAggConfig", "SecAggFailed", "SecAggRefused"]
+__all__ = [
+    "Advertise",
+    "EncryptedShare",
+    "MaskedInput",
+    "Plan",
+    "Roster",
+    "SecAggConfig",
+    "SecAggFailed",
+    "SecAggParty",
+    "SecAggRefused",
+    "SecAggResult",
+    "SecAggServer",
+    "Stage",
+    "UnmaskReply",
+    "UnmaskRequest",
+    "run_round",
+]

@@ -79,3 +79,23 @@ def test_fewer_advertisers_shrink_the_graph_and_keep_a_majority():
     assert plan.neighbourhood(3)[1] > plan.neighbourhood(3)[0]  # too few: the round fails
     odd = SecAggConfig(neighbours=3, threshold=2).validate(10)
     assert odd.neighbourhood(9) == (4, 3)  # 9 * 3 is odd: degree 4, and 2 would not be a majority of 4
+
+
+def test_parsing_the_config_does_not_load_torch_and_every_public_name_resolves():
+    import subprocess
+    import sys
+
+    import fedfleet.secagg as secagg
+
+    code = "\n".join(
+        [
+            "import sys",
+            "from fedfleet.secagg import SecAggConfig",
+            "SecAggConfig().validate(3)",
+            "print('torch' in sys.modules)",
+        ]
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    assert sorted(secagg.__all__) == sorted(secagg._LAZY)
+    assert all(getattr(secagg, name) is not None for name in secagg.__all__)

@@ -76,6 +76,7 @@ def test_the_graph_is_regular_symmetric_and_the_same_for_everyone(n, k):
         assert len(near) == d and i not in near
         assert all(i in g[j] for j in near)
     assert g == graph.neighbours(reversed(ids), k, seed=42)
+    assert all(graph.neighbours_of(ids, k, 42, i) == g[i] for i in ids)
     if d < n - 1:
         assert g != graph.neighbours(ids, k, seed=43)
 
@@ -129,3 +130,15 @@ def test_the_keystream_is_aes_256_ctr_from_a_zero_counter():
     key = bytes(range(32))
     raw = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(80))
     assert keystream(key, 20, np.uint32).tobytes() == raw
+
+
+def test_shamir_with_many_shares_any_subset_of_the_threshold_rebuilds():
+    import secrets as sec
+
+    rng = np.random.default_rng(5)
+    secret = sec.token_bytes(32)
+    xs = sorted(rng.choice(np.arange(1, 10_000), size=20, replace=False).tolist())
+    shares = shamir.split(secret, 11, xs)
+    for _ in range(5):
+        pick = rng.choice(xs, size=11, replace=False).tolist()
+        assert shamir.combine({x: shares[x] for x in pick}, 11) == secret

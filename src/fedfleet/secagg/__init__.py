@@ -31,12 +31,31 @@ What the server cannot check under the masks (finite values, norms), the party c
 ``masked_input`` refuses NaN and inf, clips every param to [-clip, clip] and caps the weight at max_weight.
 """
 
-from fedfleet.secagg.config import Plan, SecAggConfig
-from fedfleet.secagg.errors import SecAggFailed, SecAggRefused
-from fedfleet.secagg.local import Stage, run_round
-from fedfleet.secagg.messages import Advertise, EncryptedShare, MaskedInput, Roster, UnmaskReply, UnmaskRequest
-from fedfleet.secagg.party import SecAggParty
-from fedfleet.secagg.server import SecAggResult, SecAggServer
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fedfleet.lazy import lazy_names
+
+# public name -> the module that defines it: imported on first use, so a config parser that only needs
+# SecAggConfig loads numpy, not torch (SecAggFailed is the round loop's RoundIncomplete, which brings torch)
+_LAZY = {
+    "Plan": "fedfleet.secagg.config",
+    "SecAggConfig": "fedfleet.secagg.config",
+    "SecAggFailed": "fedfleet.secagg.errors",
+    "SecAggRefused": "fedfleet.secagg.errors",
+    "Stage": "fedfleet.secagg.local",
+    "run_round": "fedfleet.secagg.local",
+    "Advertise": "fedfleet.secagg.messages",
+    "EncryptedShare": "fedfleet.secagg.messages",
+    "MaskedInput": "fedfleet.secagg.messages",
+    "Roster": "fedfleet.secagg.messages",
+    "UnmaskReply": "fedfleet.secagg.messages",
+    "UnmaskRequest": "fedfleet.secagg.messages",
+    "SecAggParty": "fedfleet.secagg.party",
+    "SecAggResult": "fedfleet.secagg.server",
+    "SecAggServer": "fedfleet.secagg.server",
+}
 
 __all__ = [
     "Advertise",
@@ -55,3 +74,18 @@ __all__ = [
     "UnmaskRequest",
     "run_round",
 ]
+
+if TYPE_CHECKING:
+    from fedfleet.secagg.config import Plan, SecAggConfig
+    from fedfleet.secagg.errors import SecAggFailed, SecAggRefused
+    from fedfleet.secagg.local import Stage, run_round
+    from fedfleet.secagg.messages import Advertise, EncryptedShare, MaskedInput, Roster, UnmaskReply, UnmaskRequest
+    from fedfleet.secagg.party import SecAggParty
+    from fedfleet.secagg.server import SecAggResult, SecAggServer
+
+
+__getattr__ = lazy_names("fedfleet.secagg", _LAZY, globals())
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

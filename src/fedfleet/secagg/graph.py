@@ -27,15 +27,28 @@ def degree(n: int, k: int) -> int:
 
 
 def neighbours(ids: Iterable[int], k: int, seed: int) -> dict[int, frozenset[int]]:
-    """Each id's neighbours in the graph of degree ``degree(len(ids), k)``."""
+    """Each id's neighbours in the graph of degree ``degree(len(ids), k)`` (what the server needs)."""
+    ring, offsets = _layout(ids, k, seed)
+    n = len(ring)
+    return {ring[p]: frozenset(ring[(p + o) % n] for o in offsets) for p in range(n)}
+
+
+def neighbours_of(ids: Iterable[int], k: int, seed: int, party: int) -> frozenset[int]:
+    """One party's neighbours in the same graph, in O(n) instead of O(n * k) (what each party needs)."""
+    ring, offsets = _layout(ids, k, seed)
+    p = ring.index(party)
+    return frozenset(ring[(p + o) % len(ring)] for o in offsets)
+
+
+def _layout(ids: Iterable[int], k: int, seed: int) -> tuple[list[int], list[int]]:
+    """The ids in their seeded order around the circle, and the offsets each links to."""
     order = sorted(set(ids))
     n = len(order)
     d = degree(n, k)
-    if d == n - 1:
-        everyone = frozenset(order)
-        return {i: everyone - {i} for i in order}
+    if d == n - 1:  # complete: no order needed
+        return order, list(range(1, n))
     ring = [order[p] for p in np.random.default_rng(seed).permutation(n)]
     offsets = list(range(1, d // 2 + 1)) + list(range(n - d // 2, n))
     if d % 2:  # only when n is even (see degree): the party opposite
         offsets.append(n // 2)
-    return {ring[p]: frozenset(ring[(p + o) % n] for o in offsets) for p in range(n)}
+    return ring, offsets

@@ -90,7 +90,7 @@ class SecAggParty:
             raise SecAggRefused(
                 f"party {self.party}: only {len(advertised)} parties advertised, too few for threshold {threshold}"
             )
-        mine = graph.neighbours(advertised, degree, roster.graph_seed)[self.party]
+        mine = graph.neighbours_of(advertised, degree, roster.graph_seed, self.party)
         if set(roster.cipher_pks) != mine or set(roster.mask_pks) != mine:
             raise SecAggRefused(
                 f"party {self.party}: the roster's keys are not those of its neighbours {sorted(mine)} in the graph "
@@ -134,7 +134,7 @@ class SecAggParty:
         cfg, plan = self.config, self.plan
         factor = min(float(weight), cfg.max_weight) / cfg.max_weight
         data = np.empty(flat.size + 1, dtype=plan.dtype)
-        data[:-1] = quantize(flat, cfg.clip, cfg.bits, plan.dtype, self._rng, scale=factor)
+        quantize(flat, cfg.clip, cfg.bits, plan.dtype, self._rng, scale=factor, out=data[:-1])
         data[-1:] = quantize_weight(factor, plan.weight_levels, plan.dtype, self._rng)
         masks = [(crypto.derive(self._self_seed, self.session, self.round, (self.party,), crypto.SELF_MASK), 1)]
         for j in sorted(self._held):

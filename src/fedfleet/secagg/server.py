@@ -206,12 +206,19 @@ class SecAggServer:
         self._close("unmask", "done")
         alive = frozenset(self._alive)
         dropped = self._shared - alive
+        seed_shares: dict[int, dict[int, int]] = {j: {} for j in alive}  # peer -> {holder: share}, in one pass
+        key_shares: dict[int, dict[int, int]] = {d: {} for d in dropped}
+        for holder, reply in self._replies.items():
+            for j, share in reply.self_shares.items():
+                seed_shares[j][holder] = share
+            for d, share in reply.key_shares.items():
+                key_shares[d][holder] = share
         masks = []
         for j in sorted(alive):
-            seed = self._rebuild(j, {h: r.self_shares[j] for h, r in self._replies.items() if j in r.self_shares})
+            seed = self._rebuild(j, seed_shares[j])
             masks.append((crypto.derive(seed, self.session, self.round, (j,), crypto.SELF_MASK), -1))
         for d in sorted(d for d in dropped if self.graph[d] & alive):
-            raw = self._rebuild(d, {h: r.key_shares[d] for h, r in self._replies.items() if d in r.key_shares})
+            raw = self._rebuild(d, key_shares[d])
             key = crypto.private_from_bytes(raw)
             if crypto.public_bytes(key) != self._adverts[d].mask_pk:
                 raise SecAggFailed(f"secure aggregation: the shares of party {d}'s mask key rebuild a wrong key")

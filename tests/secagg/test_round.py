@@ -145,3 +145,13 @@ def test_a_party_whose_shares_reached_too_few_sharing_neighbours_fails_the_round
     near = graph.neighbours(sorted(inputs), 4, graph_seed)[6]
     with pytest.raises(SecAggFailed, match=r"party \d+'s shares reached only [0-2] neighbours that shared theirs"):
         run_round(inputs, weights, config, drop={Stage.SHARE: set(sorted(near)[:2])})
+
+
+def test_a_cohort_of_hundreds_with_k_two_log2_n_and_scattered_dropouts():
+    inputs, weights = make_inputs(200, 1000, seed=12)
+    config = SecAggConfig(neighbours=round(2 * np.log2(200)))  # k = 15 (odd k on an even n: a 15-regular graph)
+    rng = np.random.default_rng(0)
+    picked = rng.choice(np.arange(1, 201), size=10, replace=False).tolist()
+    drop = {Stage.SHARE: set(picked[:3]), Stage.MASKED_INPUT: set(picked[3:7]), Stage.UNMASK: set(picked[7:])}
+    result = run_round(inputs, weights, config, drop=drop, seed=1)
+    check_exact(inputs, weights, config, result, set(inputs) - set(picked[:7]), seed=1)

@@ -111,6 +111,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        # the value's own type first: `threshold: 4` under `float | int` stays the count 4, not the fraction 4.0
+        options.sort(key=lambda a: a is not type(value))
         errors = []
         for option in options:
             try:

@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 from fedfleet.config.loader import Named
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.runtime.grpc.settings import SessionSettings
+from fedfleet.secagg.config import SecAggConfig
 
 
 def _positive(name: str, value: float | int | None, allow_zero: bool = False) -> None:
@@ -206,6 +207,8 @@ class JobConfig:
     fedbuff: FedBuffConfig | None = None  # asynchronous buffered aggregation instead of rounds (simulate only)
     transforms: TransformsConfig = field(default_factory=TransformsConfig)  # clip, ... around the aggregation
     imports: tuple[str, ...] = ()  # the user's modules, imported first: they register models, datasets, ...
+    # SecAgg+: the arbiter learns only each round's weighted sum (neighbours, threshold, clip, bits, max_weight)
+    secure_aggregation: SecAggConfig | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
@@ -220,6 +223,12 @@ class JobConfig:
                 f"system.round_end {self.system.round_end.name!r} ends synchronous rounds, but with fedbuff a server "
                 f"step ends after fedbuff.buffer arrivals; remove system.round_end"
             )
+        if self.secure_aggregation is not None:
+            if self.fedbuff is not None:
+                raise ValueError(
+                    "secure_aggregation unmasks a round's sum at once, fedbuff folds arrivals one by one: drop one"
+                )
+            self.secure_aggregation.validate(self.cohort)  # k, t, bits for this cohort: the message names the key
         if self.fedbuff is not None and self.runtime.kind != "simulation":
             raise ValueError(
                 f"fedbuff trains each client as it is dispatched, in this process; runtime.kind {self.runtime.kind!r} "

@@ -133,6 +133,11 @@ class AsyncLoop(RoundLoop):
             raise ValueError(
                 f"FedBuff concurrency {fedbuff.concurrency} is larger than the population of {runtime.population}"
             )
+        if pipeline is not None and pipeline.secure is not None:
+            raise ValueError(
+                "secure aggregation sums a round's masked inputs at once; FedBuff folds arrivals one by one, so the "
+                "two do not combine: use synchronous rounds (no fedbuff:) with secure_aggregation"
+            )
         if not getattr(strategy.aggregator(global_params), "weighted_mean", False):
             raise ValueError(
                 f"FedBuff folds arrivals with its own staleness-weighted mean, but strategy "

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import operator
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -27,12 +27,12 @@ from fedfleet.core.aggregate import Aggregator
 from fedfleet.core.clock import VirtualClock
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
-from fedfleet.core.pipeline import EMPTY, Pipeline
+from fedfleet.core.pipeline import EMPTY, AggregationContext, Pipeline
 from fedfleet.core.round_end import RoundEnd, RoundFeedback
-from fedfleet.core.round_plan import Heard, RoundPlanner, reported_loss
+from fedfleet.core.round_plan import Heard, RoundPlan, RoundPlanner, reported_loss
 from fedfleet.core.signals import deferred_interrupt
 from fedfleet.core.update import Aggregate, Partial, TrainStats, Update
-from fedfleet.errors import RoundFailedError
+from fedfleet.errors import ConfigError, RoundFailedError
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,12 @@ class RoundLoop:
             raise ValueError(f"cohort {config.cohort} is larger than the population of {runtime.population}")
         if config.target_mode not in _REACHED:
             raise ValueError(f"target_mode must be one of {sorted(_REACHED)}, got {config.target_mode!r}")
+        if pipeline is not None and pipeline.secure is not None and not getattr(runtime, "parties_in_process", False):
+            # the in-process sum would see each update at the arbiter: refuse rather than pretend to be secure
+            raise ConfigError(
+                f"secure aggregation is not available on {type(runtime).__name__} yet (it runs in the simulation "
+                "and in an in-process LocalFederation); turn it off for this runtime"
+            )
         traces = clock.traces if clock is not None else None
         if traces is not None and traces.num_clients != runtime.population:
             raise ValueError(
@@ -245,7 +251,7 @@ class RoundLoop:
         wall = time.perf_counter()
         config = self.strategy.configure_fit(dataclasses.replace(self.fit_config, round=rnd, seed=self.config.seed))
         plan = self.planner.plan(rnd, config, self.global_params.nbytes)
-        aggregator = self.pipeline.aggregator(self.strategy, self.global_params)
+        aggregator = self.pipeline.aggregator(self.strategy, self.global_params, self._context(rnd, plan))
         download = self.global_params.nbytes
         heard: Heard = {}
         for item in self.runtime.fit(self.global_params, plan.train, config):
@@ -261,12 +267,36 @@ class RoundLoop:
         # known from the plan, or (no data sizes: a deployed runtime) as long as the slowest update
         round_s = plan.outcome.duration if plan.outcome is not None else max((h[2] for h in heard.values()), default=0)
         duration = plan.start - self.clock.now + round_s  # plus any wait for the first client to check in
+        duration += aggregate.overhead_s if aggregate is not None else 0.0  # e.g. secure aggregation's exchanges
         metrics = train_metrics(aggregate)
         metrics.update(clients=float(aggregate.count if aggregate is not None else 0), sim_round_s=duration)
+        if aggregate is not None and aggregate.overhead_s:
+            metrics["sim_aggregation_s"] = aggregate.overhead_s
         metrics.update(self.planner.metrics(plan, plan.start - self.clock.now))
         metrics.update(self.runtime.round_metrics())
         with deferred_interrupt():  # the commit: a Ctrl-C here waits, so no round is ever half-applied
             return self.commit(rnd, aggregate, metrics, wall, duration, self.planner.feedback(plan, heard, round_s))
+
+    def _context(self, rnd: int, plan: RoundPlan) -> AggregationContext:
+        """The round as an aggregator that talks to its parties sees it: who was asked, their links, and who is
+        gone by the time the training is over (secure aggregation's unmask request)."""
+        clock = self.clock
+        trained_s = plan.outcome.duration if plan.outcome is not None else 0.0
+
+        def offline_at_unmask(delivered: Collection[int | str]) -> list[int | str]:
+            ids = [c for c in delivered if isinstance(c, (int, np.integer))]
+            if not ids:
+                return []
+            left = clock.time_online(np.asarray(ids, dtype=np.int64), at=plan.start)
+            return [c for c, s in zip(ids, left, strict=True) if s <= trained_s]
+
+        return AggregationContext(
+            rnd,
+            self.config.seed,
+            tuple(int(c) for c in plan.selected),
+            latency=lambda c, down, up: clock.client_latency(c, 0.0, down, up),
+            offline_at_unmask=offline_at_unmask,
+        )
 
     def _hear(self, heard: Heard, client: int | str, weight: float, stats: TrainStats, down: int, up: int) -> None:
         """What the clock and the selector learn of one update: its loss, samples and device latency."""
@@ -328,7 +358,7 @@ class RoundLoop:
 
 
 # what the virtual clock adds to a round's record; runtimes of real parties (``virtual_clock = False``) drop them
-VIRTUAL_CLOCK_METRICS = ("sim_round_s", "sim_time_s", "sim_time_to_target_s")
+VIRTUAL_CLOCK_METRICS = ("sim_round_s", "sim_time_s", "sim_time_to_target_s", "sim_aggregation_s")
 
 
 def train_metrics(aggregate: Aggregate | None) -> dict[str, float]:

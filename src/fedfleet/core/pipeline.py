@@ -18,12 +18,14 @@ sends one update per client.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fedfleet.core.aggregate import Aggregator
 from fedfleet.core.params import FlatParams
 from fedfleet.core.update import Aggregate, Update
+from fedfleet.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,25 @@ class FoldTransform(Protocol):
     def after_fold(self, aggregate: Aggregate) -> Aggregate: ...
 
 
+@dataclass(frozen=True)
+class AggregationContext:
+    """What an aggregator that runs a protocol with the round's parties needs to know of the round (secure
+    aggregation: who was asked to train, their links on the virtual clock, who is gone when it unmasks)."""
+
+    round: int
+    seed: int
+    cohort: tuple[int | str, ...]  # the parties asked to train, in the order the round selected them
+    latency: Callable[[int | str, int, int], float] | None = None  # (party, down bytes, up bytes) -> seconds
+    offline_at_unmask: Callable[[Collection[int | str]], Collection[int | str]] | None = None
+
+
+class SecureFold(Protocol):
+    """Secure aggregation in the pipeline: it replaces the strategy's weighted mean by a sum it unmasks, so no
+    fold transform can see an update (``fedfleet.secagg.SecureAggregation``)."""
+
+    def aggregator(self, inner: Aggregator, global_params: FlatParams, context: AggregationContext) -> Aggregator: ...
+
+
 class StrategyAggregators(Protocol):
     def aggregator(self, global_params: FlatParams) -> Aggregator: ...
 
@@ -62,11 +83,20 @@ class StrategyAggregators(Protocol):
 class Pipeline:
     client: tuple[UpdateTransform, ...] = ()
     server: tuple[FoldTransform, ...] = ()
+    secure: SecureFold | None = None  # secure aggregation: the arbiter sees only the sum
+
+    def __post_init__(self) -> None:
+        if self.secure is not None and self.server:
+            names = ", ".join(type(t).__name__ for t in self.server)
+            raise ConfigError(
+                f"secure aggregation hides each update from the arbiter, so the fold transforms ({names}) cannot "
+                "see them: move per-update checks (clip) to the party side, or turn secure aggregation off"
+            )
 
     @property
     def mergeable(self) -> bool:
         """Whether partial folds (Ray workers) may run the server chain where the updates are."""
-        return all(t.mergeable for t in self.server)
+        return self.secure is None and all(t.mergeable for t in self.server)
 
     def on_party(self, update: Update, context: TransformContext) -> Update:
         for transform in self.client:
@@ -87,9 +117,16 @@ class Pipeline:
             aggregate = transform.after_fold(aggregate)
         return aggregate
 
-    def aggregator(self, strategy: StrategyAggregators, global_params: FlatParams) -> Aggregator:
-        """The round's aggregator: the strategy's own, inside the server chain (itself when the chain is empty)."""
+    def aggregator(
+        self, strategy: StrategyAggregators, global_params: FlatParams, context: AggregationContext | None = None
+    ) -> Aggregator:
+        """The round's aggregator: the strategy's own, inside the server chain (itself when the chain is empty),
+        or secure aggregation's in its place (which needs the round's ``context``)."""
         inner = strategy.aggregator(global_params)
+        if self.secure is not None:
+            if context is None:
+                raise ConfigError("secure aggregation needs the round's parties: this runtime does not offer it")
+            return self.secure.aggregator(inner, global_params, context)
         return PipelineAggregator(inner, self) if self.server else inner
 
 

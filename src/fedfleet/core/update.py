@@ -90,6 +90,7 @@ class Aggregate:
     count: int  # number of updates folded
     metrics: dict[str, float] = field(default_factory=dict)  # weighted means of client metrics
     extra: dict[str, float] = field(default_factory=dict)  # strategy-specific scalars (e.g. q-FedAvg's h)
+    overhead_s: float = 0.0  # virtual seconds the aggregation itself added (secure aggregation's exchanges)
 
 
 @dataclass(frozen=True)

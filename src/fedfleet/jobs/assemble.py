@@ -6,6 +6,7 @@ a deployed run can be checked against its simulation; this module is the one pla
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from fedfleet.data.datasets import Dataset
 from fedfleet.errors import ConfigError, DataError
 from fedfleet.models import build_model
 from fedfleet.registry import construct
+from fedfleet.secagg.in_process import SecureAggregation
 from fedfleet.transforms import build_pipeline
 
 log = logging.getLogger(__name__)
@@ -117,7 +119,10 @@ def build_parts(job: JobConfig, clients: int | None = None) -> JobParts:
 def pipeline_of(job: JobConfig) -> Pipeline:
     """The job's aggregation pipeline: its party-side chain goes into the trainer, its fold chain into the loop."""
     t = job.transforms
-    return build_pipeline([(n.name, n.params) for n in t.client], [(n.name, n.params) for n in t.server])
+    pipeline = build_pipeline([(n.name, n.params) for n in t.client], [(n.name, n.params) for n in t.server])
+    if job.secure_aggregation is None:
+        return pipeline
+    return dataclasses.replace(pipeline, secure=SecureAggregation(job.secure_aggregation, session=job.name))
 
 
 def fit_config(job: JobConfig) -> FitConfig:

@@ -22,10 +22,12 @@ Public API (``from fedfleet.secagg import ...``):
   ``Stage`` (ADVERTISE, SHARE, MASKED_INPUT, UNMASK, DURING_UNMASK): the whole round in memory.
 - ``SecAggRefused`` (one message or request refused) and ``SecAggFailed`` (the round cannot be unmasked; a
   RoundIncomplete, so the round loop runs it again).
+- ``SecureAggregation(config)``: the pipeline's element (``Pipeline(secure=...)``) for runtimes whose parties are
+  in the arbiter's process (the simulation, ``LocalFederation``): each round is an ``InProcessSecureSum``.
 
 Modules: config (settings, plan), quantize (fixed point, stochastic rounding, the error bound), shamir (secret
 sharing over GF(2**521 - 1)), crypto (X25519, HKDF-SHA256, AES-256-GCM), masks (AES-256-CTR mask streams added
-in place), graph (the seeded k-regular share graph), messages, party, server, local, errors.
+in place), graph (the seeded k-regular share graph), messages, party, server, local, errors, in_process.
 
 What the server cannot check under the masks (finite values, norms), the party checks before masking:
 ``masked_input`` refuses NaN and inf, clips every param to [-clip, clip] and caps the weight at max_weight.
@@ -55,11 +57,14 @@ _LAZY = {
     "SecAggParty": "fedfleet.secagg.party",
     "SecAggResult": "fedfleet.secagg.server",
     "SecAggServer": "fedfleet.secagg.server",
+    "InProcessSecureSum": "fedfleet.secagg.in_process",
+    "SecureAggregation": "fedfleet.secagg.in_process",
 }
 
 __all__ = [
     "Advertise",
     "EncryptedShare",
+    "InProcessSecureSum",
     "MaskedInput",
     "Plan",
     "Roster",
@@ -69,6 +74,7 @@ __all__ = [
     "SecAggRefused",
     "SecAggResult",
     "SecAggServer",
+    "SecureAggregation",
     "Stage",
     "UnmaskReply",
     "UnmaskRequest",
@@ -78,6 +84,7 @@ __all__ = [
 if TYPE_CHECKING:
     from fedfleet.secagg.config import Plan, SecAggConfig
     from fedfleet.secagg.errors import SecAggFailed, SecAggRefused
+    from fedfleet.secagg.in_process import InProcessSecureSum, SecureAggregation
     from fedfleet.secagg.local import Stage, run_round
     from fedfleet.secagg.messages import Advertise, EncryptedShare, MaskedInput, Roster, UnmaskReply, UnmaskRequest
     from fedfleet.secagg.party import SecAggParty

@@ -104,6 +104,8 @@ class RayRuntime:
     An already initialised Ray session (``ray.init`` by the caller) is used as it is and left running.
     """
 
+    parties_in_process = True  # secure aggregation can play the parties here (secagg.in_process)
+
     def __init__(
         self,
         trainer: TorchTrainer,

@@ -24,6 +24,8 @@ def client_seed(config: FitConfig, client: int) -> int:
 
 
 class SequentialRuntime:
+    parties_in_process = True  # secure aggregation can play the parties here (secagg.in_process)
+
     def __init__(self, trainer: Trainer, federation: Any, test_data: Any = None) -> None:
         self.trainer = trainer
         self.federation = federation

@@ -35,6 +35,8 @@ class NotVectorizable(Exception):
 
 
 class VectorizedRuntime:
+    parties_in_process = True  # secure aggregation can play the parties here (secagg.in_process)
+
     def __init__(self, trainer: Any, federation: Any, test_data: Any = None) -> None:
         _check_supported(trainer)
         self.trainer: TorchTrainer = trainer

@@ -42,6 +42,10 @@ def test_a_typo_is_fedfleet_error_with_file_key_path_and_suggestion(tmp_path, ca
         ({"offsite__emulator_layer_num": 0}, "offsite: emulator_layer_num must be at least 1"),
         ({"lora": {"r": 0}}, "lora: lora r must be >= 1"),
         ({"model": None}, "give model (a config) or model_path"),
+        ({"data__source": "sciq"}, "data.source: 'sciq' is not one of 'reviews', 'mmlu'"),
+        ({"data": {"source": "mmlu", "texts": 300}}, "data: texts: MMLU has 281 questions, got 300"),
+        ({"data__reasoning": True}, "data: reasoning: is for source: mmlu"),
+        ({"data": {"share": 2, "shares": 2}}, "data: share must be one of 0 .. 1 (shares: 2), got 2"),
     ],
 )
 def test_a_bad_value_names_the_key(tmp_path, changes, message):
@@ -64,6 +68,13 @@ def test_unknown_model_type_is_a_config_error():
     assert isinstance(job, OffsiteJob)
     with pytest.raises(ConfigError, match=r"model\.model_type: unknown 'gpt9'"):
         job.model_config()
+
+
+def test_dry_run_builds_the_data_a_run_would_and_fails_where_it_would(tmp_path, capsys):
+    path = side(tmp_path, data={"source": "mmlu", "texts": 40, "held_out": 8, "block": 128})
+    assert main(["offsite", str(path), "--dry-run", "--insecure"]) == 2
+    assert "data.block: 128 tokens, but the model reads at most 64 positions" in capsys.readouterr().err
+    assert main(["offsite", str(side(tmp_path, data={"source": "mmlu", "block": 64})), "--dry-run", "--insecure"]) == 0
 
 
 def test_dry_run_prints_the_resolved_job(capsys):

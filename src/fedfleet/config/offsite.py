@@ -14,8 +14,14 @@ Model owner::
     lora: {r: 8, alpha: 16}  # optional: LoRA on the adapters
     output: out/owner
 
-A data owner adds ``data`` and ``training`` (and ``fed``); ``role`` is guest or host. Parsed by
-:mod:`fedfleet.config.loader`, as a job file is: a typo'd key names its path and the closest valid key.
+A data owner adds ``data`` and ``training`` (and ``fed``); ``role`` is guest or host. ``data.source`` chooses
+what it trains on, both offline: ``reviews`` (review texts as language-model blocks; the table's perplexity) or
+``mmlu`` (MMLU questions and answers, FATE's QA task: ``QaDataset`` + ``Seq2SeqCollator``; the table's
+multiple-choice accuracy)::
+
+    data: {source: mmlu, texts: 200, held_out: 40, block: 256, share: 0, shares: 2}
+
+Parsed by :mod:`fedfleet.config.loader`, as a job file is: a typo'd key names its path and the closest valid key.
 """
 
 from __future__ import annotations
@@ -34,14 +40,27 @@ from fedfleet.sync.args import FedArguments
 Role = Literal["arbiter", "guest", "host"]
 
 
+MMLU_QUESTIONS = 281  # distinct questions in the lm-eval wheel's worked MMLU prompts (fedfleet.hf.data.mmlu)
+
+
 @dataclass(frozen=True)
 class DataSection:
-    texts: int = 200  # review texts (offline, from the reviews wheel); this party takes its share
-    held_out: int = 40  # texts kept out of training for the evaluation table
-    block: int = 64  # tokens per training example
-    share: int = 0  # which share of the texts this party trains on
+    source: Literal["reviews", "mmlu"] = "reviews"  # review texts (the reviews wheel) or MMLU QA (the lm-eval wheel)
+    texts: int = 200  # reviews: texts; mmlu: questions; shuffled with seed, this party takes its share
+    held_out: int = 40  # of them, kept out of training for the evaluation table
+    block: int = 64  # tokens per training example (mmlu: question and answer together, at most)
+    share: int = 0  # which share of the rest this party trains on
     shares: int = 1
     seed: int = 0
+    reasoning: bool = False  # mmlu: answers with their worked reasoning, not only " The answer is (X)."
+
+    def __post_init__(self) -> None:
+        if self.source == "mmlu" and self.texts > MMLU_QUESTIONS:
+            raise ValueError(f"texts: MMLU has {MMLU_QUESTIONS} questions, got {self.texts}")
+        if self.source != "mmlu" and self.reasoning:
+            raise ValueError("reasoning: is for source: mmlu (review texts have no answers)")
+        if not 0 <= self.share < self.shares:
+            raise ValueError(f"share must be one of 0 .. {self.shares - 1} (shares: {self.shares}), got {self.share}")
 
 
 @dataclass(frozen=True)

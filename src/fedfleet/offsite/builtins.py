@@ -2,7 +2,7 @@
 
 ``model_name_or_path`` is a local path (pretrained weights for the main model, the config for the sub model) or a
 config object (random weights, for offline tests and benchmarks). The sub model is always built from the config
-with ``b + e + t`` blocks: its weights come from the owner.
+with ``b + e + t`` blocks: its weights come from the owner. The sub models take FATE's ``partial_weight_decay``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,22 @@ class _BuiltinMain(_Builtin, OffsiteTuningMainModel):
 
 
 class _BuiltinSub(_Builtin, OffsiteTuningSubModel):
+    def __init__(
+        self,
+        model_name_or_path: Any,
+        emulator_layer_num: int,
+        adapter_top_layer_num: int = 2,
+        adapter_bottom_layer_num: int = 2,
+        fp16_mix_precision: bool = False,
+        partial_weight_decay: float | None = None,  # FATE-LLM's sub models take it here
+        seed: int | None = 0,
+    ) -> None:
+        super().__init__(
+            model_name_or_path, emulator_layer_num, adapter_top_layer_num, adapter_bottom_layer_num,
+            fp16_mix_precision, seed,
+        )  # fmt: skip
+        self.partial_weight_decay = partial_weight_decay
+
     def get_base_model(self) -> nn.Module:
         # initialised from the config: random weights, replaced by what the model owner sends
         return _instantiate(self._model_class(), sub_config(_config(self.model_name_or_path), self.plan), self.seed)

@@ -1,11 +1,12 @@
 """Offline text and QA for Offsite-Tuning runs: language-model blocks from real review texts, MMLU questions.
 
 Both come from wheels installed with fedfleet's hf extra (see ``fedfleet.hf.data``); nothing is downloaded.
+:func:`check_causal_batches` tells a data owner before its hand-out when its collator cannot feed a causal LM.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -52,3 +53,38 @@ def split(items: Sequence[Any], parts: int, held_out: int) -> tuple[list[list[An
         raise DataError(f"{len(items)} items leave nothing to train on after {held_out} held out")
     test, train = list(items[:held_out]), list(items[held_out:])
     return [train[i::parts] for i in range(parts)], test
+
+
+def check_causal_batches(collator: Any, dataset: Any) -> None:
+    """Collate the first two items as the Trainer will and check that ``labels`` line up with ``input_ids``, as a
+    causal LM's loss needs. Items that keep a prompt and its answer apart (``QaDataset``) need fedfleet's
+    ``Seq2SeqCollator``; transformers' ``DataCollatorForSeq2Seq`` (FATE-LLM's tutorial's) pads the two
+    separately, for encoder-decoder models, and the model then fails deep in its loss with a bare shape error."""
+    try:
+        items = [dataset[i] for i in range(min(2, len(dataset)))]
+    except Exception:  # not an indexable dataset (an iterable one): nothing to look at in advance
+        return
+    if not items or not all(isinstance(it, Mapping) and {"input_ids", "labels"} <= it.keys() for it in items):
+        return
+    if collator is None:
+        if any(len(it["input_ids"]) != len(it["labels"]) for it in items):
+            raise DataError(_hint("the items have input_ids and labels of different lengths and no data_collator"))
+        return
+    try:
+        batch = collator(items)
+    except Exception:  # a collator with needs of its own: the Trainer reports its error as it is
+        return
+    ids, labels = batch.get("input_ids"), batch.get("labels")
+    shapes = [tuple(getattr(x, "shape", ())) for x in (ids, labels)]
+    if ids is not None and labels is not None and shapes[0] != shapes[1]:
+        name = type(collator).__name__
+        raise DataError(_hint(f"{name} gives input_ids of shape {shapes[0]} but labels of shape {shapes[1]}"))
+
+
+def _hint(what: str) -> str:
+    return (
+        f"{what}: a causal LM needs labels as long as input_ids. fedfleet's QaDataset keeps each prompt "
+        f"(input_ids) and answer (labels) apart, and transformers' DataCollatorForSeq2Seq pads them separately "
+        f"(it is for encoder-decoder models); give data_collator=Seq2SeqCollator.for_tokenizer(tokenizer) "
+        f"(from fedfleet.hf.data import Seq2SeqCollator), which joins them and masks the prompt out of the loss"
+    )

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -66,6 +68,71 @@ def load_named(model: nn.Module, state: Mapping[str, Tensor], names: Iterable[st
                     f"{name}: shape {tuple(state[name].shape)} vs the model's {tuple(params[name].shape)}"
                 )
             params[name].copy_(state[name])
+
+
+def flat_extras(extra: Mapping[str, Any], prefix: str = "") -> dict[str, Tensor]:
+    """The extras a model shares, as flat ``{key: tensor}``: FATE-style nested dicts (``{"last_ln_f": {"weight":
+    ..., "bias": ...}}``, what ``get_numpy_state_dict`` gives) become ``"last_ln_f.weight"``, ...; numpy arrays
+    become tensors sharing their memory. Flat keys are what the flat buffers and the wire carry."""
+    flat: dict[str, Tensor] = {}
+    for key, value in extra.items():
+        name = f"{prefix}{key}"
+        parts = flat_extras(value, f"{name}.") if isinstance(value, Mapping) else {name: _tensor(name, value)}
+        clash = sorted(parts.keys() & flat.keys())
+        if clash:
+            raise ConfigError(f"additional params name {clash[0]!r} twice (once nested, once flat)")
+        flat.update(parts)
+    return flat
+
+
+def _tensor(name: str, value: Any) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise ConfigError(
+        f"additional param {name!r} is a {type(value).__name__}; get_additional_param_state_dict must give tensors, "
+        f"numpy arrays or dicts of them"
+    )
+
+
+class NestedExtras(dict):
+    """Flat extras that also answer FATE's nested reads: ``extras["last_ln_f"]`` is ``{"weight": ..., "bias":
+    ...}`` when only ``"last_ln_f.weight"`` and ``"last_ln_f.bias"`` are keys. An exact key always wins, so flat
+    names with dots (``"transformer.wte.weight"``) read as before."""
+
+    def __missing__(self, key: str) -> dict[str, Any]:
+        head = f"{key}."
+        inner = {k[len(head) :]: v for k, v in self.items() if k.startswith(head)}
+        if not inner:
+            raise KeyError(key)
+        return inner
+
+
+def numpy_state_dict(modules: Mapping[str, nn.Module]) -> dict[str, dict[str, Tensor]]:
+    """FATE's ``get_numpy_state_dict``: ``{name: module.state_dict()}``, detached tensors (views, no copy; numpy
+    has no bfloat16), which ``split_numpy_array`` and :func:`load_numpy_state_dict` take as they take arrays."""
+    return {name: dict(module.state_dict()) for name, module in modules.items()}
+
+
+def load_numpy_state_dict(modules: Mapping[str, nn.Module], state: Mapping[str, Any]) -> None:
+    """FATE's ``load_numpy_state_dict``: ``state[name]`` (``{param: array or tensor}``) into ``modules[name]``,
+    every param of the module required; names ``state`` lacks are skipped, as FATE skips them. A bare matrix
+    (what ``recover_numpy_array`` returns) loads into a module with one param (an embedding's ``weight``)."""
+    for name, module in modules.items():
+        if name not in state:
+            continue
+        value, own = state[name], module.state_dict()
+        if not isinstance(value, Mapping):
+            if len(own) != 1:
+                raise ConfigError(
+                    f"{name!r}: one array given for a module with params {', '.join(own)}; give {{param: array}}"
+                )
+            value = {next(iter(own)): value}
+        try:
+            module.load_state_dict({k: torch.as_tensor(v) for k, v in value.items()})
+        except RuntimeError as exc:  # missing, unexpected or misshapen params: say which module
+            raise ConfigError(f"{name!r}: {exc}") from None
 
 
 def sub_config(config: object, plan: OffsitePlan) -> object:

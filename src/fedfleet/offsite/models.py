@@ -11,19 +11,32 @@ the base class cuts the blocks, freezes all but the adapters, and moves weights 
     main.load_submodel_weights(sub.get_submodel_weights())   # the plug-in: only the adapters are taken back
 
 Weights are flat ``{key: tensor}`` dicts (see ``extract.py`` for the keys), not FATE's nested numpy dicts: they
-go straight into fedfleet's flat buffers and over gRPC without a conversion.
+go straight into fedfleet's flat buffers and over gRPC without a conversion. Extras a FATE-style subclass shares
+as nested dicts or numpy arrays (``get_numpy_state_dict``, ``split_numpy_array``) are flattened on the way out
+(``"last_ln_f.weight"``) and read back nested (``weights["last_ln_f"]``) by its ``load_additional_param_state_dict``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from os import PathLike
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fedfleet.errors import ConfigError
-from fedfleet.offsite.extract import load_named, load_section_state, outside_blocks, section_state, sub_config
+from fedfleet.offsite.extract import (
+    NestedExtras,
+    flat_extras,
+    load_named,
+    load_numpy_state_dict,
+    load_section_state,
+    numpy_state_dict,
+    outside_blocks,
+    section_state,
+    sub_config,
+)
 from fedfleet.offsite.families import family_of
 from fedfleet.offsite.plan import ADAPTERS, SECTIONS, OffsitePlan
 
@@ -58,7 +71,8 @@ class _OffsiteTuningModel(nn.Module):
         return family_of(model).block_list(model)
 
     def forward(self, x: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
-        """FATE-style ``forward(batch_dict)``, or keyword arguments as the HF Trainer passes them."""
+        """FATE-style ``forward(batch_dict)``, or keyword arguments as the HF Trainer passes them. A subclass's own
+        ``forward`` is what a data owner's ``OffsiteTuningClient`` trains through (``fedfleet.offsite.wrapper``)."""
         return self.model(**(dict(x) if x is not None else {}), **kwargs)
 
     def section_layers(self) -> dict[str, tuple[int, ...]]:
@@ -99,11 +113,19 @@ class _OffsiteTuningModel(nn.Module):
     def load_additional_param_state_dict(self, submodel_weights: Mapping[str, Tensor]) -> None:
         load_named(self.model, submodel_weights, submodel_weights.keys())
 
+    # FATE-LLM's helpers for the two methods above (its tutorial's GPT-2 classes call them)
+    def get_numpy_state_dict(self, module_dict: Mapping[str, nn.Module]) -> dict[str, dict[str, Tensor]]:
+        """``{name: {param: tensor}}`` of the given modules: detached views, not numpy copies (see extract.py)."""
+        return numpy_state_dict(module_dict)
+
+    def load_numpy_state_dict(self, module_dict: Mapping[str, nn.Module], state_dict: Mapping[str, Any]) -> None:
+        load_numpy_state_dict(module_dict, state_dict)
+
     def get_submodel_weights(self, with_emulator: bool = True) -> dict[str, Tensor]:
         """Adapters (+ emulator) + extras as ``{key: tensor}`` views of this model's parameters."""
         sections = {k: v for k, v in self.layers.items() if with_emulator or k != "emulator"}
         weights = section_state(self.blocks, sections)
-        extra = self.get_additional_param_state_dict()
+        extra = flat_extras(self.get_additional_param_state_dict())
         clash = sorted(k for k in extra if k.split(".", 1)[0] in SECTIONS)
         if clash:
             raise ConfigError(f"additional params may not use the section prefixes {SECTIONS}: {clash[:3]}")
@@ -138,7 +160,12 @@ class OffsiteTuningMainModel(_OffsiteTuningModel):
 
 
 class OffsiteTuningSubModel(_OffsiteTuningModel):
-    """The data owner's model: ``b + e + t`` blocks (built from a config, random until weights are loaded)."""
+    """The data owner's model: ``b + e + t`` blocks (built from a config, random until weights are loaded).
+
+    ``partial_weight_decay`` (FATE-LLM's; a subclass sets it): weight decay at that rate on the adapters' weights
+    and none on biases and norm weights; ``OffsiteTuningClient`` builds its optimizer so."""
+
+    partial_weight_decay: float | None = None
 
     def section_layers(self) -> dict[str, tuple[int, ...]]:
         have = len(self.blocks)
@@ -159,8 +186,8 @@ class OffsiteTuningSubModel(_OffsiteTuningModel):
             self.load_additional_param_state_dict(extras)
 
 
-def _extras(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v for k, v in weights.items() if k.split(".", 1)[0] not in SECTIONS}
+def _extras(weights: Mapping[str, Tensor]) -> NestedExtras:
+    return NestedExtras({k: v for k, v in weights.items() if k.split(".", 1)[0] not in SECTIONS})
 
 
 # -- the generic path: any registered family, no subclass -----------------------------------------------
@@ -174,18 +201,27 @@ def _build(source: Any, seed: int | None) -> nn.Module:
             torch.manual_seed(seed)
         if isinstance(source, PretrainedConfig):
             return AutoModelForCausalLM.from_config(source)
-        if isinstance(source, str):
-            return AutoModelForCausalLM.from_pretrained(source)
+        if isinstance(source, (str, PathLike)):
+            try:
+                return AutoModelForCausalLM.from_pretrained(source)
+            except OSError as exc:  # no weights there, or not a model folder at all
+                raise ConfigError(f"cannot load a model from {str(source)!r}: {exc}") from None
     raise ConfigError(f"expected a model, a config or a path, got {type(source).__name__}")
 
 
 def _config(source: Any) -> Any:
+    """The config of a config, a model, or a path (a ``save_pretrained`` folder: its ``config.json``)."""
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(source, PretrainedConfig):
         return source
-    if isinstance(source, str):
-        return AutoConfig.from_pretrained(source)
+    if isinstance(source, nn.Module) and isinstance(getattr(source, "config", None), PretrainedConfig):
+        return source.config
+    if isinstance(source, (str, PathLike)):
+        try:
+            return AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as exc:  # no config.json there, or one transformers cannot read
+            raise ConfigError(f"cannot read a model config from {str(source)!r}: {exc}") from None
     raise ConfigError(f"expected a config or a path to one, got {type(source).__name__}")
 
 
@@ -208,7 +244,8 @@ class AutoMainModel(OffsiteTuningMainModel):
         object.__delattr__(self, "_source")  # a given model now lives in self.model; keep no second reference
 
     def get_base_model(self) -> nn.Module:
-        family_of(self._source)  # an unknown architecture fails here, before any weights are built
+        # an unknown architecture fails here, before any weights are built; a path is read for its config first
+        family_of(self._source if isinstance(self._source, nn.Module) else _config(self._source))
         return _build(self._source, self._seed)
 
 
@@ -224,9 +261,11 @@ class AutoSubModel(OffsiteTuningSubModel):
         adapter_bottom_layer_num: int = 2,
         fp16_mix_precision: bool = False,
         seed: int | None = 0,
+        partial_weight_decay: float | None = None,
     ) -> None:
         self._main_config, self._seed = _config(main_config), seed
         super().__init__(emulator_layer_num, adapter_top_layer_num, adapter_bottom_layer_num, fp16_mix_precision)
+        self.partial_weight_decay = partial_weight_decay
 
     def get_base_model(self) -> nn.Module:
         family_of(self._main_config)

@@ -47,10 +47,17 @@ def join_rows(pieces: Mapping[str, Any], prefix: str) -> Any:
 
 
 def split_numpy_array(matrix: Any, pieces: int, suffix: str) -> dict[str, Any]:
-    """FATE-LLM's name for :func:`split_rows` (its third argument is the key prefix, which FATE calls suffix)."""
+    """FATE-LLM's name for :func:`split_rows` (its third argument is the key prefix, which FATE calls suffix).
+    As FATE's, it also takes the module's state dict ``{"weight": matrix}`` (what ``get_numpy_state_dict`` gives
+    for an embedding) and cuts its weight."""
+    if isinstance(matrix, Mapping):
+        if set(matrix) != {"weight"}:
+            raise ConfigError(f"split_numpy_array takes a matrix or {{'weight': matrix}}, got keys {sorted(matrix)}")
+        matrix = matrix["weight"]
     return split_rows(matrix, pieces, suffix)
 
 
 def recover_numpy_array(pieces: Mapping[str, Any], suffix: str = "") -> Any:
-    """FATE-LLM's name for :func:`join_rows`."""
+    """FATE-LLM's name for :func:`join_rows`. It returns the matrix (FATE's returns ``{"weight": matrix}``); both
+    load with ``load_numpy_state_dict``, which takes a bare matrix for a one-param module such as an embedding."""
     return join_rows(pieces, suffix)

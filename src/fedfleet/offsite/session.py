@@ -28,8 +28,12 @@ from fedfleet.core.loop import RoundRecord
 from fedfleet.core.params import FlatParams
 from fedfleet.errors import ConfigError
 from fedfleet.hf.trainer import FedAvgClient
+from fedfleet.offsite.data import check_causal_batches
+from fedfleet.offsite.extract import load_section_state
 from fedfleet.offsite.models import AutoSubModel, OffsiteTuningMainModel, OffsiteTuningSubModel
+from fedfleet.offsite.plan import ADAPTERS
 from fedfleet.offsite.tuning import LoraSettings, merge_lora, tunable
+from fedfleet.offsite.wrapper import Groups, Route, RoutedModel, decay_rate, forward_route, own_groups
 from fedfleet.runtime.grpc.settings import DEFAULTS
 from fedfleet.sync.arbiter import SyncArbiter, SyncSessionConfig
 from fedfleet.sync.args import FedArguments
@@ -52,7 +56,14 @@ def trainable_params(model: nn.Module) -> FlatParams:
 
 
 class OffsiteTuningServer:
-    """The model owner: ``OffsiteTuningServer(ctx, main).train()`` hands out, runs the rounds, plugs in."""
+    """The model owner: ``OffsiteTuningServer(ctx, main).train()`` hands out, runs the rounds, plugs in.
+
+    The main model is all it needs, as in FATE-LLM: it hands out what ``main.get_submodel_weights()`` gives
+    (adapters, emulator and the class's own extras, however it shares them) and keeps a skeleton of the sub
+    model holding only the adapters, for the layout the data owners train and the aggregate to plug in. The
+    skeleton is built from the main model's config; ``sub=`` gives one where that cannot be done (a model
+    without a Hugging Face config, or whose family is not registered). Its extras are never read here.
+    """
 
     def __init__(
         self,
@@ -72,16 +83,15 @@ class OffsiteTuningServer:
         if not ctx.is_arbiter:
             raise ConfigError(f"OffsiteTuningServer runs on the model owner (the arbiter); this is {ctx.name}")
         self.ctx, self.main, self.lora = ctx, main, lora
-        p = main.plan
-        self.sub = sub or AutoSubModel(
-            main.model.config, p.emulator_layer_num, p.adapter_top_layer_num, p.adapter_bottom_layer_num
-        )
         self.fed_args = fed_args or FedArguments()
         self.rounds = rounds
         self.handout_at = handout_at or handout_address(ctx.arbiter_address)
         self.wait_timeout = wait_timeout
         self.handout = FlatParams.from_tensors(main.get_submodel_weights())
-        self.sub.load_submodel_weights(self.handout.tensors())
+        self.sub = sub if sub is not None else _skeleton(main)
+        # only the adapters: the skeleton never runs, and the class's extras may be shared in pieces only the data
+        # owners' own class can join (FATE's wte0 .. wte9)
+        load_section_state(self.sub.blocks, {k: self.sub.layers[k] for k in ADAPTERS}, self.handout.tensors())
         self.tuned = tunable(self.sub, lora)  # the owner's mirror of what data owners train
         self.arbiter: SyncArbiter | None = None
 
@@ -105,7 +115,13 @@ class OffsiteTuningServer:
                 **common,
             )
         )
-        history = self.arbiter.serve()
+        try:
+            history = self.arbiter.serve()
+        except BaseException:
+            thread.join(timeout=2.0)
+            if errors:  # the hand-out failed first (a data owner never came): that is why the tuning did
+                raise errors[0] from None
+            raise
         thread.join()
         if errors:
             raise errors[0]
@@ -120,6 +136,18 @@ class OffsiteTuningServer:
                 params[name].copy_(t)
         merge_lora(self.tuned)
         self.main.load_submodel_weights(self.sub.get_submodel_weights())
+
+
+def _skeleton(main: OffsiteTuningMainModel) -> OffsiteTuningSubModel:
+    p = main.plan
+    try:
+        return AutoSubModel(main.model, p.emulator_layer_num, p.adapter_top_layer_num, p.adapter_bottom_layer_num)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"the owner builds the data owners' sub model from the main model's config to learn the layout they "
+            f"train, and cannot for this {type(main.model).__name__}: {exc}. Give OffsiteTuningServer(..., "
+            f"sub=<your sub model>): only its adapters' layout is used"
+        ) from None
 
 
 def receive_submodel(
@@ -153,7 +181,11 @@ def _fate_model(name: str, ours: Any, fates: Any, aggregate_model: Any) -> Any:
 
 class OffsiteTuningClient(FedAvgClient):
     """A data owner: receives the sub model, then trains its adapters (``lora``: LoRA on them) as a
-    ``FedAvgClient``; every other argument is FedAvgClient's (``training_args``, ``train_set``, ...)."""
+    ``FedAvgClient``; every other argument is FedAvgClient's (``training_args``, ``train_set``, ...).
+
+    The sub model's class is honoured (``fedfleet.offsite.wrapper``): its own ``forward`` is what each step
+    calls, a ``parameters()`` override's groups or its ``partial_weight_decay`` shape the optimizer.
+    ``handout=False``: ``sub`` already holds the owner's weights (in-process runs, ``LocalFederation``)."""
 
     def __init__(
         self,
@@ -161,15 +193,60 @@ class OffsiteTuningClient(FedAvgClient):
         sub: OffsiteTuningSubModel | None = None,
         lora: LoraSettings | None = None,
         handout_at: str | None = None,
+        handout: bool = True,
         **client_kwargs: Any,
     ) -> None:
-        # FATE-LLM's keywords, checked before the hand-out: an error after it would leave the owner waiting
+        # FATE-LLM's keywords and the class's wishes, checked before the hand-out: an error after it would leave
+        # the owner waiting
         sub = _fate_model("sub", sub, client_kwargs.pop("model", None), client_kwargs.pop("aggregate_model", True))
         if getattr(ctx, "is_arbiter", False):
             raise ConfigError("the arbiter is the model owner: use OffsiteTuningServer there")
+        self._groups, self._decay, self._route = check_data_owner(sub, lora, client_kwargs)
         self.sub = sub
-        self.received = receive_submodel(ctx, sub, handout_at)
+        self.received = receive_submodel(ctx, sub, handout_at) if handout else None
         super().__init__(ctx=ctx, model=tunable(sub, lora), **client_kwargs)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if self._route is not None:
+            model = RoutedModel(model, self._route)  # type: ignore[assignment]
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is not None or (self._groups is None and self._decay is None):
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        groups = self._groups if self._groups is not None else self._decay_groups(opt_model)
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)) or kwargs.keys() & _OWN_GROUPS:
+            raise ConfigError(
+                f"optim={self.args.optim!r} makes its own parameter groups, so the sub model's (parameters() or "
+                f"partial_weight_decay) cannot be kept; use a plain torch optimizer (e.g. adamw_torch)"
+            )
+        self.optimizer = cls(groups, **kwargs)
+        return self.optimizer
+
+    def _decay_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        decay = set(self.get_decay_parameter_names(model))  # the Trainer's rule: no biases, no norm weights
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return [
+            {"params": [p for n, p in trainable if n in decay], "weight_decay": self._decay},
+            {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0},
+        ]
+
+
+def check_data_owner(
+    sub: OffsiteTuningSubModel, lora: LoraSettings | None, client_kwargs: dict[str, Any]
+) -> tuple[Groups | None, float | None, Route | None]:
+    """What ``OffsiteTuningClient`` checks before its hand-out (``fedfleet offsite --dry-run`` too): the class's
+    optimizer groups, its ``partial_weight_decay`` and ``forward`` (returned: groups, decay rate, forward route),
+    and that the collator feeds the causal LM."""
+    args = client_kwargs.get("training_args")
+    checked = own_groups(sub, lora, args), decay_rate(sub, lora, args), forward_route(sub)
+    check_causal_batches(client_kwargs.get("data_collator"), client_kwargs.get("train_set"))
+    return checked
+
+
+_OWN_GROUPS = {"params", "model", "optimizer_dict"}  # optimizer kwargs that replace the groups (GaLore, LOMO ...)
 
 
 def _capture(fn: Any, errors: list[BaseException]) -> Any:

@@ -122,6 +122,10 @@ class SyncArbiter:
         try:
             self._await_parties(every=True)
             self.runtime.finish("handed out", final_params=self.config.initial)
+        except BaseException as exc:  # as in serve(): the parties already there would wait and redial for long
+            with contextlib.suppress(Exception):
+                self.runtime.finish(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, failed=True)
+            raise
         finally:
             self.server.stop(grace=self.config.wait_timeout)  # returns once every party has read to the end
 

@@ -1,6 +1,6 @@
-"""FATE-LLM's tutorial classes (tests/offsite/fate_tutorial.py: only their imports changed) through the documented
-calls, over loopback gRPC: the owner gets only the main model, as in FATE, and a data owner whose owner gave up
-stops with the owner's reason instead of redialling."""
+"""FATE-LLM's tutorial classes (examples/offsite/fate_tutorial.py: only their imports changed) through the
+documented calls, over loopback gRPC: the owner gets only the main model, as in FATE, and a data owner whose owner
+gave up stops with the owner's reason instead of redialling."""
 
 import threading
 import time

@@ -130,13 +130,14 @@ def test_strategies_and_fold_transforms_that_need_each_update_are_refused():
 
 
 def test_a_runtime_whose_parties_are_elsewhere_is_refused_rather_than_summing_plain_updates():
-    """Over gRPC the in-process sum would see every update at the arbiter: refused until the wire protocol lands."""
+    """A gRPC runtime not built for secure aggregation (it would run plain rounds, and the in-process sum would see
+    every update at the arbiter) is refused; one built with it runs the protocol itself (tests/runtime/grpc)."""
     from fedfleet.core.loop import RoundLoop
     from fedfleet.runtime.grpc.runtime import GrpcRuntime
 
     sim = Simulation.from_config(load_job(EXAMPLES / "digits_fedavg.yaml", [*SHORT, "secure_aggregation.bits=16"]))
     loop = sim.loop
     remote = type("Remote", (GrpcRuntime,), {"population": 10, "__init__": lambda self: None})  # no server
-    with pytest.raises(ConfigError, match="not available on Remote yet"):
+    with pytest.raises(ConfigError, match="not available on Remote"):
         RoundLoop(loop.strategy, remote(), loop.selector, loop.global_params, loop.fit_config, loop.config,
                   pipeline=loop.pipeline)  # fmt: skip

@@ -137,11 +137,15 @@ class RoundLoop:
             raise ValueError(f"cohort {config.cohort} is larger than the population of {runtime.population}")
         if config.target_mode not in _REACHED:
             raise ValueError(f"target_mode must be one of {sorted(_REACHED)}, got {config.target_mode!r}")
-        if pipeline is not None and pipeline.secure is not None and not getattr(runtime, "parties_in_process", False):
+        # a runtime either plays the parties in process (the in-process sum masks for them) or runs the protocol
+        # with them itself and yields the unmasked sum (secure_aggregation_native: the gRPC arbiter's rounds)
+        self._secure_native = bool(getattr(runtime, "secure_aggregation_native", False))
+        in_process = getattr(runtime, "parties_in_process", False)
+        if pipeline is not None and pipeline.secure is not None and not (in_process or self._secure_native):
             # the in-process sum would see each update at the arbiter: refuse rather than pretend to be secure
             raise ConfigError(
-                f"secure aggregation is not available on {type(runtime).__name__} yet (it runs in the simulation "
-                "and in an in-process LocalFederation); turn it off for this runtime"
+                f"secure aggregation is not available on {type(runtime).__name__} (it runs in the simulation, an "
+                "in-process LocalFederation and the gRPC arbiter's server-driven rounds); turn it off for this runtime"
             )
         traces = clock.traces if clock is not None else None
         if traces is not None and traces.num_clients != runtime.population:
@@ -251,7 +255,8 @@ class RoundLoop:
         wall = time.perf_counter()
         config = self.strategy.configure_fit(dataclasses.replace(self.fit_config, round=rnd, seed=self.config.seed))
         plan = self.planner.plan(rnd, config, self.global_params.nbytes)
-        aggregator = self.pipeline.aggregator(self.strategy, self.global_params, self._context(rnd, plan))
+        context = self._context(rnd, plan)
+        aggregator = self.pipeline.aggregator(self.strategy, self.global_params, context, self._secure_native)
         download = self.global_params.nbytes
         heard: Heard = {}
         for item in self.runtime.fit(self.global_params, plan.train, config):

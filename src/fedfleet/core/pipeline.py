@@ -74,6 +74,11 @@ class SecureFold(Protocol):
 
     def aggregator(self, inner: Aggregator, global_params: FlatParams, context: AggregationContext) -> Aggregator: ...
 
+    def native(self, inner: Aggregator) -> Aggregator:
+        """The aggregator where the runtime runs the protocol with its parties and yields the unmasked sum as a
+        ``Partial`` (the gRPC arbiter): ``inner`` itself, once it is checked to be a weighted mean."""
+        ...
+
 
 class StrategyAggregators(Protocol):
     def aggregator(self, global_params: FlatParams) -> Aggregator: ...
@@ -118,11 +123,18 @@ class Pipeline:
         return aggregate
 
     def aggregator(
-        self, strategy: StrategyAggregators, global_params: FlatParams, context: AggregationContext | None = None
+        self,
+        strategy: StrategyAggregators,
+        global_params: FlatParams,
+        context: AggregationContext | None = None,
+        secure_native: bool = False,
     ) -> Aggregator:
         """The round's aggregator: the strategy's own, inside the server chain (itself when the chain is empty),
-        or secure aggregation's in its place (which needs the round's ``context``)."""
+        or secure aggregation's in its place (which needs the round's ``context``); ``secure_native``: the
+        runtime unmasks the sum itself, and the strategy's own weighted mean merges it."""
         inner = strategy.aggregator(global_params)
+        if self.secure is not None and secure_native:
+            return self.secure.native(inner)
         if self.secure is not None:
             if context is None:
                 raise ConfigError("secure aggregation needs the round's parties: this runtime does not offer it")

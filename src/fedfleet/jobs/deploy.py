@@ -3,12 +3,17 @@
 Party ``k`` of ``network.parties`` is client ``k`` of the simulation: with ``network.party_data: shard`` it
 trains on shard ``k`` of ``data.partition`` (the demo set-up, which lets a deployed run be checked against
 its simulation); with ``whole`` it trains on all of the dataset its own job file names (its private data).
+
+With a ``secure_aggregation:`` section the arbiter's server-driven rounds are SecAgg+ rounds: the arbiter sees
+only masked inputs (``runtime/grpc/secure_runtime.py``) and each party masks its own update
+(``runtime/grpc/secure_party.py``), signing its keys with its certificate on a session with mutual TLS.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedfleet.config.schema import JobConfig
 from fedfleet.core.loop import LoopConfig, RoundLoop
@@ -20,8 +25,12 @@ from fedfleet.jobs.assemble import build_parts, fit_config, pipeline_of
 from fedfleet.runtime.grpc import ArbiterServer, Connection, GrpcRuntime, Party
 from fedfleet.runtime.grpc.tls import ARBITER_NAME, channel_credentials, server_credentials
 from fedfleet.runtime.grpc.wire import JoinMode
+from fedfleet.secagg.config import SecAggConfig
 from fedfleet.select import build_selector
 from fedfleet.strategy import build_strategy
+
+if TYPE_CHECKING:
+    from fedfleet.runtime.grpc.secure_party import SecureStages
 
 
 @dataclass(frozen=True)
@@ -101,8 +110,10 @@ def build_arbiter(job: JobConfig, access: Access) -> ArbiterJob:
     pipeline = pipeline_of(job)  # the fold chain; each party's own job file gives its party-side chain
     # the seeded initial model and the test split, only where the arbiter evaluates centrally
     parts = build_parts(job, clients=len(names)) if job.network.central_eval else None
+    if job.secure_aggregation is not None:
+        check_secure_cohorts(job.secure_aggregation, min_parties, job.cohort)
     credentials = None if access.insecure else server_credentials(access.certs, ARBITER_NAME)
-    server = ArbiterServer(
+    server_kwargs = dict(
         session=job.network.session,
         parties=names,
         spec=parts.trainer.params.spec if parts is not None else None,
@@ -110,6 +121,7 @@ def build_arbiter(job: JobConfig, access: Access) -> ArbiterJob:
         credentials=credentials,
         **job.network.server_limits(),
     )
+    server = secure_server(job, access, server_kwargs) if job.secure_aggregation else ArbiterServer(**server_kwargs)
     test = parts.test.to(parts.device) if parts is not None and len(parts.test.y) else None
     runtime = GrpcRuntime(
         server,
@@ -120,6 +132,7 @@ def build_arbiter(job: JobConfig, access: Access) -> ArbiterJob:
         max_weight_ratio=job.network.max_weight_ratio,
         chunk_bytes=job.network.chunk_bytes,
         evaluator=(parts.trainer, test) if test is not None else None,
+        secure_aggregation=job.secure_aggregation,
     )
 
     def make_loop(initial: FlatParams) -> RoundLoop:
@@ -163,4 +176,37 @@ def build_party(job: JobConfig, name: str, access: Access) -> Party:
         give_up_s=job.network.give_up_s,
         chunk_bytes=job.network.chunk_bytes,
     )
-    return Party(parts.trainer, train, evaluation, connection)
+    return Party(parts.trainer, train, evaluation, connection, secure=secure_stages(job, name, access))
+
+
+def check_secure_cohorts(config: SecAggConfig, smallest: int, largest: int) -> None:
+    """A round runs with the cohort's connected parties, at least ``min_parties``: k and t must fit each count
+    (a ConfigError naming the key and the count, before anything starts)."""
+    for n in range(max(smallest, 1), largest + 1):
+        try:
+            config.validate(n)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (a round may run with {n} parties: network.min_parties is {smallest})") from None
+
+
+def secure_server(job: JobConfig, access: Access, kwargs: dict) -> ArbiterServer:
+    """The arbiter's server for a job with secure aggregation, which checks adverts' signatures under mTLS."""
+    from fedfleet.runtime.grpc.secure_arbiter import SecureArbiterServer
+    from fedfleet.runtime.grpc.secure_identity import Verifier
+
+    verifier = None if access.insecure else Verifier(access.certs, party_names(job))
+    return SecureArbiterServer(secure_aggregation=job.secure_aggregation, verifier=verifier, **kwargs)
+
+
+def secure_stages(job: JobConfig, name: str, access: Access) -> SecureStages | None:
+    """A party's side of secure rounds (None without secure aggregation): it signs its adverts with its own
+    certificate and checks its neighbours' against the job's CA, except on ``--insecure``."""
+    if job.secure_aggregation is None:
+        return None
+    from fedfleet.runtime.grpc.secure_identity import Signer, Verifier
+    from fedfleet.runtime.grpc.secure_party import SecureStages
+
+    signer = None if access.insecure else Signer(access.certs, name)
+    verifier = None if access.insecure else Verifier(access.certs, party_names(job))
+    return SecureStages(job.secure_aggregation, job.network.session, name, party_names(job), job.seed, signer,
+                        verifier)  # fmt: skip

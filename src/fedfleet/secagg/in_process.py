@@ -84,7 +84,7 @@ class InProcessSecureSum:
         party = self.ids.get(update.client_id)
         if party is None:
             raise ValueError(f"client {update.client_id!r} was not asked to train in this secure round")
-        values = _flat(update.params)
+        values = flatten(update.params)
         mask = self.parties[party].masked_input
         masked = self._timed(party, lambda: mask(values, update.weight, self.inboxes[party]))
         self.server.receive_masked_input(masked)
@@ -101,7 +101,7 @@ class InProcessSecureSum:
             if self.clients[i] not in gone:
                 self.server.receive_unmask_reply(self._timed(i, lambda p=self.parties[i], r=request: p.unmask(r)))
         result = self.server.result()
-        params = _unflat(result.mean(), self.like)
+        params = unflatten(result.mean(), self.like)
         survivors = [self.clients[i] for i in sorted(result.survivors)]
         aggregate = Aggregate(params, result.weight, len(survivors), self.metrics.means())
         aggregate.overhead_s = self._overhead(survivors)
@@ -127,15 +127,17 @@ class InProcessSecureSum:
         return slowest + max(self.crypto_s[self.ids[c]] for c in survivors)
 
 
-def _flat(params: FlatParams) -> np.ndarray:
-    """One float vector of every buffer (dtype order fixed by the spec): a view for a float32-only model."""
+def flatten(params: FlatParams) -> np.ndarray:
+    """One float vector of every buffer (dtype order fixed by the spec): a view for a float32-only model. What a
+    party masks (here, and a deployed party before it sends its masked input)."""
     buffers = [params.buffers[d].detach().reshape(-1) for d in sorted(params.buffers, key=str)]
     if len(buffers) == 1 and buffers[0].dtype in (torch.float32, torch.float64):
         return buffers[0].cpu().numpy()
     return torch.cat([b.float().cpu() for b in buffers]).numpy()
 
 
-def _unflat(vector: np.ndarray, like: FlatParams) -> FlatParams:
+def unflatten(vector: np.ndarray, like: FlatParams) -> FlatParams:
+    """``flatten``'s inverse: the vector's values in new params of ``like``'s layout."""
     out = like.zeros_like()
     offset = 0
     for dtype in sorted(out.buffers, key=str):
@@ -155,13 +157,24 @@ class SecureAggregation:
         self.session = session
 
     def aggregator(self, inner: Any, global_params: FlatParams, context: Any) -> InProcessSecureSum:
-        if not getattr(inner, "weighted_mean", False):
-            raise ConfigError(
-                f"secure aggregation gives the arbiter only the weighted sum of the updates, but this strategy "
-                f"aggregates with {type(inner).__name__}, which needs each update (use fedavg, fedavgm, fedprox, "
-                "fedadam, fedyogi or fedadagrad)"
-            )
+        check_weighted_mean(inner)
         return InProcessSecureSum(
             self.config, global_params, context.cohort, context.round, context.seed, self.session,
             context.latency, context.offline_at_unmask,
         )  # fmt: skip
+
+    def native(self, inner: Any) -> Any:
+        """The round's aggregator on a runtime that runs the protocol with its parties itself (the gRPC arbiter's
+        server-driven rounds): the strategy's own weighted mean, which merges the runtime's one unmasked partial."""
+        return check_weighted_mean(inner)
+
+
+def check_weighted_mean(inner: Any) -> Any:
+    """``inner`` when it is a weighted mean (all secure aggregation can give); a ConfigError otherwise."""
+    if not getattr(inner, "weighted_mean", False):
+        raise ConfigError(
+            f"secure aggregation gives the arbiter only the weighted sum of the updates, but this strategy "
+            f"aggregates with {type(inner).__name__}, which needs each update (use fedavg, fedavgm, fedprox, "
+            "fedadam, fedyogi or fedadagrad)"
+        )
+    return inner

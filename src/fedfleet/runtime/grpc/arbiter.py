@@ -20,26 +20,26 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import grpc
 
-from fedfleet.core.params import FlatParams, ParamSpec, spec_difference
+from fedfleet.core.params import FlatParams, ParamSpec
 from fedfleet.core.vocab import SessionVocabulary
 from fedfleet.runtime.grpc.budgets import BAD_MESSAGES_PER_STREAM, JOIN_DEADLINE_S, MessageBudget, StreamLimits
 from fedfleet.runtime.grpc.buffers import ReceiveBuffers, Upload
-from fedfleet.runtime.grpc.chunks import ParamsReceiver, describe_spec, spec_from_description
+from fedfleet.runtime.grpc.chunks import ParamsReceiver, describe_spec
 from fedfleet.runtime.grpc.gate import Refusal, Rejection, RoundGate, check_values
+from fedfleet.runtime.grpc.joins import JoinChecks
 from fedfleet.runtime.grpc.links import PartyLink
 from fedfleet.runtime.grpc.service import add_handler, server_options
 from fedfleet.runtime.grpc.settings import DEFAULTS
 from fedfleet.runtime.grpc.tls import peer_identity
 from fedfleet.runtime.grpc.wire import (
-    PROTOCOL,
     Chunk,
     Failure,
     Garbled,
     Heartbeat,
-    Join,
     JoinMode,
     Message,
     Reject,
@@ -51,8 +51,6 @@ from fedfleet.runtime.grpc.wire import (
 log = logging.getLogger("fedfleet.arbiter")
 
 WARNINGS_PER_PARTY = 50  # logged about one party's bad messages in a session; the rest are only counted
-MAX_ROUNDS = 10**7  # syncs a party may announce
-MAX_LAYOUT_BYTES = 16 << 20  # a model-less arbiter reads at most this much of a join's layout (100k+ tensors)
 
 
 class EventKind(str, Enum):
@@ -63,6 +61,7 @@ class EventKind(str, Enum):
     REJECTED = "rejected"  # its answer for the round is bad (a final refusal): stop waiting for it
     FAILURE = "failure"  # it could not do the task
     GONE = "gone"  # its stream ended
+    STAGE = "stage"  # a secure round's stage message that passed the wire's checks (``secure_arbiter.py``)
 
 
 @dataclass
@@ -73,9 +72,10 @@ class Event:
     result: Result | None = None
     params: FlatParams | None = None  # a receive buffer from the pool: give it back with release()
     reason: str = ""
+    stage: Any = None  # STAGE: the secagg message it carries (secagg.messages), attributed to ``party``
 
 
-class ArbiterServer:
+class ArbiterServer(JoinChecks):
     def __init__(
         self,
         *,
@@ -231,75 +231,9 @@ class ArbiterServer:
         yield Welcome(name=name, index=link.index, round=self.current_round)
         yield from link.outbox.frames()
 
-    def _refuse_identity(self, certified: str | None) -> str:
-        if certified is None:
-            return "no client certificate"
-        if certified not in self.index:
-            return f"{certified!r} is not a party of session {self.session!r} (parties: {', '.join(self.parties)})"
-        return ""
-
     def _limit_streams(self, identity: str, context: grpc.ServicerContext) -> None:
         self._streams.open(identity, context)
         context.add_callback(lambda: self._streams.close(identity, context))
-
-    def _identify(self, join: Message | Garbled, certified: str | None) -> tuple[str, str]:
-        if isinstance(join, Garbled):
-            return "", f"the first message does not decode ({join.reason})"
-        if not isinstance(join, Join):
-            return "", f"the first message must be a join, got {join.kind}"
-        if not (isinstance(join.rounds, int) and 0 <= join.rounds <= MAX_ROUNDS):
-            return "", f"a join must announce 0 to {MAX_ROUNDS} syncs, got {join.rounds!r}"
-        if join.protocol != PROTOCOL:
-            return "", f"protocol {join.protocol} is not this arbiter's {PROTOCOL}; use the same fedfleet version"
-        if self.secure:
-            if join.name and join.name != certified:
-                return "", f"the certificate is for {certified!r} but the party says it is {join.name!r}"
-            name = certified
-        else:
-            name = join.name
-        if name not in self.index:
-            return "", f"{name!r} is not a party of session {self.session!r} (parties: {', '.join(self.parties)})"
-        if join.session != self.session:
-            return "", f"{name} asked for session {join.session!r}; this arbiter runs session {self.session!r}"
-        if join.mode != self.mode:
-            mode = JoinMode(self.mode).value
-            return "", f"{name} joined in {join.mode} mode; this arbiter runs the session in {mode} mode"
-        if self.rounds and join.rounds and join.rounds != self.rounds:
-            return "", (
-                f"{name} plans {join.rounds} syncs but the session has {self.rounds} rounds; give every party the "
-                f"same training length and aggregation frequency"
-            )
-        return name, self._check_layout(name, join) or self.vocabulary.check(name, join.vocab)
-
-    def _check_layout(self, name: str, join: Join) -> str:
-        with self.changed:
-            known = self.spec
-        if known is not None and join.spec_digest == known.digest:
-            return ""  # the common case reads nothing of the layout it sent
-        # a layout is read only to learn it (a model-less arbiter) or to explain a mismatch, and only up to a
-        # size: parsing JSON costs many times its bytes in Python objects
-        most = MAX_LAYOUT_BYTES if known is None else 2 * self._layout_bytes + (64 << 10)
-        theirs = None
-        if join.payload.nbytes > most:
-            if known is None:
-                return f"{name}'s param layout is {join.payload.nbytes} bytes; at most {most} are read"
-        elif join.payload.nbytes:
-            try:
-                theirs = spec_from_description(json.loads(bytes(join.payload)))
-            except (ValueError, WireError) as exc:
-                return f"{name} sent an unreadable param layout: {exc}"
-            if theirs.digest != join.spec_digest:
-                return f"{name}'s layout does not match its own digest"
-        with self.changed:
-            if self.spec is None:
-                if theirs is None:
-                    return f"{name} did not send its param layout, and this arbiter has no model to take it from"
-                self._adopt(theirs)
-                log.info("param layout from %s: %s", name, theirs)
-        if join.spec_digest == self.spec.digest:
-            return ""
-        detail = f": {spec_difference(self.spec, theirs)}" if theirs is not None else ""
-        return f"{name}'s model has another param layout than the session's (is it the same architecture?){detail}"
 
     def _attach(self, name: str) -> PartyLink:
         with self.changed:
@@ -370,14 +304,20 @@ class ArbiterServer:
             log.warning("%s could not finish round %d: %s", link.name, msg.round + 1, msg.reason)
             self.gate.reject(Rejection.FAILURE)
             self.events.put(Event(EventKind.FAILURE, link.name, msg.round, reason=msg.reason))
-        else:
+        elif not self._on_other(link, msg, state):
             state.bad += 1
             self._warn(link.name, "%s sent an unexpected %s message; ignored", link.name, msg.kind)
+
+    def _on_other(self, link: PartyLink, msg: Message, state: _Receiving) -> bool:
+        """A message of a kind this server does not handle itself: True when a subclass took it."""
+        return False
 
     def _start_upload(self, link: PartyLink, result: Result, state: _Receiving) -> None:
         """Wait for a receive buffer (while the round is open and the party connected) for ``result``'s params."""
         upload = self.buffers.start(
-            link.name, give_up=lambda: not self.gate.accepting(result.round) or link.outbox.closed.is_set()
+            link.name,
+            give_up=lambda: not self.gate.accepting(result.round) or link.outbox.closed.is_set(),
+            spec=self.gate.upload_spec,  # a secure round's masked inputs have a layout (and a pool) of their own
         )
         if upload is None:
             self._refuse(link, result, Refusal(Rejection.LATE, "the round closed before a receive buffer was free"),
@@ -418,7 +358,10 @@ class ArbiterServer:
         if not complete:
             return
         state.upload = state.receiver = state.result = None
-        refusal = check_values(buffer, float(result.weight), self.max_update_norm if result.is_delta else None)
+        # masked values look uniformly random: the party checked them before masking (secagg.SecAggParty)
+        norm = self.max_update_norm if result.is_delta else None
+        masked = buffer.spec == self.gate.upload_spec
+        refusal = None if masked else check_values(buffer, float(result.weight), norm)
         if refusal:
             self.release(buffer)
             self._refuse(link, result, refusal, state)

@@ -6,6 +6,11 @@ duplicates), the job's param layout and sizes, a finite weight within bounds, fi
 that are numbers. After the params arrive,
 :func:`check_values` checks that every value is finite and that
 the update times its weight cannot overflow the running sum. Nothing is folded before both pass.
+
+A secure round (``MaskedRound``) checks the same of its masked inputs, against the masked layout, and also their
+session and the id the party was given; the values under the masks look uniformly random, so the finite and norm
+checks move to the party, before it masks (``secagg.SecAggParty.masked_input``). Its stage messages (adverts,
+shares, unmask replies) are checked for round, task, session and id by :meth:`RoundGate.admit_stage`.
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from enum import Enum
 
 from fedfleet.core.params import FlatParams, ParamSpec
 from fedfleet.core.update import TrainStats
 from fedfleet.runtime.grpc.chunks import dtype_name
-from fedfleet.runtime.grpc.wire import Result, TaskKind
+from fedfleet.runtime.grpc.wire import Result, SecAggMessage, TaskKind
 
 
 class Rejection(str, Enum):
@@ -39,6 +45,9 @@ class Rejection(str, Enum):
     STALLED = "stalled"  # an upload that stood still for network.upload_stall_s
     CHUNKS = "chunks"  # the params' chunks do not cover the buffers exactly
     FAILURE = "failure"  # the party reported it could not do the task
+    SESSION = "session"  # a secure round's message for another session
+    IDENTITY = "identity"  # a secure round's message claiming another party's id in the round
+    SECAGG = "secagg"  # a secure stage's message that is malformed, or that the protocol refuses
 
     @property
     def final(self) -> bool:
@@ -47,7 +56,8 @@ class Rejection(str, Enum):
 
 
 FINAL = frozenset({Rejection.TASK, Rejection.LAYOUT, Rejection.WEIGHT, Rejection.STATS, Rejection.METRICS,
-                   Rejection.VALUES, Rejection.NORM, Rejection.CHUNKS, Rejection.STALLED})  # fmt: skip
+                   Rejection.VALUES, Rejection.NORM, Rejection.CHUNKS, Rejection.STALLED,
+                   Rejection.SECAGG})  # fmt: skip
 
 
 class Refusal(str):
@@ -61,6 +71,19 @@ class Refusal(str):
         return refusal
 
 
+@dataclass(frozen=True)
+class MaskedRound:
+    """What a secure round's answers must be: masked inputs of ``spec`` for ``session``, each party's stage
+    messages and masked input naming the id it was given (``ids``: party name -> id). ``n`` (the cohort) and
+    ``degree`` (the share graph's, at most) bound the stage messages' bodies."""
+
+    spec: ParamSpec
+    session: str
+    ids: dict[str, int]
+    n: int
+    degree: int
+
+
 class RoundGate:
     def __init__(self, spec: ParamSpec, max_weight: float) -> None:
         self.spec = spec
@@ -72,12 +95,15 @@ class RoundGate:
         self._tasks: dict[str, str] = {}  # party -> the task id it was given this round
         self._kind: str = TaskKind.FIT  # what those tasks ask for
         self._answered: set[str] = set()
+        self._masked: MaskedRound | None = None
         self.rejected: Counter[str] = Counter()  # reason kind -> count, this round
 
-    def open(self, rnd: int, tasks: dict[str, str], kind: str = TaskKind.FIT) -> None:
-        """Admit answers for ``rnd`` to ``tasks`` (party -> task id), all of ``kind``."""
+    def open(
+        self, rnd: int, tasks: dict[str, str], kind: str = TaskKind.FIT, masked: MaskedRound | None = None
+    ) -> None:
+        """Admit answers for ``rnd`` to ``tasks`` (party -> task id), all of ``kind``; masked inputs with ``masked``."""
         with self._lock:
-            self.round, self._open, self._kind = rnd, True, kind
+            self.round, self._open, self._kind, self._masked = rnd, True, kind, masked
             self._tasks = dict(tasks)
             self._answered = set()
             self.rejected = Counter()
@@ -85,6 +111,17 @@ class RoundGate:
     def close(self) -> None:
         with self._lock:
             self._open = False
+
+    @property
+    def masked_round(self) -> MaskedRound | None:
+        """The secure round last opened, if the last round opened was secure."""
+        return self._masked
+
+    @property
+    def upload_spec(self) -> ParamSpec | None:
+        """The layout of the open round's uploads when it is not the model's (a secure round's masked inputs)."""
+        masked = self._masked
+        return masked.spec if masked is not None else None
 
     def accepting(self, rnd: int) -> bool:
         """Whether answers for ``rnd`` are still wanted (an upload for a closed round is abandoned)."""
@@ -97,6 +134,15 @@ class RoundGate:
             if refusal is None:
                 self._answered.add(party)
             else:
+                self.rejected[refusal.kind.value] += 1
+            return refusal
+
+    def admit_stage(self, party: str, msg: SecAggMessage) -> Refusal | None:
+        """None when a secure stage's message belongs to the secure round (its round, the party's task, the session,
+        the party's id); otherwise why not (and it is counted). Which stage may speak is the round driver's call."""
+        with self._lock:
+            refusal = self._stage_refusal(party, msg)
+            if refusal is not None:
                 self.rejected[refusal.kind.value] += 1
             return refusal
 
@@ -115,6 +161,11 @@ class RoundGate:
             return Refusal(R.UNSOLICITED, f"{party} was not selected for round {rnd + 1}")
         if result.task_id != self._tasks[party]:
             return Refusal(R.REPLAY, f"task {result.task_id!r} is not the task {party} was given")
+        masked = self._masked
+        if masked is not None and result.session != masked.session:
+            return Refusal(R.SESSION, f"a masked input for session {str(result.session)[:80]!r}")
+        if masked is not None and result.secagg_party != masked.ids[party]:
+            return Refusal(R.IDENTITY, f"{party} is party {masked.ids[party]}, not {str(result.secagg_party)[:20]}")
         if party in self._answered:
             return Refusal(R.DUPLICATE, f"{party} already answered round {rnd + 1}")
         if result.task != self._kind:
@@ -123,14 +174,30 @@ class RoundGate:
             return Refusal(R.TASK, "an evaluate result carries metrics only, not params")
         if result.task != TaskKind.EVALUATE and not result.has_params:
             return Refusal(R.LAYOUT, f"a {result.task} result without params")
-        if result.has_params and (result.spec_digest != self.spec.digest or result.sizes != self._sizes):
-            detail = f"params {result.sizes} (digest {result.spec_digest}) do not match the job's {self._sizes}"
+        spec = masked.spec if masked is not None else self.spec
+        sizes = {dtype_name(d): n for d, n in spec.sizes.items()} if masked is not None else self._sizes
+        if result.has_params and (result.spec_digest != spec.digest or result.sizes != sizes):
+            detail = f"params {result.sizes} (digest {result.spec_digest}) do not match the round's {sizes}"
             return Refusal(R.LAYOUT, detail)
         if not (isinstance(result.weight, (int, float)) and math.isfinite(result.weight)):
             return Refusal(R.WEIGHT, f"{result.weight!r} is not a finite number")
         if not 0 < result.weight <= self.max_weight:
             return Refusal(R.WEIGHT, f"{result.weight} outside (0, {self.max_weight:g}]")
         return _stats_refusal(result) or _metrics_refusal(result)
+
+    def _stage_refusal(self, party: str, msg: SecAggMessage) -> Refusal | None:
+        R, masked = Rejection, self._masked
+        if masked is None or msg.round != self.round:
+            return Refusal(R.STALE, f"a {msg.kind} for round {str(msg.round)[:20]}, not the open secure round")
+        if party not in self._tasks:
+            return Refusal(R.UNSOLICITED, f"{party} is not in secure round {self.round + 1}")
+        if msg.task_id != self._tasks[party]:
+            return Refusal(R.REPLAY, f"a {msg.kind} for task {str(msg.task_id)[:40]!r}, not the task {party} was given")
+        if msg.session != masked.session:
+            return Refusal(R.SESSION, f"a {msg.kind} for session {str(msg.session)[:80]!r}")
+        if msg.party != masked.ids[party]:
+            return Refusal(R.IDENTITY, f"{party} is party {masked.ids[party]}, not {str(msg.party)[:20]}")
+        return None
 
 
 def _stats_refusal(result: Result) -> Refusal | None:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -27,6 +27,7 @@ from fedfleet.runtime.grpc import handshake
 from fedfleet.runtime.grpc.backoff import backoff_delays
 from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES, ParamsReceiver, describe_spec, dtype_name, iter_chunks
 from fedfleet.runtime.grpc.links import Outbox
+from fedfleet.runtime.grpc.secure_wire import config_values
 from fedfleet.runtime.grpc.service import channel_options, connect_stub
 from fedfleet.runtime.grpc.tls import ARBITER_CHANNEL_OPTIONS
 from fedfleet.runtime.grpc.wire import (
@@ -45,6 +46,10 @@ from fedfleet.runtime.grpc.wire import (
     Welcome,
     WireError,
 )
+from fedfleet.secagg.errors import SecAggRefused
+
+if TYPE_CHECKING:
+    from fedfleet.runtime.grpc.secure_party import SecureStages
 
 log = logging.getLogger("fedfleet.party")
 
@@ -96,6 +101,7 @@ class PartySession:
         self.index = -1
         self.vocab = ""  # the fingerprint of the party's token ids, sent in the join ("" = no tokenizer)
         self.notice = ""  # the arbiter's last notice (what the session waits for)
+        self.secure_aggregation: dict | None = None  # the job's secure-aggregation settings, told at join
         self._outbox: Outbox | None = None
         self._channel: grpc.Channel | None = None
 
@@ -106,6 +112,7 @@ class PartySession:
             name=self.conn.name,
             mode=self.mode,
             vocab=self.vocab,
+            secure_aggregation=self.secure_aggregation,
             payload=json.dumps(describe_spec(self.spec), separators=(",", ":")).encode(),
         )
 
@@ -118,6 +125,10 @@ class PartySession:
 
     def on_done(self, reason: str) -> None:
         """The arbiter ended the session."""
+
+    def on_message(self, msg: object, outbox: Outbox) -> None:
+        """A message the stream does not handle itself (a secure round's stages); ignored by default."""
+        log.debug("%s: ignored a %s message", self.conn.name, getattr(msg, "kind", type(msg).__name__))
 
     def run(self) -> str:
         """Serve until the arbiter says the session is done; returns its reason."""
@@ -202,6 +213,8 @@ class PartySession:
                     if receiver.complete:
                         self.on_task(task, outbox)
                         task = receiver = None
+                else:
+                    self.on_message(msg, outbox)
             raise _StreamBroken("the arbiter closed the stream", welcomed)
         except grpc.RpcError as exc:
             details = exc.details() or ""
@@ -229,7 +242,8 @@ class PartySession:
 
 
 class Party(PartySession):
-    """Runs ``trainer`` when the arbiter says so. ``train_data`` / ``eval_data`` are the party's own data."""
+    """Runs ``trainer`` when the arbiter says so. ``train_data`` / ``eval_data`` are the party's own data.
+    ``secure``: the job has secure aggregation, and this party masks its updates (``secure_party.py``)."""
 
     def __init__(
         self,
@@ -238,15 +252,23 @@ class Party(PartySession):
         eval_data: Any,
         connection: Connection,
         report: Callable[[str], None] | None = None,
+        secure: SecureStages | None = None,
     ) -> None:
         super().__init__(trainer.params.spec, connection)
         self.trainer = trainer
         self.train_data = train_data
         self.eval_data = eval_data if eval_data is not None else train_data
         self.report = report or (lambda line: None)  # one line per task, for whoever watches the party
+        self.secure = secure
+        if secure is not None:
+            self.secure_aggregation = config_values(secure.config)
 
     def on_task(self, task: Task, outbox: Outbox) -> None:
         self._run(task, outbox)
+
+    def on_message(self, msg: object, outbox: Outbox) -> None:
+        if self.secure is None or not self.secure.handle(msg, outbox):
+            super().on_message(msg, outbox)
 
     def _run(self, task: Task, outbox: Outbox) -> None:
         if task.task == TaskKind.INIT:  # an arbiter without the data asks for the seeded initial model
@@ -261,6 +283,10 @@ class Party(PartySession):
                 Result(task_id=task.task_id, round=task.round, task=TaskKind.EVALUATE, weight=weight, metrics=metrics)
             )
             return
+        if self.secure is not None and not self.secure.ready(task):  # never a plain update, never trained in vain
+            reason = "this party's job has secure aggregation: it answers only the fit task of a secure round"
+            outbox.send(Failure(task_id=task.task_id, round=task.round, reason=reason))
+            return
         config = FitConfig(**task.config)
         self.report(f"round {task.round + 1}: training")
         try:
@@ -269,9 +295,17 @@ class Party(PartySession):
             self.report(f"round {task.round + 1}: training diverged ({exc})")
             outbox.send(Failure(task_id=task.task_id, round=task.round, reason=str(exc)))
             return
-        header = self.result_header(task, update.weight, update.metrics, update.params, update.is_delta)
-        header.stats = update.stats.to_wire()
-        self.send_params(outbox, header, update.params)
+        if self.secure is not None:
+            try:
+                header, params = self.secure.mask(task, update)
+            except (SecAggRefused, ValueError) as exc:  # NaN or inf, or an inbox that does not verify
+                self.report(f"round {task.round + 1}: secure aggregation refused the update ({exc})")
+                outbox.send(Failure(task_id=task.task_id, round=task.round, reason=f"secure aggregation: {exc}"))
+                return
+        else:
+            header = self.result_header(task, update.weight, update.metrics, update.params, update.is_delta)
+            header.stats, params = update.stats.to_wire(), update.params
+        self.send_params(outbox, header, params)
         loss = update.stats.loss
         tail = f", train loss {loss:.4f}" if loss is not None else ""
         self.report(f"round {task.round + 1}: sent the update of {update.weight:g} examples{tail}")

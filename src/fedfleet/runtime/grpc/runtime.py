@@ -6,7 +6,9 @@ updates as they pass validation. Party-driven (``sync`` mode, for stateful train
 Face Trainer): the round starts by sending each selected party the global params, and the parties answer
 whenever their own training reaches a sync point; after the last round they receive the final params.
 Either way a round ends when every selected party has answered, failed, been rejected or left, or at
-``round_timeout``; with fewer than ``min_parties`` good updates it is retried from scratch.
+``round_timeout``; with fewer than ``min_parties`` good updates it is retried from scratch. With
+``secure_aggregation`` a server-driven round is a SecAgg+ round (``secure_runtime.py``): the arbiter sees only
+masked inputs and yields their unmasked weighted sum as one ``Partial``.
 """
 
 from __future__ import annotations
@@ -18,18 +20,21 @@ import statistics
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedfleet.core.aggregate import MetricMean
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.loop import RoundIncomplete
 from fedfleet.core.params import FlatParams
-from fedfleet.core.update import TrainStats, Update
+from fedfleet.core.update import Partial, TrainStats, Update
 from fedfleet.errors import UserError
 from fedfleet.runtime.grpc.arbiter import ArbiterServer, Event, EventKind
 from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES, iter_chunks
 from fedfleet.runtime.grpc.wire import Done, JoinMode, Notice, Task, TaskKind
 from fedfleet.runtime.sim.sequential import client_seed
+
+if TYPE_CHECKING:
+    from fedfleet.secagg.config import SecAggConfig
 
 log = logging.getLogger("fedfleet.arbiter")
 
@@ -56,8 +61,16 @@ class GrpcRuntime:
         evaluator: Any = None,
         federated_eval: bool = True,
         max_weight_ratio: float | None = None,
+        secure_aggregation: SecAggConfig | None = None,
     ) -> None:
+        """``secure_aggregation``: server-driven rounds run SecAgg+ with the parties (the server must be a
+        ``SecureArbiterServer`` of the same settings, which checks every party's at join)."""
+        if secure_aggregation is not None and server.mode != JoinMode.TASKS:
+            raise UserError("secure aggregation over gRPC runs the arbiter's server-driven rounds (tasks mode) only")
         self.server = server
+        self.secure_aggregation = secure_aggregation
+        # the round loop then folds the unmasked sum this runtime yields, instead of masking in process
+        self.secure_aggregation_native = secure_aggregation is not None
         self.min_parties = min_parties
         self.round_timeout = round_timeout
         self.join_timeout = join_timeout
@@ -78,12 +91,15 @@ class GrpcRuntime:
         return len(self.server.parties)
 
     # -- Runtime protocol --------------------------------------------------------------------------
-    def fit(self, global_params: FlatParams, clients: Sequence[int], config: FitConfig) -> Iterator[Update]:
+    def fit(self, global_params: FlatParams, clients: Sequence[int], config: FitConfig) -> Iterator[Update | Partial]:
         self._round = config.round
         self.server.current_round = config.round
         self._dropped_names = self._clamped = 0
         names = [self.server.parties[int(c)] for c in clients]
         present = self._await(names)
+        if self.secure_aggregation is not None:
+            yield self._secure_fit(global_params, names, present, config)
+            return
         tasks = {name: uuid.uuid4().hex for name in present}
         self._drain_stale()
         self.server.gate.open(config.round, tasks, TaskKind.SYNC if self.sync_mode else TaskKind.FIT)
@@ -117,16 +133,7 @@ class GrpcRuntime:
             elif event.kind == EventKind.GONE:
                 lost += 1
         self.server.gate.close()
-        self._metrics = {
-            "parties": float(len(tasks)),
-            "absent": float(len(names) - len(present)),
-            "lost": float(lost),
-            "timed_out": float(len(pending)),
-            "rejected": float(sum(self.server.gate.rejected.values())),
-            **({"dropped_metric_names": float(self._dropped_names)} if self._dropped_names else {}),
-            **({"clamped_weights": float(self._clamped)} if self._clamped else {}),
-            **{f"rejected_{kind}": float(n) for kind, n in self.server.gate.rejected.items()},
-        }
+        self._record(len(tasks), len(names) - len(present), lost, len(pending))
         if pending:
             log.warning("round %d closed at the timeout without %s", config.round + 1, ", ".join(sorted(pending)))
         if accepted < self.min_parties:
@@ -134,6 +141,28 @@ class GrpcRuntime:
                 f"round {config.round + 1}: {accepted} good update(s), fewer than min_parties={self.min_parties} "
                 f"(rejected {self._metrics['rejected']:.0f}, lost {lost}, timed out {len(pending)})"
             )
+
+    def _secure_fit(self, global_params: FlatParams, names: list[str], present: list[str], fit: FitConfig) -> Partial:
+        from fedfleet.runtime.grpc.secure_runtime import SecureRound  # loads secagg only for secure sessions
+
+        secure = SecureRound(self, self.secure_aggregation, present, fit, global_params.numel)
+        partial = secure.run(global_params, fit)
+        self._record(len(present), len(names) - len(present), secure.lost, len(secure.timed_out), secure.metrics())
+        return partial
+
+    def _record(self, parties: int, absent: int, lost: int, timed_out: int, extra: dict | None = None) -> None:
+        """The round's counters, for ``round_metrics``."""
+        self._metrics = {
+            "parties": float(parties),
+            "absent": float(absent),
+            "lost": float(lost),
+            "timed_out": float(timed_out),
+            "rejected": float(sum(self.server.gate.rejected.values())),
+            **({"dropped_metric_names": float(self._dropped_names)} if self._dropped_names else {}),
+            **({"clamped_weights": float(self._clamped)} if self._clamped else {}),
+            **{f"rejected_{kind}": float(n) for kind, n in self.server.gate.rejected.items()},
+            **(extra or {}),
+        }
 
     def _shown(self, metrics: dict[str, float]) -> dict[str, float]:
         """A party's metrics with names the session already shows, or new ones while fewer than

@@ -2,8 +2,9 @@
 
 Both sides import these classes, so no message name or field is a magic string shared by convention.
 A frame is ``u32 header length | JSON header | payload``. Headers are small (at most ``MAX_HEADER_BYTES``);
-only chunks (a few MiB of tensor bytes, see ``chunks.py``) and a join (the party's param layout, read only
-when the arbiter needs it) carry a payload. JSON keeps the headers readable in logs and needs no code
+only chunks (a few MiB of tensor bytes, see ``chunks.py``), a join (the party's param layout, read only
+when the arbiter needs it) and secure aggregation's stages (small binary bodies, ``secure_wire.py``) carry a
+payload. JSON keeps the headers readable in logs and needs no code
 generator; the bytes that matter never go through it.
 """
 
@@ -16,7 +17,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
 
-PROTOCOL = 5  # bumped when a message changes incompatibly; checked at join (5: notices, the join's vocabulary)
+# bumped when a message changes incompatibly; checked at join (5: notices, the join's vocabulary; 6: secure
+# aggregation's stage messages, the join's secure_aggregation, a result's session and secagg_party)
+PROTOCOL = 6
 # a header is a few hundred bytes (a result's metrics are at most 64 short names); parsing JSON costs many times
 # its size in Python objects, so a longer one is refused before it is parsed
 MAX_HEADER_BYTES = 64 << 10
@@ -52,11 +55,13 @@ Payload = bytes | memoryview | tuple  # a tuple of buffers is joined into the fr
 @dataclass
 class Message:
     kind: ClassVar[str] = ""
-    carries_payload: ClassVar[bool] = False  # only chunks and joins have bytes after the header
+    carries_payload: ClassVar[bool] = False  # chunks, joins and secure stages have bytes after the header
     payload: Payload = field(default=b"", repr=False, compare=False)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if not cls.kind:  # a base of several kinds (SecAggMessage), never sent itself
+            return
         if cls.kind in MESSAGES:
             raise TypeError(f"message kind {cls.kind!r} is defined twice")
         MESSAGES[cls.kind] = cls
@@ -81,6 +86,7 @@ class Join(Message):
     mode: str = JoinMode.TASKS  # a JoinMode (plain text in the header)
     rounds: int = 0  # sync mode: how many times the party will sync (0 = the arbiter decides)
     vocab: str = ""  # a hash of the party's token ids (``hf.data.vocab_fingerprint``); "" when it has no tokenizer
+    secure_aggregation: dict[str, Any] | None = None  # the party's job's SecAggConfig values; None: plain updates
 
 
 @dataclass
@@ -98,6 +104,9 @@ class Result(Message):
     is_delta: bool = True
     spec_digest: str = ""
     sizes: dict[str, int] = field(default_factory=dict)  # elements per dtype buffer, e.g. {"float32": 1234}
+    # a masked input (secure aggregation): the session and the party's id in the round it was masked for
+    session: str = ""
+    secagg_party: int = 0
 
 
 @dataclass
@@ -159,6 +168,76 @@ class Notice(Message):
 
     kind: ClassVar[str] = "notice"
     text: str = ""
+
+
+# -- secure aggregation's stages (SecAgg+, ``fedfleet.secagg``; the bodies are ``secure_wire``'s) ----------
+@dataclass
+class SecAggMessage(Message):
+    """One stage of a secure round. Each names the round's task, the round, the session and the party's id in the
+    round; the arbiter attributes a party's messages by its certificate and refuses one whose names differ
+    from what it gave that party (``secure_arbiter.py``). Bulky bodies travel as the payload."""
+
+    carries_payload: ClassVar[bool] = True
+    task_id: str = ""
+    round: int = -1
+    session: str = ""
+    party: int = 0  # the party's id in this round: its 1-based position in the round's cohort
+
+
+@dataclass
+class SecAggSetup(SecAggMessage):
+    """arbiter -> party: a secure round begins; ``config`` holds the SecAggConfig's values, ``n`` the cohort's size.
+    The party checks both against its own job before it draws its keys."""
+
+    kind: ClassVar[str] = "secagg_setup"
+    carries_payload: ClassVar[bool] = False
+    n: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+    graph_seed: int = 0
+
+
+@dataclass
+class SecAggAdvert(SecAggMessage):
+    """party -> arbiter: its two fresh X25519 public keys (hex); the payload is its signature and certificate."""
+
+    kind: ClassVar[str] = "secagg_advert"
+    cipher_pk: str = ""
+    mask_pk: str = ""
+
+
+@dataclass
+class SecAggRoster(SecAggMessage):
+    """arbiter -> party: who advertised, and its neighbours' keys (with their signatures and certificates)."""
+
+    kind: ClassVar[str] = "secagg_roster"
+
+
+@dataclass
+class SecAggShares(SecAggMessage):
+    """party -> arbiter: its sealed shares, one per neighbour."""
+
+    kind: ClassVar[str] = "secagg_shares"
+
+
+@dataclass
+class SecAggInbox(SecAggMessage):
+    """arbiter -> party: the shares its neighbours sealed for it; the fit task follows."""
+
+    kind: ClassVar[str] = "secagg_inbox"
+
+
+@dataclass
+class SecAggUnmask(SecAggMessage):
+    """arbiter -> party: which of its neighbours sent masked inputs (alive) and which did not (dropped)."""
+
+    kind: ClassVar[str] = "secagg_unmask"
+
+
+@dataclass
+class SecAggReply(SecAggMessage):
+    """party -> arbiter: its shares of the alive neighbours' self-mask seeds and the dropped ones' mask keys."""
+
+    kind: ClassVar[str] = "secagg_reply"
 
 
 # -- both ways --------------------------------------------------------------------------------------

@@ -1,0 +1,217 @@
+"""A data owner's side of secure rounds over gRPC: a fresh ``secagg.SecAggParty`` per round, fed by the arbiter.
+
+    setup   -> check the settings against this party's own job, draw fresh keys, send the signed advert
+    roster  -> check the neighbours' signatures against the job's CA, send the sealed shares
+    inbox   -> keep the shares sealed for this party until the fit task's update is ready
+    fit     -> (``Party``) train, then mask the update delta and send it as the masked params
+    unmask  -> reveal the one kind of share per neighbour the request allows, or refuse
+
+What the arbiter cannot check under the masks, the party checks before masking: ``masked_input`` refuses NaN
+and inf, clips every value to [-clip, clip] and caps the weight. A party whose job has ``secure_aggregation``
+never sends a plain update: a fit task without a secure round set up for it is refused. Any step it refuses
+(settings other than its job's, a forged roster, an inbox that does not verify, an unmask request that would
+reveal both kinds of share of one peer) is answered with a ``Failure``, and the round goes on without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fedfleet.core.params import FlatParams
+from fedfleet.core.update import Update
+from fedfleet.errors import ConfigError
+from fedfleet.runtime.grpc import secure_wire
+from fedfleet.runtime.grpc.chunks import dtype_name
+from fedfleet.runtime.grpc.links import Outbox
+from fedfleet.runtime.grpc.secure_identity import Signer, Verifier
+from fedfleet.runtime.grpc.secure_wire import Signed
+from fedfleet.runtime.grpc.wire import (
+    Failure,
+    Result,
+    SecAggAdvert,
+    SecAggInbox,
+    SecAggMessage,
+    SecAggReply,
+    SecAggRoster,
+    SecAggSetup,
+    SecAggShares,
+    SecAggUnmask,
+    Task,
+    TaskKind,
+    WireError,
+)
+from fedfleet.secagg.config import Plan, SecAggConfig
+from fedfleet.secagg.errors import SecAggRefused
+from fedfleet.secagg.in_process import flatten
+from fedfleet.secagg.messages import EncryptedShare, Roster
+from fedfleet.secagg.party import SecAggParty
+
+log = logging.getLogger("fedfleet.party")
+
+
+@dataclass
+class _Round:
+    """The secure round this party is in: what the arbiter set up, and the protocol's state for it."""
+
+    task_id: str
+    round: int
+    party: int  # this party's id in the round
+    n: int
+    graph_seed: int
+    plan: Plan
+    protocol: SecAggParty
+    inbox: list[EncryptedShare] | None = None
+
+
+class SecureStages:
+    """``config``: this party's job's settings (the arbiter's must equal them); ``seed``: the job's seed, which
+    drives only the quantiser's stochastic rounding (as in the simulation); ``signer`` / ``verifier``: this
+    party's certificate and the job's CA (None on ``--insecure``); ``parties``: the job's party names."""
+
+    def __init__(
+        self,
+        config: SecAggConfig,
+        session: str,
+        name: str,
+        parties: list[str],
+        seed: int = 0,
+        signer: Signer | None = None,
+        verifier: Verifier | None = None,
+    ) -> None:
+        self.config, self.session, self.name, self.parties, self.seed = config, session, name, parties, seed
+        self.signer, self.verifier = signer, verifier
+        self.current: _Round | None = None
+        # the arbiter's stage messages and their handlers (a table, not a chain of type tests)
+        self._handlers: dict[type, Callable[[Any, Outbox], None]] = {
+            SecAggSetup: self._setup,
+            SecAggRoster: self._roster,
+            SecAggInbox: self._inbox,
+            SecAggUnmask: self._unmask,
+        }
+
+    def handle(self, msg: object, outbox: Outbox) -> bool:
+        """Answer a stage message (True), or say it is none (False)."""
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            return False
+        assert isinstance(msg, SecAggMessage)
+        try:
+            handler(msg, outbox)
+        except (SecAggRefused, WireError, ConfigError, ValueError) as exc:
+            log.warning("%s: secure round %s: refused the arbiter's %s: %s", self.name, msg.round, msg.kind, exc)
+            outbox.send(Failure(task_id=str(msg.task_id), round=-1 if self._odd(msg.round) else msg.round,
+                                reason=f"secure aggregation: {exc}"))  # fmt: skip
+        return True
+
+    def ready(self, task: Task) -> bool:
+        """Whether ``task`` is the fit task of the secure round set up, with its inbox in."""
+        r = self.current
+        return r is not None and r.task_id == task.task_id and r.round == task.round and r.inbox is not None
+
+    def mask(self, task: Task, update: Update) -> tuple[Result, FlatParams]:
+        """The masked input of ``update`` (its delta's float buffers, flattened) for ``task``'s secure round."""
+        r = self.current
+        if r is None or not self.ready(task):
+            raise SecAggRefused("no secure round is set up for this fit task: this party sends no plain update")
+        if not update.is_delta:
+            raise SecAggRefused("secure aggregation sums update deltas; this trainer sent full params")
+        masked = r.protocol.masked_input(flatten(update.params), float(update.weight), r.inbox)
+        params = secure_wire.as_params(masked.data)
+        header = Result(
+            task_id=task.task_id,
+            round=task.round,
+            task=TaskKind.FIT,
+            weight=float(update.weight),
+            metrics={k: float(v) for k, v in update.metrics.items()},
+            stats=update.stats.to_wire(),
+            has_params=True,
+            is_delta=True,
+            spec_digest=params.spec.digest,
+            sizes={dtype_name(d): b.numel() for d, b in params.buffers.items()},
+            session=self.session,
+            secagg_party=r.party,
+        )
+        return header, params
+
+    # -- the stages --------------------------------------------------------------------------------------
+    def _setup(self, msg: SecAggSetup, outbox: Outbox) -> None:
+        self.current = None  # a new round (or a retry of one) forgets the last: its secrets are spent
+        mine = secure_wire.config_values(self.config)
+        if msg.session != self.session:
+            raise SecAggRefused(f"a secure round for session {str(msg.session)[:80]!r}, not {self.session!r}")
+        if msg.config != mine:
+            raise SecAggRefused(
+                f"the arbiter asks for secure aggregation {str(msg.config)[:300]}, this job's is {mine}"
+            )
+        n, party = msg.n, msg.party
+        if not (_int(n) and 2 <= n <= len(self.parties) and _int(party) and 1 <= party <= n and _int(msg.round)):
+            raise SecAggRefused(f"a setup for party {party!r} of {n!r} in round {msg.round!r} (the job has "
+                                f"{len(self.parties)} parties)")  # fmt: skip
+        if not (_int(msg.graph_seed) and msg.graph_seed >= 0):
+            raise SecAggRefused(f"a graph seed of {msg.graph_seed!r}")
+        plan = self.config.validate(n)
+        protocol = SecAggParty(party, self.session, msg.round, self.config, plan, seed=(self.seed, msg.round, party))
+        self.current = _Round(str(msg.task_id), msg.round, party, n, msg.graph_seed, plan, protocol)
+        advert = protocol.advertise()
+        signed = Signed()
+        if self.signer is not None:
+            signed = self.signer.sign(self.session, msg.round, party, advert.cipher_pk, advert.mask_pk)
+        outbox.send(SecAggAdvert(**self._header(), cipher_pk=advert.cipher_pk.hex(), mask_pk=advert.mask_pk.hex(),
+                                 payload=secure_wire.encode_signed(signed)))  # fmt: skip
+
+    def _roster(self, msg: SecAggRoster, outbox: Outbox) -> None:
+        r = self._round_of(msg)
+        roster, signed = secure_wire.decode_roster(
+            msg.payload, self.session, r.round, r.party, r.graph_seed, r.n, r.plan.degree
+        )
+        self._check_signatures(r, roster, signed)
+        shares = r.protocol.share_keys(roster)
+        outbox.send(SecAggShares(**self._header(), payload=secure_wire.encode_shares(shares)))
+
+    def _inbox(self, msg: SecAggInbox, outbox: Outbox) -> None:
+        r = self._round_of(msg)
+        r.inbox = secure_wire.decode_inbox(msg.payload, self.session, r.round, r.party, r.n, r.plan.degree)
+
+    def _unmask(self, msg: SecAggUnmask, outbox: Outbox) -> None:
+        r = self._round_of(msg)
+        request = secure_wire.decode_request(msg.payload, self.session, r.round, r.party, r.n, r.plan.degree)
+        reply = r.protocol.unmask(request)  # SecAggRefused: nothing revealed
+        outbox.send(SecAggReply(**self._header(), payload=secure_wire.encode_reply(reply)))
+
+    # -- internals -----------------------------------------------------------------------------------------
+    def _check_signatures(self, r: _Round, roster: Roster, signed: dict[int, Signed]) -> None:
+        """Each neighbour's keys signed with a distinct certificate of another party of the job, from its CA."""
+        if self.verifier is None:
+            return
+        names: dict[str, int] = {}
+        for j in sorted(roster.cipher_pks):
+            name, problem = self.verifier.check(
+                signed[j], self.session, r.round, j, roster.cipher_pks[j], roster.mask_pks[j]
+            )
+            if not problem and (name == self.name or name in names):
+                problem = f"{name}'s certificate signs the keys of party {j} and of party {names.get(name, r.party)}"
+            if problem:
+                raise SecAggRefused(f"the roster's keys of party {j} are not bound to a party: {problem}")
+            names[name] = j
+
+    def _round_of(self, msg: SecAggMessage) -> _Round:
+        r = self.current
+        if r is None or (msg.task_id, msg.round, msg.session, msg.party) != (r.task_id, r.round, self.session, r.party):
+            raise SecAggRefused(f"a {msg.kind} for another round than the secure round this party set up")
+        return r
+
+    def _header(self) -> dict[str, Any]:
+        r = self.current
+        assert r is not None
+        return {"task_id": r.task_id, "round": r.round, "session": self.session, "party": r.party}
+
+    @staticmethod
+    def _odd(value: object) -> bool:
+        return not _int(value)
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

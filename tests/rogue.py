@@ -3,6 +3,7 @@ protocol by hand (raw frames on its own stream), or runs the normal party with o
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -114,3 +115,17 @@ class TrickleParty(CheatingParty):
 
         outbox.send(self.result_header(task, update.weight, update.metrics, update.params))
         outbox.send(slowly())
+
+
+class MisaddressedMaskedInput(Party):
+    """The normal party of a secure session, except that before its masked input it sends the same masked input
+    addressed wrongly: for the round before, for another session, and as another party of the round."""
+
+    def send_params(self, outbox, header, params):
+        if header.secagg_party:  # a masked input
+            wrong = [{"round": header.round - 1}, {"session": "another-session"},
+                     {"secagg_party": header.secagg_party % 4 + 1}]  # fmt: skip
+            for change in wrong:
+                outbox.send(dataclasses.replace(header, **change))
+                outbox.send(iter_chunks(params, self.conn.chunk_bytes))
+        super().send_params(outbox, header, params)

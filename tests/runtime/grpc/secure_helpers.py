@@ -20,6 +20,8 @@ def secure_job(tmp_path: Path, extra: str = SECURE) -> Path:
     return write_job(tmp_path, extra)
 
 
-def secure_federation(tmp_path: Path, overrides=(), insecure: bool = False, **kwargs) -> ThreadedFederation:
-    """The four-party secure job in threads, over mutual TLS unless ``insecure``."""
-    return ThreadedFederation(secure_job(tmp_path), [*FOUR, *overrides], insecure=insecure, **kwargs)
+def secure_federation(
+    tmp_path: Path, overrides=(), insecure: bool = False, extra: str = SECURE, **kwargs
+) -> ThreadedFederation:
+    """The four-party secure job in threads, over mutual TLS unless ``insecure`` (``extra=""``: the plain job)."""
+    return ThreadedFederation(secure_job(tmp_path, extra), [*FOUR, *overrides], insecure=insecure, **kwargs)

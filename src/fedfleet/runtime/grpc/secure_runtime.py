@@ -93,12 +93,27 @@ class SecureRound:
             self.server.gate.close()
 
     def _stages(self, global_params: FlatParams, fit: FitConfig) -> Partial:
-        sa, rt, join_s = self.secagg, self.rt, self.rt.join_timeout
+        began = time.perf_counter()
+        inboxes = self._keys()
+        self._send_tasks(inboxes, global_params, fit)
+        keys_done = time.perf_counter()
+        masking = {self.names[p] for p in inboxes}
+        self._collect(masking, self.rt.round_timeout, None, "masked", self._masked_input)
+        self.server.gate.close()  # masked inputs after this are late
+        masked_done = time.perf_counter()
+        partial = self._unmask(global_params)
+        # the protocol's own wall time at the arbiter: the key stages before the fit tasks, the unmasking after
+        self.counts.update(keys_s=keys_done - began, unmask_s=time.perf_counter() - masked_done)
+        log.info("secure round %d: %s", self.round + 1, ", ".join(f"{k} {v:.4g}" for k, v in self.counts.items()))
+        return partial
+
+    def _keys(self) -> dict[int, list]:
+        """Setup, adverts, rosters and shares: each party's inbox of sealed shares."""
+        sa, join_s = self.secagg, self.rt.join_timeout
         values = secure_wire.config_values(self.config)
         for name in self.ids:
-            self._send(
-                name, SecAggSetup(**self._header(name), n=len(self.ids), config=values, graph_seed=sa.graph_seed)
-            )
+            setup = SecAggSetup(**self._header(name), n=len(self.ids), config=values, graph_seed=sa.graph_seed)
+            self._send(name, setup)
         adverts: dict[int, SignedAdvert] = {}
         self._collect(set(self.ids), join_s, SignedAdvert, "advertised", lambda name, a: self._advert(name, a, adverts))
         signed = {party: a.signed for party, a in adverts.items()}
@@ -108,19 +123,22 @@ class SecureRound:
             self._send(self.names[party], SecAggRoster(**self._header(self.names[party]), payload=payload))
         shared = {self.names[p] for p in rosters}
         self._collect(shared, join_s, SharesFrom, "shared", lambda name, s: sa.receive_shares(s.party, s.shares))
-        inboxes = sa.inboxes()  # SecAggFailed: some party's shares reached too few share holders
+        return sa.inboxes()  # SecAggFailed: some party's shares reached too few share holders
+
+    def _send_tasks(self, inboxes: dict[int, list], global_params: FlatParams, fit: FitConfig) -> None:
+        """Each party that shared: its inbox, then the fit task and the global params, as a plain round's."""
         for party, inbox in inboxes.items():
             name = self.names[party]
-            self._send(
-                name, SecAggInbox(**self._header(name), payload=secure_wire.encode_shares(inbox, by_sender=True))
-            )
+            body = secure_wire.encode_shares(inbox, by_sender=True)
+            self._send(name, SecAggInbox(**self._header(name), payload=body))
             local = dataclasses.replace(fit, seed=client_seed(fit, self.server.index[name]))
-            self._send(name, Task(task_id=self.tasks[name], round=self.round, task=TaskKind.FIT,
-                                  config=dataclasses.asdict(local)))  # fmt: skip
-            self._send(name, iter_chunks(global_params, rt.chunk_bytes))
-        masking = {self.names[p] for p in inboxes}
-        self._collect(masking, rt.round_timeout, None, "masked", self._masked_input)
-        self.server.gate.close()  # masked inputs after this are late
+            task = Task(task_id=self.tasks[name], round=self.round, task=TaskKind.FIT, config=dataclasses.asdict(local))
+            self._send(name, task)
+            self._send(name, iter_chunks(global_params, self.rt.chunk_bytes))
+
+    def _unmask(self, global_params: FlatParams) -> Partial:
+        """Unmask requests and replies, then the unmasked sum as the round's Partial."""
+        sa, rt = self.secagg, self.rt
         if len(self.headers) < rt.min_parties:
             raise RoundIncomplete(
                 f"secure round {self.round + 1}: {len(self.headers)} masked input(s), fewer than "
@@ -131,10 +149,9 @@ class SecureRound:
             name = self.names[party]
             self._send(name, SecAggUnmask(**self._header(name), payload=secure_wire.encode_request(request)))
         asked = {self.names[p] for p in requests}
-        self._collect(asked, join_s, UnmaskReply, "unmasked", lambda name, r: sa.receive_unmask_reply(r))
+        self._collect(asked, rt.join_timeout, UnmaskReply, "unmasked", lambda name, r: sa.receive_unmask_reply(r))
         result = sa.result()  # SecAggFailed: too few shares came back
         self.counts["mean_bound"] = result.mean_bound()
-        log.info("secure round %d: %s", self.round + 1, ", ".join(f"{k} {v:g}" for k, v in self.counts.items()))
         return self._partial(result, global_params)
 
     def _advert(self, name: str, advert: SignedAdvert, adverts: dict[int, SignedAdvert]) -> None:

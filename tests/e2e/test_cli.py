@@ -113,6 +113,9 @@ def test_ctrl_c_saves_the_last_round_and_resume_gives_the_same_model(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a suite started in the background (`make test &`) ignores SIGINT, and a child inherits that: Python
+        # then installs no KeyboardInterrupt handler and the run ignores the Ctrl-C this test sends
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -22,8 +22,9 @@ def test_fed_arguments_schedule_and_errors():
     assert FedArguments("step", 0.3).sync_steps(100, 9) == (30, 60, 90, 100)
     assert FedArguments("step", 0.25).sync_steps(2, 2) == (1, 2)  # never more syncs than steps
     assert FedArguments("step", 5).sync_steps(24, 12, start=12) == (15, 20, 24)  # a resumed run
-    with pytest.raises(ConfigError, match="not available yet"):
-        FedArguments(aggregator="secure")
+    assert FedArguments(aggregator="secure_aggregate") == FedArguments(aggregator="secure")  # FATE-LLM's name
+    with pytest.raises(ConfigError, match="aggregator must be 'plain' or 'secure'"):
+        FedArguments(aggregator="homomorphic")
     with pytest.raises(ConfigError, match="fraction"):
         FedArguments("epoch", 0.5)
     with pytest.raises(ConfigError, match="positive"):

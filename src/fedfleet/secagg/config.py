@@ -96,6 +96,15 @@ class SecAggConfig:
         return t
 
 
+def ring32_bits(n_parties: int) -> int:
+    """The most quantisation bits for which n parties' sum fits a 32-bit ring: the finest rounding whose masked
+    upload is still the size of the fp32 update (what ``LocalFederation`` picks when the parties ask for it)."""
+    bits = 1
+    while bits < MAX_BITS and n_parties * (2 ** (bits + 1) - 1) < 2**32:
+        bits += 1
+    return bits
+
+
 def threshold_of(t: float | int, degree: int) -> int:
     """The share count for a graph of ``degree``: a fraction becomes more than that share of the neighbours; any
     count is raised to a strict majority (only needed when the degree was rounded up for parity)."""

@@ -14,22 +14,22 @@ class FedArguments:
     """``aggregate_strategy``: sync at the end of every ``aggregate_freq`` epochs (``"epoch"``) or every
     ``aggregate_freq`` optimizer steps (``"step"``). For steps, a float in (0, 1) is a fraction of the run's
     total steps (``0.25``: four syncs). ``aggregator``: ``"plain"`` (the arbiter sees each update) or
-    ``"secure"`` (masked; arrives with the secure-aggregation work)."""
+    ``"secure"`` (SecAgg+: the arbiter learns only the weighted sum; FATE-LLM's ``"secure_aggregate"`` is
+    the same and is stored as ``"secure"``). Every party of a session must say the same."""
 
     aggregate_strategy: Literal["epoch", "step"] = "epoch"
     aggregate_freq: int | float = 1
-    aggregator: Literal["plain", "secure"] = "plain"
+    aggregator: Literal["plain", "secure", "secure_aggregate"] = "plain"
 
     def __post_init__(self) -> None:
         if self.aggregate_strategy not in ("epoch", "step"):
             raise ConfigError(f"aggregate_strategy must be 'epoch' or 'step', got {self.aggregate_strategy!r}")
-        if self.aggregator == "secure":
+        if self.aggregator == "secure_aggregate":  # FATE-LLM's name
+            object.__setattr__(self, "aggregator", "secure")
+        if self.aggregator not in ("plain", "secure"):
             raise ConfigError(
-                "aggregator='secure' is not available yet: secure aggregation arrives with its own work item; "
-                "use aggregator='plain' (updates are still sent over mutual TLS)"
+                f"aggregator must be 'plain' or 'secure' (FATE-LLM: 'secure_aggregate'), got {self.aggregator!r}"
             )
-        if self.aggregator != "plain":
-            raise ConfigError(f"aggregator must be 'plain' or 'secure', got {self.aggregator!r}")
         freq = self.aggregate_freq
         if isinstance(freq, bool) or not isinstance(freq, (int, float)) or freq <= 0:
             raise ConfigError(f"aggregate_freq must be a positive number, got {freq!r}")
@@ -38,6 +38,10 @@ class FedArguments:
             raise ConfigError(
                 f"aggregate_freq={freq}: a fraction is only meaningful with aggregate_strategy='step' and below 1"
             )
+
+    @property
+    def secure(self) -> bool:
+        return self.aggregator == "secure"
 
     def sync_steps(self, total_steps: int, steps_per_epoch: int, start: int = 0) -> tuple[int, ...]:
         """The optimizer steps after which a party syncs, ascending; the last is always the run's end.

@@ -75,12 +75,20 @@ class Context:
     def data_parties(self) -> list[str]:
         return [party_name(p) for p in self.parties if p[0] != ARBITER_ROLE]
 
-    def channel(self, spec: Any, rounds: int, pipeline: Any = None, seed: int = 0, vocab: str = "") -> SyncChannel:
+    def channel(
+        self, spec: Any, rounds: int, pipeline: Any = None, seed: int = 0, vocab: str = "", secure: bool = False
+    ) -> SyncChannel:
         """The party's stream to the arbiter for ``rounds`` syncs of params laid out as ``spec``; ``pipeline``'s
         party-side transforms see each delta before it leaves (``seed``: their randomness); ``vocab``: the
         fingerprint of the party's token ids, which must be the other parties'."""
         if self.is_arbiter:
             raise ConfigError("the arbiter does not train; use FedAvgServer(ctx) on the arbiter")
+        if secure:  # refused rather than sent in the clear while the party believes it is masked
+            raise ConfigError(
+                "FedArguments(aggregator='secure') between processes is not available yet: it runs in an "
+                "in-process LocalFederation and in simulations (secure_aggregation:); use aggregator='plain' over "
+                "gRPC for now (updates still travel over mutual TLS)"
+            )
         from fedfleet.runtime.grpc import Connection, SyncParty  # grpc and torch only for a party that trains
         from fedfleet.runtime.grpc.tls import channel_credentials
 

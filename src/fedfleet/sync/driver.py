@@ -132,6 +132,8 @@ class SyncDriver:
             extra: dict[str, Any] = {"pipeline": self.pipeline, "seed": seed} if self.pipeline.client else {}
             if self.vocab:  # checked against the other parties' when joining
                 extra["vocab"] = self.vocab
+            if self.fed_args.secure:  # the session must mask every party's update (all parties must agree)
+                extra["secure"] = True
             self.channel = self.ctx.channel(spec, self.rounds, **extra)
         self._exchange(lambda: self.channel.start(access.params, self.timeout))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import replace
 
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.loop import Callback, LoopConfig, RoundLoop, RoundRecord
@@ -27,6 +28,8 @@ from fedfleet.core.pipeline import EMPTY, Pipeline, TransformContext
 from fedfleet.core.update import NO_STATS, TrainStats, Update
 from fedfleet.core.vocab import SessionVocabulary
 from fedfleet.errors import ConfigError
+from fedfleet.secagg.config import SecAggConfig, ring32_bits
+from fedfleet.secagg.in_process import SecureAggregation
 from fedfleet.select import build_selector
 from fedfleet.strategy import Strategy, build_strategy
 from fedfleet.sync.context import SyncChannel
@@ -45,7 +48,11 @@ class LocalFederation:
         seed: int = 0,
         callbacks: Sequence[Callback] = (),
         pipeline: Pipeline | None = None,
+        secure: SecAggConfig | None = None,
     ) -> None:
+        """``secure``: SecAgg+ settings; every round is then securely aggregated. Without it, the rounds are when
+        every party asks for it (``FedArguments(aggregator="secure")``), with the finest rounding a 32-bit ring
+        holds for the parties."""
         if parties < 1:
             raise ConfigError("a local federation needs at least one party")
         self.size = parties
@@ -55,6 +62,8 @@ class LocalFederation:
         self.seed = seed
         self.callbacks = list(callbacks)
         self.pipeline = pipeline  # its fold transforms, as FedAvgServer(pipeline=) runs them
+        self.secure = secure
+        self._secure: dict[int, bool] = {}  # whether each party asked for secure aggregation
         self.loop: RoundLoop | None = None
         self._cv = threading.Condition()
         self._floor = threading.Lock()  # held by the party whose turn it is to train
@@ -82,11 +91,15 @@ class LocalFederation:
         return self.loop.history if self.loop is not None else []
 
     # -- the parties' side (called by LocalChannel, holding nothing) ------------------------------------
-    def _start(self, index: int, params: FlatParams, rounds: int, timeout: float | None, vocab: str = "") -> int:
-        """Register, check the plan, layout and vocabulary, wait for round 0's params; returns the party's round."""
+    def _start(
+        self, index: int, params: FlatParams, rounds: int, timeout: float | None, vocab: str = "", secure: bool = False
+    ) -> int:
+        """Register, check the plan, layout, vocabulary and aggregation, wait for round 0's params; returns the
+        party's round."""
         with self._cv:
             self._planned[index] = rounds
             self._vocabs[index] = vocab
+            self._secure[index] = secure
             if index == 0:  # every party starts from party 0's params, as over gRPC from the first to join
                 self._initial = params.clone()
             self._cv.notify_all()
@@ -97,6 +110,7 @@ class LocalFederation:
                     f"{spec_difference(self._initial.spec, params.spec)}"
                 )
             self._check_vocab(index)
+            self._check_secure()
             plans = {r for r in self._planned.values() if r > 0}
             if len(plans) > 1:
                 listed = ", ".join(f"party-{i}: {r}" for i, r in sorted(self._planned.items()))
@@ -105,6 +119,9 @@ class LocalFederation:
                     "epochs or max_steps and FedArguments, or the others would wait forever for the last syncs"
                 )
             if self._arbiter is None:
+                if self.secure is not None or any(self._secure.values()):
+                    config = self.secure or SecAggConfig(bits=ring32_bits(self.size))
+                    self.pipeline = replace(self.pipeline or EMPTY, secure=SecureAggregation(config, "local"))
                 self._arbiter = threading.Thread(
                     target=self._serve, args=(max(plans, default=0),), name="local-arbiter", daemon=True
                 )
@@ -118,6 +135,17 @@ class LocalFederation:
             reason = session.check(f"party-{i}", vocab)
             if reason and i == index:
                 raise ConfigError(reason)
+
+    def _check_secure(self) -> None:
+        """Every party asks for the same aggregation (as FATE-LLM demands of FedArguments), unless the federation
+        fixed it: a party that believes it is masked must not be summed in the clear."""
+        asked = {i for i, s in self._secure.items() if s}
+        if asked and len(asked) < self.size and self.secure is None:
+            plain = ", ".join(f"party-{i}" for i in sorted(set(range(self.size)) - asked))
+            raise ConfigError(
+                f"{', '.join(f'party-{i}' for i in sorted(asked))} ask for aggregator='secure' and {plain} for "
+                "'plain': give every party the same FedArguments(aggregator=...), or LocalFederation(secure=...)"
+            )
 
     def _sync(self, index: int, update: Update, round: int, timeout: float | None, into: FlatParams) -> int:
         """Hand in ``update`` for ``round`` and load the next global params into ``into``; returns the next round."""
@@ -134,6 +162,13 @@ class LocalFederation:
         self._wait(lambda: self._task is not None and self._task[0] >= round, what, waiting, timeout)
         into.copy_(self._task[1])  # before the loop can move on: it waits for this party's next update
         return self._task[0]
+
+    def fail(self, reason: str) -> None:
+        """End the federation before its end: every party waiting, or yet to start, raises with ``reason``."""
+        with self._cv:
+            if self._failed is None:
+                self._failed = reason
+            self._cv.notify_all()
 
     def _leave(self, index: int, syncs: int, rounds: int) -> None:
         with self._cv:
@@ -185,6 +220,8 @@ class LocalRuntime:
     params and yields their updates in party order as they sync (so the fold's float sum is the same whichever
     thread arrives first). Moves params, never computes with them."""
 
+    parties_in_process = True  # secure aggregation can play the parties here (secagg.in_process)
+
     virtual_clock = False  # the parties are real trainers in threads: wall time only
 
     def __init__(self, federation: LocalFederation) -> None:
@@ -218,9 +255,15 @@ class LocalContext:
         self.is_arbiter = False
 
     def channel(
-        self, spec: ParamSpec, rounds: int, pipeline: Pipeline | None = None, seed: int = 0, vocab: str = ""
+        self,
+        spec: ParamSpec,
+        rounds: int,
+        pipeline: Pipeline | None = None,
+        seed: int = 0,
+        vocab: str = "",
+        secure: bool = False,
     ) -> SyncChannel:
-        return LocalChannel(self.federation, self.index, rounds, pipeline, seed, vocab)
+        return LocalChannel(self.federation, self.index, rounds, pipeline, seed, vocab, secure)
 
     def turn(self, seed: int) -> Turn | None:
         """What makes this party's run reproducible in a shared process (None: the parties overlap freely)."""
@@ -239,16 +282,18 @@ class LocalChannel:
         pipeline: Pipeline | None = None,
         seed: int = 0,
         vocab: str = "",
+        secure: bool = False,
     ) -> None:
         self.federation, self.index, self.rounds, self.syncs = federation, index, rounds, 0
         self.vocab = vocab  # the fingerprint of the party's token ids
+        self.secure = secure  # it asked for secure aggregation
         self.pipeline, self.seed = pipeline or EMPTY, seed  # party-side transforms on each delta
         self._base: FlatParams | None = None
         self._round = 0
         self._closed = False
 
     def start(self, params: FlatParams, timeout: float | None = None) -> FlatParams:
-        self._round = self.federation._start(self.index, params, self.rounds, timeout, self.vocab)
+        self._round = self.federation._start(self.index, params, self.rounds, timeout, self.vocab, self.secure)
         self._base = params.clone()
         return params
 

@@ -14,7 +14,10 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("integrations", {"hf", "lightning", "offsite", "hpc"}),
     ("sync", {"sync"}),
     ("runtime", {"runtime", "runtime.sim", "runtime.ray", "runtime.grpc", "runtime.files", "security"}),
-    ("algorithms", {"strategy", "select", "client", "callbacks", "transforms", "privacy", "secagg", "robust"}),
+    (
+        "algorithms",
+        {"strategy", "select", "client", "callbacks", "transforms", "privacy", "secagg", "robust", "attacks"},
+    ),
     ("core", {"core"}),
     ("data", {"data", "models", "traces"}),
     ("base", {"errors", "registry", "lazy"}),
@@ -29,6 +32,8 @@ SUB_ORDERS: dict[tuple[str, str], str] = {
     ("runtime.ray", "runtime.sim"): "Ray workers train their share with the in-process runtime",
     ("runtime.grpc", "runtime.sim"): "a deployed party's seed is the simulated client's (client_seed)",
     ("runtime", "runtime.sim"): "the runtime package's doc names its runtimes",
+    ("transforms", "robust"): "the robust aggregation rules are registered as fold transforms",
+    ("transforms", "attacks"): "the attacker behaviours are registered as party-side transforms",
     ("models", "data"): "models are shaped by a dataset's features",
     ("registry", "errors"): "an unknown name is a ConfigError",
 }

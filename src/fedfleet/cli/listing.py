@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+
 from fedfleet.errors import ConfigError
-from fedfleet.registry import did_you_mean
+from fedfleet.registry import Registry, did_you_mean
 
 
 def _tables() -> dict:
@@ -31,4 +33,21 @@ def list_command(kind: str | None) -> int:
     for name, registry in tables.items():
         if kind in (None, name):
             print(f"{name}: {', '.join(registry.names())}")
+            if kind == name:
+                for line in _details(registry):
+                    print(line)
     return 0
+
+
+def _details(registry: Registry) -> list[str]:
+    """One line per entry that states what it holds in memory (the robust aggregators: K x model or O(model))."""
+    entries = [(n, registry.get(n)) for n in registry.names()]
+    described = [(n, e) for n, e in entries if isinstance(getattr(e, "memory", None), str)]
+    width = max((len(n) for n, _ in described), default=0)
+    lines = []
+    for name, entry in described:
+        summary = (entry.__doc__ or "").strip().splitlines()[0] if entry.__doc__ else ""
+        keys = ", ".join(inspect.signature(entry).parameters)
+        pad = " " * (width + 4)
+        lines += [f"  {name:<{width}}  {summary}".rstrip(), f"{pad}keys: {keys}", f"{pad}memory: {entry.memory}"]
+    return lines

@@ -186,7 +186,9 @@ class RoundLoop:
     def stateful_parts(self) -> dict[str, Stateful]:
         """The parts with state of their own that a resumed run needs, e.g. Oort's memory of every client,
         or the rows clients keep locally (``client.keep_local``)."""
-        parts = {"selector": self.selector, "runtime": self.runtime}
+        parts: dict[str, Any] = {"selector": self.selector, "runtime": self.runtime}
+        if self.pipeline.stateful:  # a fold transform that remembers rounds (centered clipping's centre)
+            parts["pipeline"] = self.pipeline
         return {name: part for name, part in parts.items() if hasattr(part, "state_dict")}
 
     def restore(self, snap: dict[str, Any]) -> None:

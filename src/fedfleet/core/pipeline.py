@@ -139,7 +139,32 @@ class Pipeline:
             if context is None:
                 raise ConfigError("secure aggregation needs the round's parties: this runtime does not offer it")
             return self.secure.aggregator(inner, global_params, context)
-        return PipelineAggregator(inner, self) if self.server else inner
+        if not self.server:
+            return inner
+        for transform in self.server:
+            start = getattr(transform, "start_round", None)
+            if start is not None:  # what a robust rule keeps of a round starts empty (a retried round too)
+                start(global_params, inner)
+        return PipelineAggregator(inner, self)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether a fold transform remembers earlier rounds (centered clipping's centre): checkpoints carry it."""
+        return any(hasattr(t, "state_dict") for t in self.server)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The fold transforms' memory, each key prefixed by the transform's place in the chain."""
+        state: dict[str, Any] = {}
+        for i, transform in enumerate(self.server):
+            if hasattr(transform, "state_dict"):
+                state.update({f"{i}.{k}": v for k, v in transform.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for i, transform in enumerate(self.server):
+            if hasattr(transform, "load_state_dict"):
+                mine = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == str(i)}
+                transform.load_state_dict(mine)
 
 
 EMPTY = Pipeline()

@@ -25,7 +25,7 @@ from fedfleet.errors import ConfigError, DataError
 from fedfleet.models import build_model
 from fedfleet.registry import construct
 from fedfleet.secagg.in_process import SecureAggregation
-from fedfleet.transforms import build_pipeline
+from fedfleet.transforms import JobFacts, build_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,10 @@ def build_parts(job: JobConfig, clients: int | None = None) -> JobParts:
 def pipeline_of(job: JobConfig) -> Pipeline:
     """The job's aggregation pipeline: its party-side chain goes into the trainer, its fold chain into the loop."""
     t = job.transforms
-    pipeline = build_pipeline([(n.name, n.params) for n in t.client], [(n.name, n.params) for n in t.server])
+    # what a transform checks itself against: the updates a round (or a FedBuff step) folds, the clients
+    cohort, key = (job.cohort, "cohort") if job.fedbuff is None else (job.fedbuff.buffer, "fedbuff.buffer")
+    facts = JobFacts(cohort, key, job.data.clients, job.seed)
+    pipeline = build_pipeline([(n.name, n.params) for n in t.client], [(n.name, n.params) for n in t.server], facts)
     if job.secure_aggregation is None:
         return pipeline
     return dataclasses.replace(pipeline, secure=SecureAggregation(job.secure_aggregation, session=job.name))

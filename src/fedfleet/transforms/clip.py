@@ -45,7 +45,10 @@ class ClipNorm(_Bound):
 @FOLD_TRANSFORMS.register("clip")
 @dataclass(frozen=True)
 class ClipNormBeforeFold(_Bound):
+    """Scale each delta to L2 norm <= max_norm before it is folded."""
+
     mergeable: ClassVar[bool] = True  # each update alone
+    memory: ClassVar[str] = "O(model), one update at a time"
 
     def before_fold(self, update: Update) -> Update | None:
         return clip_delta(update, self.max_norm)

@@ -99,3 +99,17 @@ def test_parsing_the_config_does_not_load_torch_and_every_public_name_resolves()
     assert out.strip() == "False"
     assert sorted(secagg.__all__) == sorted(secagg._LAZY)
     assert all(getattr(secagg, name) is not None for name in secagg.__all__)
+
+
+def test_the_settings_block_of_docs_secure_aggregation_is_a_valid_job_section_with_the_defaults_it_names():
+    import re
+
+    import yaml
+
+    from fedfleet.config.loader import parse
+    from tests.paths import ROOT
+
+    doc = (ROOT / "docs" / "secure-aggregation.md").read_text()
+    block = re.search(r"```yaml\n(secure_aggregation:.*?)```", doc, re.S).group(1)
+    section = parse(SecAggConfig, yaml.safe_load(block)["secure_aggregation"], "secure_aggregation")
+    assert section == SecAggConfig(neighbours=8)  # every other key as the doc shows it: the default

@@ -13,7 +13,8 @@ the arbiter every epoch (or every N steps with --aggregate step --freq N). `--si
 124M shape; the default `tiny` runs in a minute on a laptop CPU.
 
 A data owner may be several processes (torchrun, or the `deepspeed` launcher with `--deepspeed zero2`, a
-ZeRO preset or a DeepSpeed JSON config): its rank 0 talks to the arbiter. docs/launching.md has the lines.
+ZeRO preset or a DeepSpeed JSON config): its rank 0 talks to the arbiter. One process needs no launcher, with
+DeepSpeed too. docs/launching.md has the lines.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -77,12 +77,7 @@ def main() -> int:
     if args.deepspeed:
         from fedfleet.hf.ds_config import load_deepspeed_config
 
-        if "LOCAL_RANK" not in os.environ:  # else DeepSpeed looks for MPI and fails on a missing mpi4py
-            sys.exit(
-                "--deepspeed needs a launcher, even for one process: "
-                f"deepspeed --num_gpus 1 {' '.join(sys.argv)} (or torchrun --nproc_per_node 1 ...)"
-            )
-        deepspeed = load_deepspeed_config(args.deepspeed)
+        deepspeed = load_deepspeed_config(args.deepspeed)  # without a launcher: one process (FedAvgClient sets it up)
     # made before the model and the data: with several ranks it starts torch.distributed (and DeepSpeed)
     training_args = training_arguments(args, work / "trainer", seed=0, deepspeed=deepspeed)
     tokenizer = gpt2_tokenizer()

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from fedfleet.errors import ConfigError
+from fedfleet.hf import inprocess
 from fedfleet.hf.callback import FedSyncCallback
 from fedfleet.sync.args import FedArguments
 
@@ -34,6 +35,8 @@ class FedAvgClient(Trainer):
     ``select`` (``"all"``, ``"re:<regex>"`` or a callable) to choose otherwise. ``sync_timeout``: seconds
     to wait for the other parties at a sync (None: the context's limit). ``update_transforms``: the aggregation
     pipeline's party-side chain (e.g. ``[ClipNorm(1.0)]`` from ``fedfleet.transforms``) on each update sent.
+    A DeepSpeed config's numbers that disagree with ``training_args`` become ``"auto"``, with a warning
+    (``fedfleet.hf.ds_config.reconcile``); parties sharing a process: ``fedfleet.hf.inprocess``.
     """
 
     def __init__(
@@ -67,18 +70,19 @@ class FedAvgClient(Trainer):
         self.fed_args = fed_args or FedArguments()
         self.fed_sync = FedSyncCallback(ctx, self.fed_args, select, sync_timeout, update_transforms)
         self.fed_sync.driver.vocab = _vocab(tokenizer)  # the parties' token ids must mean the same (core.vocab)
-        super().__init__(
-            model=model,
-            args=training_args,
-            data_collator=data_collator,
-            train_dataset=train_set,
-            eval_dataset=eval_set,
-            processing_class=tokenizer,
-            compute_loss_func=_loss_adapter(loss_fn) if loss_fn is not None else None,
-            compute_metrics=compute_metrics,
-            callbacks=[*callbacks, self.fed_sync],
-            **trainer_kwargs,
-        )
+        with inprocess.building(self, ctx, training_args):  # what one process cannot hold is refused first
+            super().__init__(
+                model=model,
+                args=training_args,
+                data_collator=data_collator,
+                train_dataset=train_set,
+                eval_dataset=eval_set,
+                processing_class=tokenizer,
+                compute_loss_func=_loss_adapter(loss_fn) if loss_fn is not None else None,
+                compute_metrics=compute_metrics,
+                callbacks=[*callbacks, self.fed_sync],
+                **trainer_kwargs,
+            )
         self.fed_sync.trainer = self
         self.ctx = ctx
 
@@ -90,10 +94,12 @@ class FedAvgClient(Trainer):
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         try:
+            inprocess.check_going(self.ctx)
             with self.fed_sync.turn(self.args.seed):
                 return super().train(*args, **kwargs)
         finally:
             self.fed_sync.close()  # also when training fails: leave the session instead of hanging it
+            inprocess.release(self)
 
 
 def _vocab(tokenizer: Any) -> str:

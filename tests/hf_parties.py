@@ -60,7 +60,15 @@ class After(TrainerCallback):
 
 
 def make_client(
-    ctx, csv: Path, seed: int, fed_args: FedArguments, out: Path, epochs: float = 2, model=None, update_transforms=()
+    ctx,
+    csv: Path,
+    seed: int,
+    fed_args: FedArguments,
+    out: Path,
+    epochs: float = 2,
+    model=None,
+    update_transforms=(),
+    **client_kwargs,
 ):
     tok = gpt2_tokenizer()
     train = TokenizerDataset(tok, max_length=32, padding="max_length").load(csv)
@@ -84,6 +92,7 @@ def make_client(
         train_set=train,
         tokenizer=tok,
         update_transforms=update_transforms,
+        **client_kwargs,
     )
     before = Before(client)
     client.callback_handler.callbacks.insert(client.callback_handler.callbacks.index(client.fed_sync), before)

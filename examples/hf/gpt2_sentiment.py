@@ -50,6 +50,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=5, help="log the training loss every N steps")
     p.add_argument("--lora", action="store_true", help="fine-tune LoRA adapters only (PEFT); only they travel")
     p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: 1 for a model under 10M params, as --size tiny is; else torch's own)",
+    )
+    p.add_argument(
         "--deepspeed",
         metavar="CONFIG",
         help="train under DeepSpeed: a preset (zero0..zero3, zero1-offload..zero3-offload) or a JSON config file",
@@ -107,6 +112,7 @@ def main() -> int:
         training_args=training_args,
         train_set=train_set,
         tokenizer=tokenizer,
+        threads=args.threads,
     )
     result = trainer.train()
     trainer.save_model(str(work / "model"))

@@ -25,6 +25,7 @@ from fedfleet.errors import ConfigError
 from fedfleet.hf import inprocess
 from fedfleet.hf.callback import FedSyncCallback
 from fedfleet.sync.args import FedArguments
+from fedfleet.sync.threads import PartyThreads, check_threads, choose_threads, parties_at_once
 
 
 class FedAvgClient(Trainer):
@@ -35,6 +36,8 @@ class FedAvgClient(Trainer):
     ``select`` (``"all"``, ``"re:<regex>"`` or a callable) to choose otherwise. ``sync_timeout``: seconds
     to wait for the other parties at a sync (None: the context's limit). ``update_transforms``: the aggregation
     pipeline's party-side chain (e.g. ``[ClipNorm(1.0)]`` from ``fedfleet.transforms``) on each update sent.
+    ``threads``: torch's CPU threads while training (None: 1 for a model under 10M params, as the simulation
+    trains, else torch's own, shared out among in-process parties that train at once; ``fedfleet.sync.threads``).
     A DeepSpeed config's numbers that disagree with ``training_args`` become ``"auto"``, with a warning
     (``fedfleet.hf.ds_config.reconcile``); parties sharing a process: ``fedfleet.hf.inprocess``.
     """
@@ -56,6 +59,7 @@ class FedAvgClient(Trainer):
         sync_timeout: float | None = None,
         update_transforms: Sequence[Any] = (),
         val_set: Any = None,  # FATE-LLM's name for eval_set
+        threads: int | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         if val_set is not None:
@@ -67,6 +71,7 @@ class FedAvgClient(Trainer):
         if train_set is None:
             raise ConfigError("FedAvgClient needs train_set: the party's own training data")
         _check_vocab(tokenizer, model)
+        self.cpu_threads = check_threads(threads)  # a bad count fails here, not when training starts
         self.fed_args = fed_args or FedArguments()
         self.fed_sync = FedSyncCallback(ctx, self.fed_args, select, sync_timeout, update_transforms)
         self.fed_sync.driver.vocab = _vocab(tokenizer)  # the parties' token ids must mean the same (core.vocab)
@@ -95,11 +100,16 @@ class FedAvgClient(Trainer):
     def train(self, *args: Any, **kwargs: Any) -> Any:
         try:
             inprocess.check_going(self.ctx)
-            with self.fed_sync.turn(self.args.seed):
+            with self.fed_sync.turn(self.args.seed), self._threads():
                 return super().train(*args, **kwargs)
         finally:
             self.fed_sync.close()  # also when training fails: leave the session instead of hanging it
             inprocess.release(self)
+
+    def _threads(self) -> PartyThreads:
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())  # ZeRO-3: the full size
+        count = choose_threads(params, self.args.device, parties_at_once(self.ctx), self.cpu_threads)
+        return PartyThreads(count, getattr(self.ctx, "name", "party"))
 
 
 def _vocab(tokenizer: Any) -> str:

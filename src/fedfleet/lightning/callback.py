@@ -31,6 +31,7 @@ from fedfleet.lightning.records import SyncRecord
 from fedfleet.sync.access import ParamAccess
 from fedfleet.sync.args import FedArguments
 from fedfleet.sync.driver import Ranks, SyncDriver
+from fedfleet.sync.threads import PartyThreads, check_threads, choose_threads, parties_at_once
 
 log = logging.getLogger("fedfleet.lightning")
 
@@ -43,6 +44,8 @@ class FedLightningCallback(pl.Callback):
     first tensor's leading dimension is not that. ``timeout``: seconds to wait for the others at a sync.
     ``seed``: the seed of this in-process party's random state while it takes its turns, and of randomised
     transforms. ``update_transforms``: the aggregation pipeline's party-side chain (``fedfleet.transforms``).
+    ``threads``: torch's CPU threads while training (None: 1 for a module under 10M params, as the simulation
+    trains, else torch's own, shared out among in-process parties that train at once; ``fedfleet.sync.threads``).
     Each sync is kept in ``history`` and logged to every logger of the trainer under ``fed/``.
     """
 
@@ -55,6 +58,7 @@ class FedLightningCallback(pl.Callback):
         timeout: float | None = None,
         seed: int | None = None,
         update_transforms: Sequence[Any] = (),
+        threads: int | None = None,
     ) -> None:
         if getattr(ctx, "is_arbiter", False):
             raise ConfigError("this context is the arbiter's: it does not train; run FedAvgServer(ctx).train() there")
@@ -63,6 +67,8 @@ class FedLightningCallback(pl.Callback):
         self.select = select
         self.batch_size_fn = batch_size_fn or batch_size
         self.timeout = timeout
+        self.threads = check_threads(threads)
+        self._threads = PartyThreads(None, "")
         # in-process parties (a LocalFederation) train in turns from ``setup`` on, each with its own random
         # state seeded from this (default: torch's seed when the callback is made, e.g. seed_everything's)
         self.seed = torch.initial_seed() if seed is None else seed
@@ -101,6 +107,11 @@ class FedLightningCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self.driver.enter_turn(self.seed)
+            params = sum(p.numel() for p in pl_module.parameters())
+            at_once = parties_at_once(self.ctx)
+            count = choose_threads(params, trainer.strategy.root_device, at_once, self.threads)
+            self._threads = PartyThreads(count, getattr(self.ctx, "name", "party"))
+            self._threads.__enter__()  # left in close(), whichever hook ends the run
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # here (not in setup) the strategy has wrapped the model, built the optimizers and the dataloaders
@@ -143,6 +154,7 @@ class FedLightningCallback(pl.Callback):
 
     def close(self) -> None:
         self.driver.close()
+        self._threads.__exit__(None, None, None)
 
     # -- internals -----------------------------------------------------------------------------------
     def _plan(self, trainer: pl.Trainer) -> tuple[int, int]:

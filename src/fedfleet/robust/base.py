@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -157,10 +158,18 @@ def anomaly_scores(stack: UpdateStack, result: Tensor, flag_ratio: float) -> dic
     return scores
 
 
+def sort_columns(x: Tensor) -> Tensor:
+    """Each column of ``x`` sorted. On a CPU numpy's vectorised sort is used (5x torch's along a short axis, on
+    (20, 200K) float32); both give the same values, a sort being exact."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.sort(x.numpy(), axis=0))
+    return x.sort(dim=0).values
+
+
 def coordinate_median(x: Tensor) -> Tensor:
     """The median of each column of ``x`` (the mean of the two middle values when the row count is even)."""
     k = x.shape[0]
-    v = x.sort(dim=0).values
+    v = sort_columns(x)
     return (v[(k - 1) // 2] + v[k // 2]) / 2
 
 

@@ -59,5 +59,5 @@ class Bulyan(RobustCombiner):
         for start, stop, x in stack.blocks(chosen):
             med = coordinate_median(x)
             nearest = (x - med).abs().topk(beta, dim=0, largest=False).indices
-            out[start:stop] = x.gather(0, nearest).double().mean(0).to(out.dtype)
+            out[start:stop] = x.gather(0, nearest).mean(0)
         return out, {"selected": float(len(chosen))}

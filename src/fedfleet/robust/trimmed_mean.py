@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from fedfleet.robust.base import RobustCombiner, check_count, zeros
+from fedfleet.robust.base import RobustCombiner, check_count, sort_columns, zeros
 from fedfleet.robust.stack import UpdateStack
 
 
@@ -50,6 +50,5 @@ class TrimmedMean(RobustCombiner):
         n, b = stack.k, self.trimmed(stack.k)
         out = zeros(stack)
         for start, stop, x in stack.blocks():
-            kept = x.sort(dim=0).values[b : n - b]
-            out[start:stop] = kept.double().mean(0).to(out.dtype)
+            out[start:stop] = sort_columns(x)[b : n - b].mean(0)
         return out, {"trimmed": float(2 * b)}

@@ -122,3 +122,15 @@ def test_a_party_of_another_protocol_or_without_secure_aggregation_is_refused_at
         assert wait_for(lambda: not server.connected())
     finally:
         server.stop(0.5)
+
+
+def test_a_model_less_arbiter_runs_secure_rounds_and_evaluates_them_with_the_parties(tmp_path):
+    """The layout comes from the first party (its seeded initial model, the same for all: no private data), the
+    masked layout from it; the parties' evaluations after each secure round are plain metrics."""
+    fed = secure_federation(tmp_path, ["rounds=2", "eval_every=1", "network.central_eval=false"])
+    history = fed.run()
+    assert [r.metrics["clients"] for r in history] == [4.0, 4.0]
+    assert all("test_party_accuracy" in r.metrics for r in history), history[-1].metrics
+    sim = Simulation.from_config(fed.job)
+    sim.run()
+    assert largest_difference(fed.arbiter.loop.global_params, sim.loop.global_params) < 1e-6

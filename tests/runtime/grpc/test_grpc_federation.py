@@ -1,5 +1,6 @@
 """A real arbiter and real parties over gRPC on loopback (threads of this process; processes elsewhere)."""
 
+import contextlib
 import threading
 import time
 
@@ -176,6 +177,55 @@ def test_a_model_larger_than_many_chunks_streams_exactly(tmp_path):
             total.add_(update.params)
         for buf in total.buffers.values():
             assert torch.all(buf == 6.0)  # 1 + 2 + 3, every element, in both dtypes
+    finally:
+        runtime.finish()
+        server.stop(0.5)
+
+
+def run_until_refused(party: Party) -> None:
+    with contextlib.suppress(PartyRejected):
+        party.run()
+
+
+def test_a_round_does_not_wait_for_a_party_that_left_before_its_task(monkeypatch):
+    """The race CI hit: a party is present when the round starts, and its stream ends before the round's tasks go
+    out, so its GONE event is drained with the stale ones. The round must see it gone within a second or two, not
+    wait out the round timeout (a day in sync mode), with the server's handler threads blocking the exit."""
+    spec_params = FlatParams.from_tensors({"w": torch.zeros(10)})
+    port = free_port()
+    server = ArbiterServer(session="s", parties=PARTIES, spec=spec_params.spec, address=f"127.0.0.1:{port}",
+                           credentials=None)  # fmt: skip
+    runtime = GrpcRuntime(server, min_parties=2, round_timeout=60, join_timeout=30, wait_timeout=60,
+                          federated_eval=False)  # fmt: skip
+    server.start()
+    parties = [Party(EchoTrainer(spec_params.zeros_like(), i + 1.0), None, None,
+                     Connection(f"127.0.0.1:{port}", "s", name, None)) for i, name in enumerate(PARTIES)]  # fmt: skip
+    for party in parties:
+        threading.Thread(target=run_until_refused, args=(party,), daemon=True).start()
+    leaving = PARTIES[2]
+    drain = runtime._drain_stale
+
+    def leave_then_drain():  # after the round counted the party present, before it sends the tasks
+        server.refuse(leaving, "leaves for the test")
+        deadline = time.monotonic() + 10
+        while server.link(leaving) is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # its GONE event is queued by now, and drained next
+        drain()
+
+    try:
+        with server.changed:
+            assert server.changed.wait_for(lambda: len(server.connected()) == 3, 30)
+        monkeypatch.setattr(runtime, "_drain_stale", leave_then_drain)
+        start = time.monotonic()
+        glob = spec_params.zeros_like()
+        total = glob.zeros_like()
+        for update in runtime.fit(glob, [0, 1, 2], FitConfig()):
+            total.add_(update.params)
+        assert time.monotonic() - start < 10
+        assert torch.all(total.buffers[torch.float32] == 3.0)  # 1 + 2: the two that stayed
+        metrics = runtime.round_metrics()
+        assert (metrics["parties"], metrics["lost"], metrics["timed_out"]) == (3.0, 1.0, 0.0)
     finally:
         runtime.finish()
         server.stop(0.5)

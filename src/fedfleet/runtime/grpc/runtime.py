@@ -19,7 +19,7 @@ import queue
 import statistics
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fedfleet.core.aggregate import MetricMean
@@ -30,6 +30,7 @@ from fedfleet.core.update import Partial, TrainStats, Update
 from fedfleet.errors import UserError
 from fedfleet.runtime.grpc.arbiter import ArbiterServer, Event, EventKind
 from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES, iter_chunks
+from fedfleet.runtime.grpc.links import PartyLink
 from fedfleet.runtime.grpc.wire import Done, JoinMode, Notice, Task, TaskKind
 from fedfleet.runtime.sim.sequential import client_seed
 
@@ -103,6 +104,7 @@ class GrpcRuntime:
         tasks = {name: uuid.uuid4().hex for name in present}
         self._drain_stale()
         self.server.gate.open(config.round, tasks, TaskKind.SYNC if self.sync_mode else TaskKind.FIT)
+        links = self.links(tasks)
         for name, task_id in tasks.items():
             if self.sync_mode:  # the party trains on its own schedule: it needs only the params
                 task = Task(task_id=task_id, round=config.round, task=TaskKind.SYNC)
@@ -112,7 +114,7 @@ class GrpcRuntime:
             self._send(name, task)
             self._send(name, iter_chunks(global_params, self.chunk_bytes))
         pending, accepted, lost = set(tasks), 0, 0
-        for event in self._events(pending, config.round):
+        for event in self._events(pending, config.round, links):
             if event.kind == EventKind.UPDATE:
                 result = event.result
                 # updates fold as they arrive, so a party's weight is capped by the others' latest known ones
@@ -233,8 +235,9 @@ class GrpcRuntime:
             name, task_id = present[0], uuid.uuid4().hex
             self._drain_stale()
             self.server.gate.open(-1, {name: task_id}, TaskKind.INIT)
+            links = self.links([name])
             self._send(name, Task(task_id=task_id, round=-1, task=TaskKind.INIT, has_params=False))
-            for event in self._events({name}, -1):
+            for event in self._events({name}, -1, links):
                 if event.kind == EventKind.UPDATE:
                     params = event.params.clone()
                     self.server.release(event.params)
@@ -256,11 +259,12 @@ class GrpcRuntime:
         tasks = {name: uuid.uuid4().hex for name in present}
         self._drain_stale()
         self.server.gate.open(self._round, tasks, TaskKind.EVALUATE)
+        links = self.links(tasks)
         for name, task_id in tasks.items():
             self._send(name, Task(task_id=task_id, round=self._round, task=TaskKind.EVALUATE))
             self._send(name, iter_chunks(global_params, self.chunk_bytes))
         answers = {}
-        for event in self._events(set(tasks), self._round):
+        for event in self._events(set(tasks), self._round, links):
             if event.kind == EventKind.EVALUATED:
                 answers[event.party] = event.result
         self.server.gate.close()
@@ -275,8 +279,9 @@ class GrpcRuntime:
         if link is not None:
             link.outbox.send(item)
 
-    def _events(self, pending: set[str], rnd: int) -> Iterator[Event]:
-        """This round's events until every pending party is accounted for or the round times out."""
+    def _events(self, pending: set[str], rnd: int, links: dict[str, PartyLink | None]) -> Iterator[Event]:
+        """This round's events until every pending party is accounted for or the round times out; a party
+        whose stream is no longer the one its task went to (``links``) is gone."""
         deadline = time.monotonic() + self.round_timeout
         while pending:
             left = deadline - time.monotonic()
@@ -285,6 +290,9 @@ class GrpcRuntime:
             try:
                 event = self.server.events.get(timeout=min(left, 1.0))
             except queue.Empty:
+                for name in self.vanished(pending, links):
+                    pending.discard(name)
+                    yield Event(EventKind.GONE, name, rnd)
                 continue
             if event.round != rnd and event.kind != EventKind.GONE:
                 self.server.release(event.params)  # finished arriving after its round closed
@@ -294,6 +302,18 @@ class GrpcRuntime:
                 yield event
             else:
                 self.server.release(event.params)
+
+    def links(self, names: Iterable[str]) -> dict[str, PartyLink | None]:
+        """Each party's stream now, before its task is sent on it."""
+        return {name: self.server.link(name) for name in names}
+
+    def vanished(self, names: set[str], links: dict[str, PartyLink | None]) -> list[str]:
+        """The parties among ``names`` whose stream is not the one of ``links`` (it ended, or a reconnect
+        replaced it): their task is lost. Their GONE event is not always queued for the round: one that left
+        between the round's start and its tasks had it drained with the stale events, and a replaced stream
+        queues none; a round waiting for them would wait out the round timeout (a day in sync mode)."""
+        now = self.links(sorted(names))
+        return [name for name, link in now.items() if link is None or link is not links.get(name)]
 
     def _drain_stale(self) -> None:
         while True:
@@ -310,7 +330,8 @@ class GrpcRuntime:
         told = ("", 0.0)  # the missing parties last told to the others, and when
         with self.server.changed:
             while True:
-                present = [n for n in names if self.server.link(n) is not None]
+                # a refused party's stream may still be closing: it is not sent the round's task
+                present = [n for n in names if self.server.link(n) is not None and n not in self.server.refused]
                 coming = [n for n in names if n not in self.server.refused]  # a refused party does not return
                 waited = time.monotonic() - start
                 enough = len(present) >= need

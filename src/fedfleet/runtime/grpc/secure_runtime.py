@@ -87,6 +87,7 @@ class SecureRound:
         masked = MaskedRound(spec, self.session, dict(self.ids), len(self.ids), self.plan.degree)
         self.rt._drain_stale()
         self.server.gate.open(self.round, self.tasks, TaskKind.FIT, masked)
+        self.links = self.rt.links(self.tasks)
         try:
             return self._stages(global_params, fit)
         finally:
@@ -175,6 +176,10 @@ class SecureRound:
             try:
                 event = events.get(timeout=min(left, 1.0))
             except queue.Empty:
+                for name in self.rt.vanished(pending, self.links):  # it left, and its GONE event was drained as stale
+                    self.lost += 1
+                    self.out.add(name)
+                    pending.discard(name)
                 continue
             try:
                 if event.party not in self.ids or (event.round != self.round and event.kind != EventKind.GONE):

@@ -83,9 +83,18 @@ PARTIES = [("guest", "9999"), ("host", "10000"), ("arbiter", "10000")]
 
 
 def build_client(
-    role: str, pid: str, csv: str, out: str, address: str, stage: int, batch_size: int, offload: bool = False
+    role: str,
+    pid: str,
+    csv: str,
+    out: str,
+    address: str,
+    stage: int,
+    batch_size: int,
+    offload: bool = False,
+    aggregator: str = "plain",
 ) -> tuple[FedAvgClient, dict[str, list[torch.Tensor]]]:
-    """A FedAvgClient (ZeRO ``stage``; -1: no DeepSpeed) with recorders on both sides of its sync callback."""
+    """A FedAvgClient (ZeRO ``stage``; -1: no DeepSpeed) with recorders on both sides of its sync callback;
+    ``aggregator``: FedArguments' (``"secure"``: rank 0 masks what the party sends)."""
     ctx = create_context((role, pid), PARTIES, "s-ds", address, insecure=True)
     ctx = dataclasses.replace(ctx, connect_attempts=5, reconnect_max_s=2.0)  # a dead arbiter fails the test fast
     tok = gpt2_tokenizer()
@@ -107,7 +116,7 @@ def build_client(
     client = FedAvgClient(
         ctx=ctx,
         model=tiny_gpt2(seed),
-        fed_args=FedArguments("epoch", 1),
+        fed_args=FedArguments("epoch", 1, aggregator),
         training_args=args,
         train_set=train,
         tokenizer=tok,
@@ -144,8 +153,11 @@ def main() -> None:
     p.add_argument("--stage", type=int, default=-1, help="ZeRO stage; -1: no DeepSpeed")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--offload", action="store_true", help="the optimizer offloaded to the CPU: DeepSpeedCPUAdam")
+    p.add_argument("--aggregator", default="plain", choices=["plain", "secure"])
     a = p.parse_args()
-    client, log = build_client(a.role, a.party_id, a.csv, a.out, a.address, a.stage, a.batch_size, a.offload)
+    client, log = build_client(
+        a.role, a.party_id, a.csv, a.out, a.address, a.stage, a.batch_size, a.offload, a.aggregator
+    )
     result = run(client, log, a.out)
     rank = client.args.process_index
     torch.save(result, Path(a.out) / f"{client.ctx.name}-rank{rank}.pt")

@@ -51,17 +51,22 @@ def compiled_cpu_ops() -> None:
         subprocess.run([sys.executable, "-c", SHM_OP], env=ENV, check=True, capture_output=True, timeout=1200)
 
 
-def launch_guest(csv: Path, out: Path, address: str, stage: int, offload: bool, ranks: int = 2) -> subprocess.Popen:
+def launch_guest(
+    csv: Path, out: Path, address: str, stage: int, offload: bool, ranks: int = 2, aggregator: str = "plain"
+) -> subprocess.Popen:
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
     cmd += ["-m", "tests.hf_deepspeed_party", "--role", "guest", "--party-id", "9999", "--csv", str(csv)]
     cmd += ["--out", str(out), "--address", address, "--stage", str(stage), "--batch-size", str(8 // ranks)]
-    cmd += ["--offload"] if offload else []
+    cmd += ["--aggregator", aggregator, *(["--offload"] if offload else [])]
     return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run_session(tmp_path: Path, guest_stage: int, offload: bool = False) -> dict[str, list[dict]]:
-    """The guest (2 torchrun ranks, ZeRO ``guest_stage``) in a subprocess; the arbiter and a plain host here."""
+def run_session(
+    tmp_path: Path, guest_stage: int, offload: bool = False, aggregator: str = "plain"
+) -> dict[str, list[dict]]:
+    """The guest (2 torchrun ranks, ZeRO ``guest_stage``) in a subprocess; the arbiter and a plain host here;
+    ``aggregator``: every party's (``"secure"``: the guest's rank 0 masks, the arbiter sees only masked inputs)."""
     csvs = review_shares(tmp_path / "data", 2, reviews=64)  # 32 examples each: 4 steps of 8 per epoch
     host_rows = csvs[1].read_text().splitlines()[: 1 + 24]  # the host keeps 24: unequal weights, 3 steps
     csvs[1].write_text("\n".join(host_rows) + "\n")
@@ -79,9 +84,9 @@ def run_session(tmp_path: Path, guest_stage: int, offload: bool = False) -> dict
     arbiter = threading.Thread(target=serve, daemon=True)
     arbiter.start()
     out = tmp_path / "out"
-    guest = launch_guest(csvs[0], out, address, guest_stage, offload)
+    guest = launch_guest(csvs[0], out, address, guest_stage, offload, aggregator=aggregator)
     try:
-        client, log = build_client("host", "10000", str(csvs[1]), str(out), address, -1, 8)
+        client, log = build_client("host", "10000", str(csvs[1]), str(out), address, -1, 8, aggregator=aggregator)
         host = run(client, log, str(out))
         _, err = guest.communicate(timeout=240)
         assert guest.returncode == 0, err[-4000:]
@@ -92,6 +97,8 @@ def run_session(tmp_path: Path, guest_stage: int, offload: bool = False) -> dict
     arbiter.join(30)
     assert not failures, failures
     assert len(records) == 2  # 2 epochs, a sync at the end of each
+    if aggregator == "secure":  # both masked inputs unmasked as one sum, every round
+        assert all(r.metrics["secagg_masked"] == 2.0 for r in records)
     return {"guest-9999": [torch.load(out / f"guest-9999-rank{r}.pt") for r in range(2)], "host-10000": [host]}
 
 
@@ -122,6 +129,13 @@ def check(logs: dict[str, list[dict]], guest_optimizer: str = "AdamW") -> None:
             # the optimizer's master weights and the model's own weights both hold the weighted mean
             assert torch.allclose(party["after"][r + 1], expected, rtol=0, atol=2e-6), f"master, sync {r + 1}"
             assert torch.allclose(party["after_model"][r + 1], expected, rtol=0, atol=2e-6), f"model, sync {r + 1}"
+
+
+def test_a_zero_guest_whose_rank_0_masks_and_a_host_hold_the_weighted_mean_under_secure_aggregation(tmp_path):
+    """FedArguments(aggregator="secure") on both: the guest's rank 0 masks the gathered params (ZeRO-2), the
+    arbiter unmasks only the sum, and every rank holds the weighted mean within the quantisation bound."""
+    check(run_session(tmp_path, guest_stage=2, aggregator="secure"))
+    assert saved_models_are_equal(tmp_path / "out")
 
 
 @pytest.mark.parametrize("stage", [2, 1, 3])

@@ -1,10 +1,8 @@
 """FedArguments(aggregator="secure") in an in-process federation of Trainers: the model the plain one gives,
-within the quantisation error; parties that disagree are told; over gRPC it is refused rather than sent plain."""
-
-import pytest
+within the quantisation error; parties that disagree are told. Over gRPC: tests/hf/test_hf_secure_grpc.py."""
 
 from fedfleet.errors import ConfigError
-from fedfleet.hf import FedArguments, LocalFederation, create_context
+from fedfleet.hf import FedArguments, LocalFederation
 from fedfleet.secagg import SecAggConfig
 from tests.hf.test_hf_local_federation import train_all
 from tests.hf_parties import make_client, review_shares
@@ -45,10 +43,3 @@ def test_the_federation_can_fix_the_settings(tmp_path):
     fed, _, errors = federate(tmp_path, "fixed", ["plain", "plain"], secure=SecAggConfig(bits=24, clip=0.5))
     assert errors == [None, None]
     assert fed.loop.pipeline.secure.config.bits == 24
-
-
-def test_secure_over_grpc_is_refused_until_it_is_available_not_sent_in_the_clear():
-    parties = [("guest", "1"), ("host", "2"), ("arbiter", "3")]
-    ctx = create_context(parties[0], parties, "s", insecure=True)
-    with pytest.raises(ConfigError, match=r"aggregator='secure'\) between processes is not available yet"):
-        ctx.channel(spec=None, rounds=1, secure=True)

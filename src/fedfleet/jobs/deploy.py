@@ -21,12 +21,11 @@ from fedfleet.core.params import FlatParams
 from fedfleet.data import partition
 from fedfleet.data.federated import ClientData
 from fedfleet.errors import ConfigError
-from fedfleet.jobs.assemble import build_parts, fit_config, pipeline_of
+from fedfleet.jobs.assemble import build_parts, fit_config, pipeline_of, selector_of
 from fedfleet.runtime.grpc import ArbiterServer, Connection, GrpcRuntime, Party
 from fedfleet.runtime.grpc.tls import ARBITER_NAME, channel_credentials, server_credentials
 from fedfleet.runtime.grpc.wire import JoinMode
-from fedfleet.secagg.config import SecAggConfig
-from fedfleet.select import build_selector
+from fedfleet.secagg.config import SecAggConfig, check_cohorts
 from fedfleet.strategy import build_strategy
 
 if TYPE_CHECKING:
@@ -106,8 +105,8 @@ def build_arbiter(job: JobConfig, access: Access) -> ArbiterJob:
     if min_parties > job.cohort:
         raise ConfigError(f"network.min_parties {min_parties} is larger than the cohort {job.cohort}")
     strategy = build_strategy(job.strategy.name, **job.strategy.params)
-    selector = build_selector(job.selector.name, **job.selector.params)
-    pipeline = pipeline_of(job)  # the fold chain; each party's own job file gives its party-side chain
+    selector = selector_of(job)
+    pipeline = pipeline_of(job, len(names))  # the fold chain; each party's own job file gives its party-side chain
     # the seeded initial model and the test split, only where the arbiter evaluates centrally
     parts = build_parts(job, clients=len(names)) if job.network.central_eval else None
     if job.secure_aggregation is not None:
@@ -182,11 +181,7 @@ def build_party(job: JobConfig, name: str, access: Access) -> Party:
 def check_secure_cohorts(config: SecAggConfig, smallest: int, largest: int) -> None:
     """A round runs with the cohort's connected parties, at least ``min_parties``: k and t must fit each count
     (a ConfigError naming the key and the count, before anything starts)."""
-    for n in range(max(smallest, 1), largest + 1):
-        try:
-            config.validate(n)
-        except ConfigError as exc:
-            raise ConfigError(f"{exc} (a round may run with {n} parties: network.min_parties is {smallest})") from None
+    check_cohorts(config, smallest, largest)
 
 
 def secure_server(job: JobConfig, access: Access, kwargs: dict) -> ArbiterServer:

@@ -105,6 +105,23 @@ def ring32_bits(n_parties: int) -> int:
     return bits
 
 
+def for_parties(n_parties: int) -> SecAggConfig:
+    """What ``FedArguments(aggregator="secure")`` asks for when nothing fixes the settings: the defaults, with the
+    finest rounding a 32-bit ring holds for the session's ``n_parties`` (every party and the arbiter compute the
+    same from the party count, so they agree without a word)."""
+    return SecAggConfig(bits=ring32_bits(n_parties))
+
+
+def check_cohorts(config: SecAggConfig, smallest: int, largest: int, key: str = "network.min_parties") -> None:
+    """A round runs with the connected parties, at least ``smallest``: k and t must fit each count from there to
+    ``largest`` (a ConfigError naming the key, the bound and the count, before anything starts)."""
+    for n in range(max(smallest, 1), largest + 1):
+        try:
+            config.validate(n)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (a round may run with {n} parties: {key} is {smallest})") from None
+
+
 def threshold_of(t: float | int, degree: int) -> int:
     """The share count for a graph of ``degree``: a fraction becomes more than that share of the neighbours; any
     count is raised to a strict majority (only needed when the degree was rounded up for parity)."""

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from fedfleet.errors import ConfigError
 from fedfleet.runtime.grpc.settings import DEFAULTS
+from fedfleet.secagg.config import SecAggConfig
 
 ARBITER_ROLE = "arbiter"
 DATA_ROLES = ("guest", "host")
@@ -76,19 +77,21 @@ class Context:
         return [party_name(p) for p in self.parties if p[0] != ARBITER_ROLE]
 
     def channel(
-        self, spec: Any, rounds: int, pipeline: Any = None, seed: int = 0, vocab: str = "", secure: bool = False
+        self,
+        spec: Any,
+        rounds: int,
+        pipeline: Any = None,
+        seed: int = 0,
+        vocab: str = "",
+        secure: bool | SecAggConfig = False,
     ) -> SyncChannel:
         """The party's stream to the arbiter for ``rounds`` syncs of params laid out as ``spec``; ``pipeline``'s
-        party-side transforms see each delta before it leaves (``seed``: their randomness); ``vocab``: the
-        fingerprint of the party's token ids, which must be the other parties'."""
+        party-side transforms see each delta before it leaves (``seed``: their randomness, and the secure
+        quantiser's rounding); ``vocab``: the fingerprint of the party's token ids, which must be the other
+        parties'. ``secure``: mask every update (SecAgg+); True takes the settings every party and the arbiter
+        derive from the number of parties (``secagg.config.for_parties``), a ``SecAggConfig`` fixes them."""
         if self.is_arbiter:
             raise ConfigError("the arbiter does not train; use FedAvgServer(ctx) on the arbiter")
-        if secure:  # refused rather than sent in the clear while the party believes it is masked
-            raise ConfigError(
-                "FedArguments(aggregator='secure') between processes is not available yet: it runs in an "
-                "in-process LocalFederation and in simulations (secure_aggregation:); use aggregator='plain' over "
-                "gRPC for now (updates still travel over mutual TLS)"
-            )
         from fedfleet.runtime.grpc import Connection, SyncParty  # grpc and torch only for a party that trains
         from fedfleet.runtime.grpc.tls import channel_credentials
 
@@ -103,7 +106,22 @@ class Context:
             max_attempts=self.connect_attempts,
             give_up_s=self.give_up_s,
         )
-        return SyncParty(spec, connection, rounds=rounds, pipeline=pipeline, seed=seed, vocab=vocab)
+        stages = self._secure_stages(secure, seed) if secure else None
+        return SyncParty(spec, connection, rounds=rounds, pipeline=pipeline, seed=seed, vocab=vocab, secure=stages)
+
+    def _secure_stages(self, secure: bool | SecAggConfig, seed: int) -> Any:
+        """This party's side of secure rounds: with certificates it signs its adverts with its own and checks its
+        neighbours' against the session's CA (on ``insecure=True`` identities are taken on trust)."""
+        from fedfleet.runtime.grpc.secure_identity import Signer, Verifier
+        from fedfleet.runtime.grpc.secure_party import SecureStages
+        from fedfleet.secagg.config import for_parties
+
+        parties = self.data_parties
+        config = secure if isinstance(secure, SecAggConfig) else for_parties(len(parties))
+        config.validate(len(parties))  # a bad setting (or a lone party) is named before the party joins
+        signer = None if self.certs is None else Signer(self.certs, self.name)
+        verifier = None if self.certs is None else Verifier(self.certs, parties)
+        return SecureStages(config, self.session_id, self.name, parties, seed, signer, verifier)
 
 
 # FATE-LLM's create_context keywords that name its own federation and computing engines: what to give instead

@@ -133,7 +133,7 @@ class SyncDriver:
             if self.vocab:  # checked against the other parties' when joining
                 extra["vocab"] = self.vocab
             if self.fed_args.secure:  # the session must mask every party's update (all parties must agree)
-                extra["secure"] = True
+                extra.update(secure=True, seed=seed)  # the seed drives the quantiser's rounding, as in simulation
             self.channel = self.ctx.channel(spec, self.rounds, **extra)
         self._exchange(lambda: self.channel.start(access.params, self.timeout))
 

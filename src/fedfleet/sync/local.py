@@ -28,7 +28,7 @@ from fedfleet.core.pipeline import EMPTY, Pipeline, TransformContext
 from fedfleet.core.update import NO_STATS, TrainStats, Update
 from fedfleet.core.vocab import SessionVocabulary
 from fedfleet.errors import ConfigError
-from fedfleet.secagg.config import SecAggConfig, ring32_bits
+from fedfleet.secagg.config import SecAggConfig, for_parties
 from fedfleet.secagg.in_process import SecureAggregation
 from fedfleet.select import build_selector
 from fedfleet.strategy import Strategy, build_strategy
@@ -120,7 +120,7 @@ class LocalFederation:
                 )
             if self._arbiter is None:
                 if self.secure is not None or any(self._secure.values()):
-                    config = self.secure or SecAggConfig(bits=ring32_bits(self.size))
+                    config = self.secure or for_parties(self.size)
                     self.pipeline = replace(self.pipeline or EMPTY, secure=SecureAggregation(config, "local"))
                 self._arbiter = threading.Thread(
                     target=self._serve, args=(max(plans, default=0),), name="local-arbiter", daemon=True

@@ -12,6 +12,7 @@ from fedfleet.core.loop import RoundRecord
 from fedfleet.core.serialize import save_params
 from fedfleet.errors import ConfigError
 from fedfleet.runtime.grpc.settings import DEFAULTS
+from fedfleet.secagg.config import SecAggConfig
 from fedfleet.sync.arbiter import SyncArbiter, SyncSessionConfig
 from fedfleet.sync.args import FedArguments
 from fedfleet.sync.context import Context
@@ -31,13 +32,22 @@ class FedAvgServer:
         wait_timeout: float = DEFAULTS.wait_timeout,
         pipeline: Any = None,
         join_timeout: float = DEFAULTS.join_timeout,
+        secure_aggregation: SecAggConfig | None = None,
     ) -> None:
         """``wait_timeout``: seconds a round waits for a party that is not connected (it died, or was not started)
         before the session ends; ``join_timeout``: seconds it waits before going on without it when enough
-        parties are there (``min_parties``), or before it ends when the missing party was refused."""
+        parties are there (``min_parties``), or before it ends when the missing party was refused.
+
+        Secure aggregation: without ``fed_args`` the session is secure when every party's
+        ``FedArguments(aggregator="secure")`` asks for it (a mix is refused by name); ``fed_args`` fixes it for
+        the parties to match, and ``secure_aggregation`` fixes the SecAgg+ settings (k, t, clip, bits), which the
+        parties' ``ctx.channel(secure=...)`` must then give too."""
         if not ctx.is_arbiter:
             raise ConfigError(f"FedAvgServer runs on the arbiter; this context is {ctx.name}'s")
         self.ctx = ctx
+        secure: SecAggConfig | bool | None = None if fed_args is None else fed_args.secure
+        if secure_aggregation is not None:
+            secure = secure_aggregation
         self.arbiter = SyncArbiter(
             SyncSessionConfig(
                 session=ctx.session_id,
@@ -51,6 +61,7 @@ class FedAvgServer:
                 wait_timeout=wait_timeout,
                 join_timeout=join_timeout,
                 pipeline=pipeline,
+                secure_aggregation=secure,
             )
         )
 

@@ -41,6 +41,10 @@ class JoinChecks:
     spec: ParamSpec | None
     _layout_bytes: int
     secure_aggregation: SecAggConfig | None = None  # the job's: every party's job must say the same
+    # a party-paced session that takes secure aggregation from its parties: until ``settle_secure`` decides, a
+    # party may join plain or with ``secure_aggregation``'s settings, and ``secure_wanted`` records which
+    secure_undecided: bool = False
+    secure_wanted: dict[str, bool]
 
     def _adopt(self, spec: ParamSpec) -> None:
         raise NotImplementedError
@@ -116,12 +120,29 @@ class JoinChecks:
     def _check_secure(self, name: str, join: Join) -> str:
         """A party must mask (or not) as the arbiter unmasks, with the same settings: else its masked input would
         not add up, or a party that wants its update hidden would be asked for it in plain."""
-        mine = config_values(self.secure_aggregation)
-        if join.secure_aggregation == mine:
+        theirs = join.secure_aggregation
+        with self.changed:
+            mine = config_values(self.secure_aggregation)
+            if self.secure_undecided and theirs in (None, mine):
+                self.secure_wanted[name] = theirs is not None
+                return ""
+        if theirs == mine:
             return ""
+        if self.mode == JoinMode.SYNC:
+            return _sync_secure_problem(name, mine, theirs)
         if mine is None:
             return f"{name}'s job has a secure_aggregation section and this arbiter's does not: give both the same"
         if join.secure_aggregation is None:
             return f"this arbiter's job has secure_aggregation {mine} and {name}'s does not: give both the same"
         theirs = str(join.secure_aggregation)[:300]
         return f"{name}'s job has secure_aggregation {theirs}, this arbiter's {mine}: give both the same"
+
+
+def _sync_secure_problem(name: str, mine: dict | None, theirs: object) -> str:
+    """Why a party-paced party's aggregator is not the session's, in the words its FedArguments use."""
+    fix = "give every party the same FedArguments(aggregator=...)"
+    if mine is None:
+        return f"{name} asks for aggregator='secure' and this session aggregates in plain: {fix} (and the arbiter)"
+    if theirs is None:
+        return f"{name} syncs with aggregator='plain' and this session is secure ({mine}): {fix}"
+    return f"{name} asks for secure aggregation {str(theirs)[:300]}, this session's is {mine}: give both the same"

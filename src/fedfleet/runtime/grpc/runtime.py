@@ -7,8 +7,8 @@ Face Trainer): the round starts by sending each selected party the global params
 whenever their own training reaches a sync point; after the last round they receive the final params.
 Either way a round ends when every selected party has answered, failed, been rejected or left, or at
 ``round_timeout``; with fewer than ``min_parties`` good updates it is retried from scratch. With
-``secure_aggregation`` a server-driven round is a SecAgg+ round (``secure_runtime.py``): the arbiter sees only
-masked inputs and yields their unmasked weighted sum as one ``Partial``.
+``secure_aggregation`` every round, server-driven or party-paced, is a SecAgg+ round (``secure_runtime.py``): the
+arbiter sees only masked inputs and yields their unmasked weighted sum as one ``Partial``.
 """
 
 from __future__ import annotations
@@ -64,14 +64,10 @@ class GrpcRuntime:
         max_weight_ratio: float | None = None,
         secure_aggregation: SecAggConfig | None = None,
     ) -> None:
-        """``secure_aggregation``: server-driven rounds run SecAgg+ with the parties (the server must be a
-        ``SecureArbiterServer`` of the same settings, which checks every party's at join)."""
-        if secure_aggregation is not None and server.mode != JoinMode.TASKS:
-            raise UserError("secure aggregation over gRPC runs the arbiter's server-driven rounds (tasks mode) only")
+        """``secure_aggregation``: every round runs SecAgg+ with the parties, server-driven or party-paced (the
+        server must be a ``SecureArbiterServer`` of the same settings, which checks every party's at join)."""
         self.server = server
-        self.secure_aggregation = secure_aggregation
-        # the round loop then folds the unmasked sum this runtime yields, instead of masking in process
-        self.secure_aggregation_native = secure_aggregation is not None
+        self.secure(secure_aggregation)
         self.min_parties = min_parties
         self.round_timeout = round_timeout
         self.join_timeout = join_timeout
@@ -86,6 +82,13 @@ class GrpcRuntime:
         self.max_weight_ratio = max_weight_ratio
         self._last_weight: dict[str, float] = {}  # each party's latest accepted training weight
         self._clamped = 0
+
+    def secure(self, config: SecAggConfig | None) -> None:
+        """Run the rounds with secure aggregation of ``config`` (None: plain), set before the round loop is built
+        (a party-paced session knows it once its parties joined)."""
+        self.secure_aggregation = config
+        # the round loop then folds the unmasked sum this runtime yields, instead of masking in process
+        self.secure_aggregation_native = config is not None
 
     @property
     def population(self) -> int:

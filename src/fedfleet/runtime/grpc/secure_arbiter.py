@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fedfleet.errors import ConfigError
 from fedfleet.runtime.grpc import secure_wire
 from fedfleet.runtime.grpc.arbiter import ArbiterServer, Event, EventKind, _Receiving
 from fedfleet.runtime.grpc.gate import MaskedRound, Refusal, Rejection
@@ -51,16 +52,48 @@ class SecureArbiterServer(ArbiterServer):
     """An ``ArbiterServer`` whose rounds may be secure: ``secure_aggregation`` is the job's settings, every
     party's job must have the same (checked at join); ``verifier`` (None on ``--insecure``) checks adverts."""
 
-    def __init__(self, *, secure_aggregation: SecAggConfig, verifier: Verifier | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        secure_aggregation: SecAggConfig | None,
+        verifier: Verifier | None = None,
+        parties_decide: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """``parties_decide`` (party-paced sessions): the parties say whether the session is secure, each joining
+        plain or with ``secure_aggregation``'s settings, until ``settle_secure`` decides from what they said."""
         super().__init__(**kwargs)
         self.secure_aggregation = secure_aggregation
         self.verifier = verifier
+        self.secure_undecided = parties_decide and secure_aggregation is not None
+        self.secure_wanted: dict[str, bool] = {}  # while undecided: whether each party that joined asked for it
         # the stage messages a party may send, and what each becomes (a table, not a chain of type tests)
         self._stage_readers: dict[type, Callable[[PartyLink, Any, MaskedRound], Any]] = {
             SecAggAdvert: self._advert,
             SecAggShares: self._shares,
             SecAggReply: self._reply,
         }
+
+    def settle_secure(self) -> SecAggConfig | None:
+        """Decide from the parties that joined (refused ones aside) whether the session is secure: when all asked
+        for it, with the offered settings; when none did, plain. Parties that join later must say the same. A
+        mix is a ConfigError naming who asked for which: no party that asked for masking is asked for a plain
+        update, and none is masked against its own job's word."""
+        with self.changed:
+            if not self.secure_undecided:
+                return self.secure_aggregation
+            self.secure_undecided = False
+            wanted = {name: w for name, w in self.secure_wanted.items() if name not in self.refused}
+            secure = [name for name in self.parties if wanted.get(name)]
+            plain = [name for name in self.parties if name in wanted and not wanted[name]]
+            if not secure:
+                self.secure_aggregation = None
+            elif plain:
+                raise ConfigError(
+                    f"the parties disagree on the aggregator: {', '.join(secure)} ask for aggregator='secure' and "
+                    f"{', '.join(plain)} for 'plain'; give every party the same FedArguments(aggregator=...)"
+                )
+            return self.secure_aggregation
 
     def _on_other(self, link: PartyLink, msg: Message, state: _Receiving) -> bool:
         read = self._stage_readers.get(type(msg))

@@ -3,7 +3,8 @@
     setup   -> check the settings against this party's own job, draw fresh keys, send the signed advert
     roster  -> check the neighbours' signatures against the job's CA, send the sealed shares
     inbox   -> keep the shares sealed for this party until the fit task's update is ready
-    fit     -> (``Party``) train, then mask the update delta and send it as the masked params
+    fit     -> (``Party``) train, then mask the update delta and send it as the masked params (party-paced: the
+               sync task, answered by ``SyncParty.sync`` at the training loop's next sync point)
     unmask  -> reveal the one kind of share per neighbour the request allows, or refuse
 
 What the arbiter cannot check under the masks, the party checks before masking: ``masked_input`` refuses NaN
@@ -40,7 +41,6 @@ from fedfleet.runtime.grpc.wire import (
     SecAggShares,
     SecAggUnmask,
     Task,
-    TaskKind,
     WireError,
 )
 from fedfleet.secagg.config import Plan, SecAggConfig
@@ -123,7 +123,7 @@ class SecureStages:
         header = Result(
             task_id=task.task_id,
             round=task.round,
-            task=TaskKind.FIT,
+            task=task.task,  # fit, or a party-paced sync
             weight=float(update.weight),
             metrics={k: float(v) for k, v in update.metrics.items()},
             stats=update.stats.to_wire(),

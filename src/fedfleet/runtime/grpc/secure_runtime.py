@@ -7,6 +7,7 @@ The arbiter never sees a party's update, only the masked inputs, whose sum it un
     rosters   -> each party that advertised: who did, its neighbours' keys
     shares    <- its sealed Shamir shares, one per neighbour                     (within network.join_timeout)
     inboxes   -> each party that shared: the shares sealed for it; then the fit task and the global params
+                 (party-paced: the sync task, which the party's own training loop answers at its next sync)
     masked    <- the update, clipped, weight-scaled, quantised and masked, as params chunks
                                                                                   (within network.round_timeout)
     unmask    -> each party whose masked input arrived: who of its neighbours is alive, who dropped
@@ -74,6 +75,8 @@ class SecureRound:
         self.names = {i: name for name, i in self.ids.items()}
         self.plan = config.validate(len(present))  # k and t for the connected parties: a ConfigError says which
         self.tasks = {name: uuid.uuid4().hex for name in present}
+        # party-paced (sync mode): the parties' own training loops answer with their masked input at their sync
+        self.kind = TaskKind.SYNC if runtime.sync_mode else TaskKind.FIT
         seed = graph_seed(fit.seed, fit.round)  # as the simulation's: a seeded deployment repeats it
         self.secagg = SecAggServer(self.session, self.round, config, sorted(self.names), seed, length=numel)
         self.out: set[str] = set()  # gone, failed, refused or silent: not waited for again this round
@@ -86,7 +89,7 @@ class SecureRound:
         spec = secure_wire.masked_spec(global_params.numel, self.plan.ring_bits)
         masked = MaskedRound(spec, self.session, dict(self.ids), len(self.ids), self.plan.degree)
         self.rt._drain_stale()
-        self.server.gate.open(self.round, self.tasks, TaskKind.FIT, masked)
+        self.server.gate.open(self.round, self.tasks, self.kind, masked)
         self.links = self.rt.links(self.tasks)
         try:
             return self._stages(global_params, fit)
@@ -132,8 +135,12 @@ class SecureRound:
             name = self.names[party]
             body = secure_wire.encode_shares(inbox, by_sender=True)
             self._send(name, SecAggInbox(**self._header(name), payload=body))
-            local = dataclasses.replace(fit, seed=client_seed(fit, self.server.index[name]))
-            task = Task(task_id=self.tasks[name], round=self.round, task=TaskKind.FIT, config=dataclasses.asdict(local))
+            if self.kind == TaskKind.SYNC:  # the party trains on its own schedule: it needs only the params
+                task = Task(task_id=self.tasks[name], round=self.round, task=TaskKind.SYNC)
+            else:
+                local = dataclasses.replace(fit, seed=client_seed(fit, self.server.index[name]))
+                config = dataclasses.asdict(local)
+                task = Task(task_id=self.tasks[name], round=self.round, task=TaskKind.FIT, config=config)
             self._send(name, task)
             self._send(name, iter_chunks(global_params, self.rt.chunk_bytes))
 

@@ -8,19 +8,37 @@ the first global params) and ``sync`` (for the aggregate of the round it trained
 Memory: the party holds its model and one receive buffer (``inbox``). The update is the delta from the
 global params it started the round from, computed in place in that buffer: the next global params can
 only arrive after the arbiter has every update of the round, so the buffer is free by then.
+
+A round the arbiter runs again (too few updates came, a secure round below its threshold) brings a sync task
+of the same round: the party answers it with the same work, without training again or spending one of its
+syncs, so its schedule stays the arbiter's.
+
+Secure aggregation (``secure``, a ``SecureStages``): the arbiter's stage messages are answered on the stream's
+thread while the training thread trains (the keys and the sealed shares of a round are exchanged before its
+sync task arrives), and ``sync`` masks the delta, after the party-side transforms (clip, ...), with the shares
+of the round it answers: the arbiter never receives this party's update, and never a plain one.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedfleet.core.params import FlatParams
 from fedfleet.core.pipeline import EMPTY, Pipeline, TransformContext
 from fedfleet.core.update import NO_STATS, TrainStats, Update
 from fedfleet.runtime.grpc.chunks import dtype_name
+from fedfleet.runtime.grpc.links import Outbox
 from fedfleet.runtime.grpc.party import Connection, PartySession
-from fedfleet.runtime.grpc.wire import Join, JoinMode, Result, Task, TaskKind
+from fedfleet.runtime.grpc.secure_wire import config_values
+from fedfleet.runtime.grpc.wire import Failure, Join, JoinMode, Result, Task, TaskKind
+from fedfleet.secagg.errors import SecAggRefused
+
+if TYPE_CHECKING:
+    from fedfleet.runtime.grpc.secure_party import SecureStages
 
 log = logging.getLogger("fedfleet.party")
 
@@ -36,11 +54,16 @@ class SyncParty(PartySession):
         pipeline: Pipeline | None = None,
         seed: int = 0,
         vocab: str = "",
+        secure: SecureStages | None = None,
     ) -> None:
         """``pipeline``: its party-side transforms see each delta before it is sent (``seed``: theirs); ``vocab``:
-        the fingerprint of the party's token ids (``hf.data.vocab_fingerprint``), checked against the others'."""
+        the fingerprint of the party's token ids (``hf.data.vocab_fingerprint``), checked against the others';
+        ``secure``: the session has secure aggregation, and this party masks every update it sends."""
         super().__init__(spec, connection)
         self.vocab = vocab
+        self.secure = secure
+        if secure is not None:  # told at join: the arbiter must unmask with the same settings
+            self.secure_aggregation = config_values(secure.config)
         self.rounds = rounds  # how many syncs this party will make (tells a model-less arbiter)
         self.pipeline = pipeline or EMPTY
         self.seed = seed
@@ -53,6 +76,7 @@ class SyncParty(PartySession):
         self._error: BaseException | None = None
         self._stopping = threading.Event()
         self._live: FlatParams | None = None  # the training thread's params, for an INIT request
+        self._answered: tuple[int, _Answer] | None = None  # the round last answered, and with what (for a retry)
         self._thread: threading.Thread | None = None
 
     # -- the training thread's side ----------------------------------------------------------------
@@ -100,10 +124,16 @@ class SyncParty(PartySession):
         """
         if not weight > 0:
             raise ValueError(f"sync weight must be > 0 (examples trained on), got {weight}")
+        answer = _Answer(float(weight), dict(metrics or {}), stats or NO_STATS)
         with self._cv:
-            self._cv.wait_for(lambda: not self._receiving or self._error is not None)
+            received = self._cv.wait_for(lambda: not self._receiving or self._error is not None, timeout)
             self._raise_error()
-            task = self._task
+            if not received:
+                raise TimeoutError(f"{self.conn.name}: the arbiter's params did not finish arriving within {timeout} s")
+            task, fresh = self._task, self._fresh
+            if task is not None and fresh is not None and fresh.task == TaskKind.SYNC and fresh.round == task.round:
+                # the arbiter runs this round again (too few updates came): this work answers the new attempt
+                task, self._task, self._fresh = fresh, fresh, None
             if self._fresh is not None or task is None:
                 log.warning(
                     "%s: the arbiter moved on while this party trained; its work since the last sync is dropped "
@@ -111,25 +141,41 @@ class SyncParty(PartySession):
                     self.conn.name,
                 )
             elif task.task == TaskKind.SYNC and self._outbox is not None:
-                delta = self.inbox.mul_(-1.0).add_(params)  # local - global, in the receive buffer
-                update = Update(delta, float(weight), dict(metrics or {}), self.conn.name, True, stats or NO_STATS)
-                update = self.pipeline.on_party(update, TransformContext(task.round, self.conn.name, self.seed))
-                delta, weight, metrics, stats = update.params, update.weight, update.metrics, update.stats
-                header = Result(
-                    task_id=task.task_id,
-                    round=task.round,
-                    task=TaskKind.SYNC,
-                    weight=float(weight),
-                    metrics={k: float(v) for k, v in (metrics or {}).items()},
-                    stats=(stats or NO_STATS).to_wire(),
-                    has_params=True,
-                    is_delta=True,
-                    spec_digest=self.spec.digest,
-                    sizes=_sizes(delta),
-                )
-                self.send_params(self._outbox, header, delta)
+                self._answer(task, params, answer, self._outbox)
                 self.syncs += 1
         return self._take(params, timeout)
+
+    def _answer(self, task: Task, params: FlatParams, answer: _Answer, outbox: Outbox) -> None:
+        """Send ``params``' delta from the round's global params (in the inbox) for ``task``, after the party-side
+        transforms, masked on a secure session. The caller holds the condition, so no task's params arrive into
+        the inbox meanwhile."""
+        self._answered = (task.round, answer)
+        delta = self.inbox.mul_(-1.0).add_(params)  # local - global, in the receive buffer
+        update = Update(delta, answer.weight, answer.metrics, self.conn.name, True, answer.stats)
+        update = self.pipeline.on_party(update, TransformContext(task.round, self.conn.name, self.seed))
+        if self.secure is None:
+            header = Result(
+                task_id=task.task_id,
+                round=task.round,
+                task=TaskKind.SYNC,
+                weight=float(update.weight),
+                metrics={k: float(v) for k, v in update.metrics.items()},
+                stats=update.stats.to_wire(),
+                has_params=True,
+                is_delta=True,
+                spec_digest=self.spec.digest,
+                sizes=_sizes(update.params),
+            )
+            self.send_params(outbox, header, update.params)
+            return
+        try:  # checked here, where the values are still visible: no NaN or inf, every value clipped, weight capped
+            header, masked = self.secure.mask(task, update)
+        except (SecAggRefused, ValueError) as exc:  # never a plain update: the round goes on without this one
+            log.warning("%s: round %d: secure aggregation refused this party's update: %s", self.conn.name,
+                        task.round + 1, exc)  # fmt: skip
+            outbox.send(Failure(task_id=task.task_id, round=task.round, reason=f"secure aggregation: {exc}"))
+            return
+        self.send_params(outbox, header, masked)
 
     def close(self) -> None:
         """Leave the session (the stream and its thread end)."""
@@ -148,20 +194,33 @@ class SyncParty(PartySession):
         self.close()
 
     def _take(self, params: FlatParams, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
-            ready = self._cv.wait_for(
-                lambda: self._fresh is not None or self._ended is not None or self._error is not None, timeout
-            )
-            self._raise_error()
-            if not ready:
-                said = f" (the arbiter's last notice: {self.notice})" if self.notice else ""
-                raise TimeoutError(f"{self.conn.name}: no global params from the arbiter within {timeout} s{said}")
-            if self._fresh is None:  # ended without sending final params (e.g. the arbiter was stopped)
-                return False
-            task, self._fresh = self._fresh, None
-            self._task = task
-            params.copy_(self.inbox)
-            return task.task != TaskKind.FINAL
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready = self._cv.wait_for(self._arrived, left)
+                self._raise_error()
+                if not ready:
+                    said = f" (the arbiter's last notice: {self.notice})" if self.notice else ""
+                    raise TimeoutError(f"{self.conn.name}: no global params from the arbiter within {timeout} s{said}")
+                if self._fresh is None:  # ended without sending final params (e.g. the arbiter was stopped)
+                    return False
+                task, self._fresh = self._fresh, None
+                self._task = task
+                answered = self._answered
+                if task.task == TaskKind.SYNC and answered is not None and answered[0] == task.round:
+                    if self._outbox is not None:  # a retry of the round answered: the same work, freshly masked
+                        log.info("%s: the arbiter runs round %d again; answering it with the same update",
+                                 self.conn.name, task.round + 1)  # fmt: skip
+                        self._answer(task, params, answered[1], self._outbox)
+                    continue
+                params.copy_(self.inbox)
+                return task.task != TaskKind.FINAL
+
+    def _arrived(self) -> bool:
+        """A task whose params are complete (no next one being written into the inbox), the end, or an error."""
+        fresh = self._fresh is not None and not self._receiving
+        return fresh or self._ended is not None or self._error is not None
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -172,6 +231,10 @@ class SyncParty(PartySession):
         join = super().join_message()
         join.rounds = self.rounds
         return join
+
+    def on_message(self, msg: object, outbox: Outbox) -> None:
+        if self.secure is None or not self.secure.handle(msg, outbox):  # a secure round's stages
+            super().on_message(msg, outbox)
 
     def on_task_header(self, task: Task) -> None:
         with self._cv:
@@ -229,6 +292,15 @@ class SyncParty(PartySession):
             if self._ended is None:
                 self._ended = reason
             self._cv.notify_all()
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What a sync sent besides the params: kept to answer a retry of its round alike."""
+
+    weight: float
+    metrics: dict[str, float]
+    stats: TrainStats
 
 
 def _sizes(params: FlatParams) -> dict[str, int]:

@@ -70,6 +70,9 @@ def run_loop_in_folder(
     run.write_status(state, round=loop.round)
     if job.system is not None or job.fedbuff is not None:  # the virtual clock: the time it would take in the field
         print(_time_summary(final, loop))
+    if "dp_epsilon" in final:
+        spent = f"epsilon {final['dp_epsilon']:.3f} at delta {final['dp_delta']:g}"
+        print(f"privacy spent: {spent} ({job.privacy.where} DP)")
     summary = headline(final)
     if summary:
         print(f"final {summary} after {loop.round} {loop.unit}s ({run.path})")
@@ -109,7 +112,8 @@ def _callbacks(job: JobConfig, run: RunDir, quiet: bool, checkpoint_every: int, 
         callbacks.append(EarlyStopping(**dataclasses.asdict(job.output.early_stopping)))
     callbacks.append(CheckpointCallback(run.path, every=checkpoint_every))
     if job.output.progress and not quiet:
-        callbacks.append(ProgressCallback(columns=("train_loss", "test_loss", "test_accuracy", clock)))
+        privacy = ("dp_epsilon",) if job.privacy is not None else ()  # the budget spent so far, every round
+        callbacks.append(ProgressCallback(columns=("train_loss", "test_loss", "test_accuracy", *privacy, clock)))
     return callbacks
 
 

@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 from fedfleet.config.loader import Named
 from fedfleet.core.fit_config import FitConfig
+from fedfleet.privacy.config import PrivacyConfig
 from fedfleet.runtime.grpc.settings import SessionSettings
 from fedfleet.secagg.config import SecAggConfig
 
@@ -209,6 +210,8 @@ class JobConfig:
     imports: tuple[str, ...] = ()  # the user's modules, imported first: they register models, datasets, ...
     # SecAgg+: the arbiter learns only each round's weighted sum (neighbours, threshold, clip, bits, max_weight)
     secure_aggregation: SecAggConfig | None = None
+    # (epsilon, delta) differential privacy: clipping, noise, an accountant (docs/differential-privacy.md)
+    privacy: PrivacyConfig | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
@@ -234,3 +237,38 @@ class JobConfig:
                 f"fedbuff trains each client as it is dispatched, in this process; runtime.kind {self.runtime.kind!r} "
                 f"is not supported with it yet: use runtime.kind: simulation"
             )
+        if self.privacy is not None:
+            check_privacy(self)
+
+
+def check_privacy(job: JobConfig) -> None:
+    """What a privacy section needs of the rest of the job; each refusal names the key to change."""
+    p = job.privacy
+    if job.fedbuff is not None:
+        raise ValueError("privacy accounts synchronous rounds; fedbuff's asynchronous steps are not covered: drop one")
+    if p.where == "central" and job.secure_aggregation is not None:
+        raise ValueError(
+            "privacy.where: central noises at the arbiter, which must see each clipped update; with "
+            "secure_aggregation use privacy.where: distributed (each party adds its share of the noise)"
+        )
+    if p.where == "distributed" and job.secure_aggregation is None:
+        raise ValueError(
+            "privacy.where: distributed splits the noise over the parties, which only protects them when the "
+            "arbiter sees just the sum: add a secure_aggregation section (or use where: central or local)"
+        )
+    if p.where == "central" and job.transforms.server:
+        names = ", ".join(n.name for n in job.transforms.server)
+        raise ValueError(
+            f"privacy.where: central bounds each update's influence on the mean; transforms.server ({names}) would "
+            "change that mean (a robust rule's sensitivity is not the mean's): drop one of them"
+        )
+    if job.selector.name != "uniform":
+        raise ValueError(
+            f"privacy: the accountant assumes clients drawn at random, but selector {job.selector.name!r} picks "
+            "them by what they reported (not private): use selector: uniform"
+        )
+    if job.system is not None and p.sampling != "none":
+        raise ValueError(
+            f"privacy.sampling: {p.sampling} assumes a uniform draw from all data.clients, but system traces decide "
+            "who is online and whose update is kept: set privacy.sampling: none (no amplification by sampling)"
+        )

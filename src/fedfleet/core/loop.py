@@ -281,6 +281,8 @@ class RoundLoop:
             metrics["sim_aggregation_s"] = aggregate.overhead_s
         metrics.update(self.planner.metrics(plan, plan.start - self.clock.now))
         metrics.update(self.runtime.round_metrics())
+        if aggregate is not None:
+            metrics.update(self.pipeline.round_metrics())  # e.g. privacy's epsilon after this round
         with deferred_interrupt():  # the commit: a Ctrl-C here waits, so no round is ever half-applied
             return self.commit(rnd, aggregate, metrics, wall, duration, self.planner.feedback(plan, heard, round_s))
 

@@ -91,12 +91,18 @@ class Pipeline:
     secure: SecureFold | None = None  # secure aggregation: the arbiter sees only the sum
 
     def __post_init__(self) -> None:
-        if self.secure is not None and self.server:
-            names = ", ".join(type(t).__name__ for t in self.server)
+        if self.secure is not None and not self.after_fold_only:
+            names = ", ".join(type(t).__name__ for t in self.server if not getattr(t, "after_fold_only", False))
             raise ConfigError(
                 f"secure aggregation hides each update from the arbiter, so the fold transforms ({names}) cannot "
                 "see them: move per-update checks (clip) to the party side, or turn secure aggregation off"
             )
+
+    @property
+    def after_fold_only(self) -> bool:
+        """Whether every fold transform looks only at the round's aggregate, never at an update (a privacy
+        ledger): those compose with secure aggregation, and with partials of any kind."""
+        return all(getattr(t, "after_fold_only", False) for t in self.server)
 
     @property
     def mergeable(self) -> bool:
@@ -133,19 +139,26 @@ class Pipeline:
         or secure aggregation's in its place (which needs the round's ``context``); ``secure_native``: the
         runtime unmasks the sum itself, and the strategy's own weighted mean merges it."""
         inner = strategy.aggregator(global_params)
-        if self.secure is not None and secure_native:
-            return self.secure.native(inner)
-        if self.secure is not None:
-            if context is None:
-                raise ConfigError("secure aggregation needs the round's parties: this runtime does not offer it")
-            return self.secure.aggregator(inner, global_params, context)
-        if not self.server:
-            return inner
         for transform in self.server:
             start = getattr(transform, "start_round", None)
             if start is not None:  # what a robust rule keeps of a round starts empty (a retried round too)
                 start(global_params, inner)
-        return PipelineAggregator(inner, self)
+        if self.secure is not None and secure_native:
+            inner = self.secure.native(inner)
+        elif self.secure is not None:
+            if context is None:
+                raise ConfigError("secure aggregation needs the round's parties: this runtime does not offer it")
+            inner = self.secure.aggregator(inner, global_params, context)
+        return PipelineAggregator(inner, self) if self.server else inner
+
+    def round_metrics(self) -> dict[str, float]:
+        """What the fold transforms report of the last round (privacy: epsilon, the clip norm, the noise)."""
+        metrics: dict[str, float] = {}
+        for transform in self.server:
+            report = getattr(transform, "round_metrics", None)
+            if report is not None:
+                metrics.update(report())
+        return metrics
 
     @property
     def stateful(self) -> bool:
@@ -188,6 +201,9 @@ class PipelineAggregator:
     def merge(self, other: Any) -> None:
         # by kind, not equality: a partial shipped from a Ray worker carries unpickled copies of the transforms
         kinds = [type(t) for t in self.pipeline.server]
+        if not isinstance(other, PipelineAggregator) and self.pipeline.after_fold_only:
+            self.inner.merge(other)  # e.g. the gRPC arbiter's unmasked sum: these transforms see no update
+            return
         if not isinstance(other, PipelineAggregator) or [type(t) for t in other.pipeline.server] != kinds:
             raise TypeError(f"cannot merge a {type(other).__name__} into an aggregator with other fold transforms")
         self.inner.merge(other.inner)

@@ -23,8 +23,10 @@ from fedfleet.data import FederatedDataset, load_dataset, partition, train_test_
 from fedfleet.data.datasets import Dataset
 from fedfleet.errors import ConfigError, DataError
 from fedfleet.models import build_model
+from fedfleet.privacy import plan_privacy
 from fedfleet.registry import construct
 from fedfleet.secagg.in_process import SecureAggregation
+from fedfleet.select import PoissonSelector, Selector, build_selector
 from fedfleet.transforms import JobFacts, build_pipeline
 
 log = logging.getLogger(__name__)
@@ -109,23 +111,37 @@ def build_parts(job: JobConfig, clients: int | None = None) -> JobParts:
             "weight_decay": job.client.weight_decay,
             "keep_local": job.client.keep_local,
             "device": device,
-            "update_transforms": pipeline_of(job).client,
+            "update_transforms": pipeline_of(job, federation.num_clients).client,
         },
         "client",
     )
     return JobParts(dataset, train, test, federation, trainer, device)
 
 
-def pipeline_of(job: JobConfig) -> Pipeline:
-    """The job's aggregation pipeline: its party-side chain goes into the trainer, its fold chain into the loop."""
+def pipeline_of(job: JobConfig, population: int | None = None) -> Pipeline:
+    """The job's aggregation pipeline: its party-side chain goes into the trainer, its fold chain into the loop.
+    ``population``: the clients (or deployed parties) a round draws from; default ``data.clients``."""
     t = job.transforms
+    population = population if population is not None else job.data.clients
     # what a transform checks itself against: the updates a round (or a FedBuff step) folds, the clients
     cohort, key = (job.cohort, "cohort") if job.fedbuff is None else (job.fedbuff.buffer, "fedbuff.buffer")
-    facts = JobFacts(cohort, key, job.data.clients, job.seed)
+    facts = JobFacts(cohort, key, population, job.seed)
     pipeline = build_pipeline([(n.name, n.params) for n in t.client], [(n.name, n.params) for n in t.server], facts)
+    if job.privacy is not None:  # the party adds its noise after the job's own transforms, the arbiter accounts
+        weight = job.secure_aggregation.max_weight if job.secure_aggregation is not None else 1.0
+        plan = plan_privacy(job.privacy, job.rounds, job.cohort, population, job.seed, party_weight=weight)
+        pipeline = Pipeline(pipeline.client + plan.party, pipeline.server + plan.fold)
     if job.secure_aggregation is None:
         return pipeline
     return dataclasses.replace(pipeline, secure=SecureAggregation(job.secure_aggregation, session=job.name))
+
+
+def selector_of(job: JobConfig) -> Selector:
+    """The job's selector; Poisson sampling where the privacy accountant assumes it (``privacy.sampling``)."""
+    p = job.privacy
+    if p is not None and p.sampling == "poisson" and p.where != "local":
+        return PoissonSelector(secret=p.noise == "secure")
+    return build_selector(job.selector.name, **job.selector.params)
 
 
 def fit_config(job: JobConfig) -> FitConfig:

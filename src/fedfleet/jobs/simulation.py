@@ -25,7 +25,14 @@ from fedfleet.core.pipeline import EMPTY, Pipeline
 from fedfleet.core.round_end import RoundEnd, build_round_end
 from fedfleet.data import FederatedDataset
 from fedfleet.errors import ConfigError
-from fedfleet.jobs.assemble import build_parts, fit_config, pipeline_of, resolve_device, set_threads
+from fedfleet.jobs.assemble import (
+    build_parts,
+    fit_config,
+    pipeline_of,
+    resolve_device,
+    selector_of,
+    set_threads,
+)
 from fedfleet.runtime.ray import RayOptions, RayRuntime
 from fedfleet.runtime.sim import make_runtime
 from fedfleet.select import build_selector
@@ -110,7 +117,7 @@ class Simulation:
     @classmethod
     def from_config(cls, job: JobConfig, callbacks: list[Callback] | tuple[Callback, ...] = ()) -> Simulation:
         strategy = build_strategy(job.strategy.name, **job.strategy.params)
-        selector = build_selector(job.selector.name, **job.selector.params)
+        selector = selector_of(job)
         fedbuff = _fedbuff(job.fedbuff, job.cohort) if job.fedbuff is not None else None
         parts = build_parts(job)
         federation, trainer = parts.federation, parts.trainer
@@ -121,7 +128,7 @@ class Simulation:
             )
         test_data = parts.test.to(parts.device) if len(parts.test.y) else None
         folds = strategy if fedbuff is None else None  # FedBuff needs each client's delta (staleness weights)
-        pipeline = pipeline_of(job)  # its party-side chain is already the trainer's
+        pipeline = pipeline_of(job, federation.num_clients)  # its party-side chain is already the trainer's
         runtime = RUNTIMES[job.runtime.kind](job, trainer, federation, test_data, folds)
         fit = fit_config(job)
         config = LoopConfig(
@@ -197,7 +204,9 @@ def _on_ray(job: JobConfig, trainer: TorchTrainer, federation: FederatedDataset,
         gpus_per_worker=gpus,
         vectorize=rt.vectorize,
     )
-    return RayRuntime(trainer, federation, test, strategy=strategy, options=options, pipeline=pipeline_of(job))
+    return RayRuntime(
+        trainer, federation, test, strategy=strategy, options=options, pipeline=pipeline_of(job, federation.num_clients)
+    )
 
 
 # runtime.kind -> how the job's runtime is built (a new kind is a function and a row)

@@ -5,6 +5,8 @@ Workload W is pfl-research's CIFAR10 cross-device benchmark scaled for a 2-core 
 images (3x32x32, random pixels and labels), cohort 10, 20 rounds, 1 local epoch at batch 10 (5 SGD
 steps, lr 0.1), pfl-research's simple CNN, FedAvg weighted by examples.
 
+Workload S (``SmallWorkload``) is the cross-device shape: a small model, 2,000 clients, a cohort of 100.
+
 Everything here is a pure function of the workload's seed, so a second process (the Flower side, in its
 own venv) rebuilds bit-identical data, initial weights, cohorts and batch orders.
 """
@@ -87,6 +89,64 @@ def client_bounds(fed: FederatedDataset) -> list[tuple[int, int]]:
 def make_model(w: Workload) -> nn.Module:
     """pfl-research's simple CNN (1.2M params) with W's seeded initial weights, the same in every process."""
     torch.manual_seed(w.seed)
+    return build_model("simple_cnn", w.shape, w.num_classes)
+
+
+# -- workload S: the cross-device shape (small model, many clients, a large cohort) --------------------
+@dataclass(frozen=True)
+class SmallWorkload:
+    """Workload S: 2,000 clients x 64 examples of 784 random features (10 classes), cohort 100, 20 rounds,
+    1 local epoch at batch 16 (4 SGD steps, lr 0.1), FedAvg weighted by examples. ``model`` picks the row:
+    ``mlp`` (784-100-10, 79.5K params: S itself), ``logreg`` (784-10) or ``femnist_cnn`` (28x28 inputs,
+    62 classes, the simple CNN: the FEMNIST-like third row)."""
+
+    model: str = "mlp"
+    clients: int = 2000
+    per_client: int = 64
+    cohort: int = 100
+    rounds: int = 20
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 0.1
+    seed: int = 0
+    num_classes: int = 10
+    shape: tuple[int, ...] = (784,)
+
+    def fit_config(self) -> FitConfig:
+        return FitConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SMALL_MODELS = ("mlp", "logreg", "femnist_cnn")
+
+
+def small_workload(model: str = "mlp", **changes: Any) -> SmallWorkload:
+    """S's row for ``model``; the FEMNIST-like row has 28x28 single-channel inputs and 62 classes."""
+    if model not in SMALL_MODELS:
+        raise ValueError(f"model must be one of {SMALL_MODELS}, got {model!r}")
+    shape = {"femnist_cnn": {"shape": (1, 28, 28), "num_classes": 62}}.get(model, {})
+    return dataclasses.replace(SmallWorkload(model=model, **shape), **changes)
+
+
+def make_small_federation(w: SmallWorkload) -> FederatedDataset:
+    """Random features in [0, 1) and random labels, ``w.per_client`` consecutive rows per client."""
+    gen = torch.Generator().manual_seed(w.seed)
+    n = w.clients * w.per_client
+    x = torch.rand((n, *w.shape), generator=gen)
+    y = torch.randint(0, w.num_classes, (n,), generator=gen)
+    offsets = torch.arange(0, n + 1, w.per_client, dtype=torch.int64)
+    return FederatedDataset(x, y, offsets, w.num_classes)
+
+
+def make_small_model(w: SmallWorkload) -> nn.Module:
+    """S's model with seeded initial weights, the same in every process."""
+    torch.manual_seed(w.seed)
+    if w.model == "mlp":
+        return build_model("mlp", w.shape, w.num_classes, hidden=[100])
+    if w.model == "logreg":
+        return build_model("logistic_regression", w.shape, w.num_classes)
     return build_model("simple_cnn", w.shape, w.num_classes)
 
 

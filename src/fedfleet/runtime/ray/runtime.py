@@ -77,7 +77,7 @@ class RayOptions:
     address: str | None = None  # None: a local Ray with the CPUs the workers need; else "auto", "ray://host:10001"
     cpus_per_worker: float = 1.0  # also the worker's torch threads
     gpus_per_worker: float = 0.0  # > 0: workers train on a CUDA device (fractions share one GPU)
-    vectorize: str = "auto"  # how each worker trains its share: as ``make_runtime`` (auto: vmap on a GPU only)
+    vectorize: str = "auto"  # how each worker trains its share: as ``make_runtime`` (auto: where it wins)
     max_replacements: int = 3  # dead workers replaced within one round before the run fails
     start_timeout: float = 300.0  # seconds for every worker to start (Ray queues actors for busy resources)
 

@@ -124,13 +124,18 @@ class Worker:
         test = test.to(device) if test is not None and hasattr(test, "to") else test
         self.trainer = trainer
         self.device = torch.device(device)
-        # the single-process code: sequential, or the cohort vectorised where ``vectorize`` asks and allows
+        # the single-process code: sequential, or the cohort vectorised where ``vectorize`` asks and allows (auto:
+        # decided for each round's share, so each worker vectorises its own share where that wins)
         self.runtime = make_runtime(trainer, data, test, vectorize)
         self.global_params = trainer.params.zeros_like()  # this worker's copy of each round's global params
         self.partial = trainer.params.zeros_like()
 
     def ready(self) -> int:
         return os.getpid()
+
+    def runtime_kind(self) -> str:
+        """Which in-process runtime trains this worker's shares (``AutoRuntime`` picks per share and round)."""
+        return type(self.runtime).__name__
 
     def fit(self, global_params: Shipped, clients: list[int], config: FitConfig, fold: Any) -> WorkerResult:
         """Train ``clients``; given ``fold`` (the strategy and the pipeline), fold them here into the round's

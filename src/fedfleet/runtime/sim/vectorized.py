@@ -1,22 +1,31 @@
-"""Cohort-vectorised simulation: every client of the cohort takes its k-th SGD step together.
+"""Cohort-vectorised simulation: every client of the cohort takes its k-th local step together.
 
-The cohort's models are rows of one (C, P) tensor; ``torch.func.vmap(grad(...))`` over
-``functional_call`` computes all C gradients in one batched forward/backward. Clients with fewer batches
-than the longest are masked (their padded samples weigh zero and they take no step), and a short last
-batch is padded with zero-weight samples, so each client follows exactly the sequential trajectory: the
-same shuffles (same seeds), the same mean-over-real-samples loss, the same SGD rule.
+Each exchanged tensor is stacked over the cohort, ``(C, *shape)``, one row per client. A step gathers the
+clients' k-th batches as ``C * B`` rows, computes every client's gradients in one forward and one backward, and
+updates every row with one optimizer step (``cohort_optim``). Gradients come from one of two engines:
 
-Supported: a :class:`TorchTrainer` with plain SGD (momentum, weight decay, FedProx), one param dtype, all
-trainable params exchanged, a loss module with a ``reduction`` attribute, and a model that vmap accepts
-(no in-place buffer updates such as BatchNorm's running stats). Anything else raises
-:class:`NotVectorizable`, and ``make_runtime`` falls back to the sequential runtime.
+- ``layers`` (``cohort_layers``): the model rebuilt over stacked weights, a ``bmm`` per linear layer and so on.
+  Fastest; for models built from the layers in its table (linear, embedding, conv, layer/group norm, any
+  parameter-free layer) whose forward treats each sample alone.
+- ``vmap``: ``torch.func.vmap(grad(functional_call(...)))`` for any other model torch.func can batch.
+
+Each client follows exactly its sequential trajectory: the same shuffles (same seeds, ``batch_indices``), the
+same mean over its real samples (a short last batch is padded with zero-weight samples), the same optimizer rule.
+A ragged cohort (clients with fewer batches) is ordered by number of batches, so at step k the clients that still
+train are a prefix of the rows and only they are computed and updated.
+
+Supported: a :class:`TorchTrainer` with any of its optimizers (SGD with momentum / weight decay, Adam, AdamW,
+Adagrad, RMSprop), FedProx's proximal term, one param dtype, every trainable param exchanged, no
+``keep_local`` rows, a loss module with ``reduction`` "mean" or "sum" (and no class weights). Anything else
+raises :class:`NotVectorizable`, and ``make_runtime`` falls back to the sequential runtime.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,103 +36,202 @@ from fedfleet.client.torch_trainer import TorchTrainer, batch_indices, check_fin
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
 from fedfleet.core.update import TrainStats, Update
+from fedfleet.runtime.sim.cohort_layers import CohortModel, NotBatchable, check_rows, mixes_samples
+from fedfleet.runtime.sim.cohort_optim import STEPS, CohortOptimizer
 from fedfleet.runtime.sim.sequential import client_seed
+
+log = logging.getLogger(__name__)
+
+# (params (a, *shape) by name, x (a * B, ...), y (a * B,), weights (a, B)) -> trainable grads, per-sample losses
+Engine = Callable[[dict[str, Tensor], Tensor, Tensor, Tensor], tuple[list[Tensor], Tensor]]
 
 
 class NotVectorizable(Exception):
-    """This trainer/model cannot train a cohort with vmap; the message says why."""
+    """This trainer/model cannot train a cohort at once; the message says why."""
 
 
 class VectorizedRuntime:
     parties_in_process = True  # secure aggregation can play the parties here (secagg.in_process)
 
-    def __init__(self, trainer: Any, federation: Any, test_data: Any = None) -> None:
+    def __init__(self, trainer: Any, federation: Any, test_data: Any = None, engine: str = "auto") -> None:
+        """``engine``: "layers", "vmap", or "auto" (layers where the model allows, else vmap)."""
         _check_supported(trainer)
         self.trainer: TorchTrainer = trainer
         self.federation = federation
         self.test_data = test_data
         self.spec = trainer.params.spec
         (self.dtype,) = self.spec.sizes
-        loss = copy.copy(trainer.loss)
-        loss.reduction = "none"
-        model = trainer.model
-        names = [e.name for e in self.spec.entries]
-        sizes = [e.numel for e in self.spec.entries]
-        shapes = [e.shape for e in self.spec.entries]
-
-        def weighted_loss(flat: Tensor, xb: Tensor, yb: Tensor, wb: Tensor) -> Tensor:
-            # split (not per-tensor slicing): its backward is one concatenation into the flat gradient,
-            # where slices would each scatter into a full-size zero tensor
-            named = {n: t.view(shape) for n, t, shape in zip(names, flat.split(sizes), shapes, strict=True)}
-            per_sample = loss(functional_call(model, named, (xb,)), yb)
-            squares = (per_sample.detach().square() * wb).sum()  # for Oort's utility, as the sequential trainer
-            return (per_sample * wb).sum() / wb.sum().clamp_min(1.0), squares
-
-        self._grads = vmap(grad_and_value(weighted_loss, has_aux=True))
-        self._probe()
+        model_params = dict(trainer.model.named_parameters())
+        self.names = self.spec.names
+        self.trainable = [n for n in self.names if model_params[n].requires_grad]
+        # plain SGD is the trainer's flat step over every exchanged tensor (frozen ones too: weight decay and
+        # FedProx move them); torch's optimizers step the trainable tensors only
+        self.stepped = self.names if trainer.optimizer == "sgd" else self.trainable
+        self.loss = copy.copy(trainer.loss)
+        self.loss.reduction = "none"
+        self.mean = trainer.loss.reduction == "mean"
+        self.engine_name, self._engine = self._build_engine(engine)
 
     @property
     def population(self) -> int:
         return self.federation.num_clients
 
-    def _probe(self) -> None:
-        """Fail early (and fall back) if vmap cannot batch this model."""
-        fed = self.federation
-        first = next(i for i in range(fed.num_clients) if len(fed.client(i).y) > 0)
-        data = fed.client(first)
-        flat = self.trainer.params.buffers[self.dtype].detach().unsqueeze(0)
+    # -- engines ----------------------------------------------------------------------------------
+    def _build_engine(self, engine: str) -> tuple[str, Engine]:
+        if engine not in ("auto", "layers", "vmap"):
+            raise ValueError(f"engine must be 'auto', 'layers' or 'vmap', got {engine!r}")
+        _, x, _ = self._probe_rows()
         try:
-            self.trainer.model.train()
-            self._grads(flat, data.x[:1].unsqueeze(0), data.y[:1].unsqueeze(0), torch.ones(1, 1, device=flat.device))
+            mixes = mixes_samples(self.trainer.model, x)
+        except Exception as exc:  # the model fails on a few of its own samples: leave it to the trainer's error
+            raise NotVectorizable(f"the model fails on a small batch: {exc}") from exc
+        if mixes:
+            raise NotVectorizable("the model's forward mixes the samples of a batch, which padded batches would change")
+        if engine == "vmap":
+            return "vmap", self._vmap_engine()
+        try:
+            return "layers", self._layers_engine()
+        except NotBatchable as exc:
+            if engine == "layers":
+                raise NotVectorizable(str(exc)) from exc
+            why = str(exc)
+        try:
+            grads = self._vmap_engine()
+        except NotVectorizable as exc:  # one reason for the one line the fallback logs
+            raise NotVectorizable(f"{why}; and {exc}") from exc
+        log.info("cohort training through torch.func.vmap: %s", why)
+        return "vmap", grads
+
+    def _probe_rows(self) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Two clients' weights (the model's and a perturbed copy) and a few rows of data for each."""
+        fed = self.federation
+        k = max(1, min(3, len(fed.y) // 2))
+        rows = torch.arange(2 * k, device=fed.y.device) % len(fed.y)
+        gen = torch.Generator().manual_seed(0)
+        params = {}
+        for name, t in self.trainer.params.tensors().items():
+            noise = torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
+            params[name] = torch.stack([t.detach(), t.detach() + 0.1 * noise * t.detach().abs().mean()])
+        return params, fed.x[rows], fed.y[rows]
+
+    def _layers_engine(self) -> Engine:
+        model = self.trainer.model
+        cohort = CohortModel(model)
+        trainable, loss, mean = self.trainable, self.loss, self.mean
+
+        def grads(params: dict[str, Tensor], x: Tensor, y: Tensor, wb: Tensor) -> tuple[list[Tensor], Tensor]:
+            a = wb.shape[0]
+            leaves = [params[n].detach().requires_grad_() for n in trainable]
+            with torch.enable_grad():
+                out = cohort.forward({**params, **dict(zip(trainable, leaves, strict=True))}, x, a)
+                per = loss(out, y).view(a, -1)
+                total = (per * wb).sum(1)
+                if mean:
+                    total = total / wb.sum(1).clamp_min(1.0)
+                got = torch.autograd.grad(total.sum(), leaves, allow_unused=True)
+            return [torch.zeros_like(t) if g is None else g for g, t in zip(got, leaves, strict=True)], per.detach()
+
+        params, x, y = self._probe_rows()
+        model.train()
+        cohort.train()
+        check_rows(cohort, model, params, x)
+        try:
+            grads(params, x, y, torch.ones(2, len(y) // 2, dtype=self.dtype, device=x.device))
+        except Exception as exc:  # a kernel whose backward fails on this model's shapes
+            raise NotBatchable(f"the cohort model's backward fails: {exc}") from exc
+        self._cohort_model = cohort
+        return grads
+
+    def _vmap_engine(self) -> Engine:
+        model, loss, mean = self.trainer.model, self.loss, self.mean
+        trainable = self.trainable
+        frozen = [n for n in self.names if n not in set(trainable)]
+
+        def client_loss(train: tuple, fixed: tuple, xb: Tensor, yb: Tensor, wb: Tensor) -> tuple[Tensor, Tensor]:
+            named = {**dict(zip(trainable, train, strict=True)), **dict(zip(frozen, fixed, strict=True))}
+            per = loss(functional_call(model, named, (xb,)), yb)
+            total = (per * wb).sum()
+            return (total / wb.sum().clamp_min(1.0) if mean else total), per.detach()
+
+        batched = vmap(grad_and_value(client_loss, has_aux=True))
+
+        def grads(params: dict[str, Tensor], x: Tensor, y: Tensor, wb: Tensor) -> tuple[list[Tensor], Tensor]:
+            a = wb.shape[0]
+            train = tuple(params[n] for n in trainable)
+            fixed = tuple(params[n] for n in frozen)
+            got, (_, per) = batched(train, fixed, x.view(a, -1, *x.shape[1:]), y.view(a, -1), wb)
+            return list(got), per
+
+        params, x, y = self._probe_rows()
+        try:
+            model.train()
+            grads(params, x, y, torch.ones(2, len(y) // 2, dtype=self.dtype, device=x.device))
         except Exception as exc:  # vmap raises many kinds of errors for unsupported ops
             raise NotVectorizable(f"torch.func.vmap cannot batch this model: {exc}") from exc
+        return grads
 
+    # -- a round ----------------------------------------------------------------------------------
     def fit(self, global_params: FlatParams, clients: Sequence[int], config: FitConfig) -> Iterator[Update]:
-        fed = self.federation
-        g = global_params.buffers[self.dtype]
+        fed, trainer = self.federation, self.trainer
         clients = [int(c) for c in clients]
+        if not clients:
+            return
         initial = self._initial_losses(global_params, clients) if config.report_initial_loss else None
-        idx, weights = self._plan(clients, config, g.device)  # (C, S, B) sample indices and 0/1 weights
+        idx, weights, order = self._plan(clients, config, fed.y.device)  # (C, S, B), rows in ``order``
         cohort, steps = idx.shape[:2]
-        w = g.unsqueeze(0).repeat(cohort, 1)  # (C, P): one row per client model
-        momentum = torch.zeros_like(w) if self.trainer.momentum else None
-        loss_sum = torch.zeros(cohort, device=g.device)
-        sq_sum = torch.zeros(cohort, device=g.device)
-        self.trainer.model.train()
+        counts = weights.sum(2)  # (C, S) real samples per batch
+        active = (counts > 0).sum(0).tolist()  # clients still training at each step: a prefix of the rows
+        glob = global_params.tensors()
+        stacked = {n: glob[n].unsqueeze(0).expand(cohort, *glob[n].shape).clone() for n in self.names}
+        opt = CohortOptimizer(
+            trainer.optimizer,
+            [stacked[n] for n in self.stepped],
+            config.lr,
+            momentum=trainer.momentum,
+            weight_decay=trainer.weight_decay,
+            proximal_mu=config.proximal_mu,
+            anchors=[glob[n].unsqueeze(0) for n in self.stepped],
+        )
+        loss_sum = torch.zeros(cohort, dtype=self.dtype, device=fed.y.device)
+        sq_sum = torch.zeros_like(loss_sum)
+        trainer.model.train()
         for s in range(steps):
-            rows, wb = idx[:, s], weights[:, s]
-            grads, (losses, squares) = self._grads(w, fed.x[rows], fed.y[rows], wb)
-            counts = wb.sum(1)
-            loss_sum += losses.detach() * counts
-            sq_sum += squares
-            active = (counts > 0).to(w.dtype).unsqueeze(1)  # clients whose data ran out take no step
-            if config.proximal_mu:
-                grads.add_(w - g, alpha=config.proximal_mu)
-            if self.trainer.weight_decay:
-                grads.add_(w, alpha=self.trainer.weight_decay)
-            if momentum is not None:
-                momentum.copy_(torch.where(active.bool(), momentum * self.trainer.momentum + grads, momentum))
-                grads = momentum
-            w.sub_(grads * active, alpha=config.lr)
-        w.sub_(g)  # deltas, in place
-        samples = weights.sum(dim=(1, 2))
+            a = active[s]
+            rows = idx[:a, s].reshape(-1)
+            wb = weights[:a, s]
+            params = {n: t[:a] for n, t in stacked.items()}
+            grads, per = self._engine(params, fed.x.index_select(0, rows), fed.y.index_select(0, rows), wb)
+            with torch.no_grad():
+                batch_loss = (per * wb).sum(1)
+                sq_sum[:a] += (per.square() * wb).sum(1)
+                # the trainer adds (batch loss) x (batch size): the sum for a mean loss, as it does for "sum"
+                loss_sum[:a] += batch_loss if self.mean else batch_loss * counts[:a, s]
+            by_name = dict(zip(self.trainable, grads, strict=True))
+            opt.step(a, [torch.zeros_like(params[n]) if n not in by_name else by_name[n] for n in self.stepped])
+        deltas = torch.empty(cohort, self.spec.sizes[self.dtype], dtype=self.dtype, device=fed.y.device)
+        for e in self.spec.entries:  # each client's delta, written straight into its row of the flat layout
+            into = deltas[:, e.offset : e.offset + e.numel]
+            torch.sub(stacked[e.name].reshape(cohort, -1), glob[e.name].reshape(1, -1), out=into)
+        samples = counts.sum(1)
         mean_loss = (loss_sum / samples.clamp_min(1)).tolist()
         mean_sq = (sq_sum / samples.clamp_min(1)).tolist()
+        taken = (counts > 0).sum(1).tolist()
+        row_of = {c: r for r, c in enumerate(order)}
         for c, cid in enumerate(clients):
-            check_finite_loss(mean_loss[c], config)
-            metrics = {"steps": float((weights[c].sum(1) > 0).sum())}
+            r = row_of[c]
+            check_finite_loss(mean_loss[r], config)
             stats = TrainStats(
-                samples=float(samples[c]),
-                loss=mean_loss[c],
-                loss_sq=mean_sq[c],
+                samples=float(samples[r]),
+                loss=mean_loss[r],
+                loss_sq=mean_sq[r],
                 initial_loss=initial[c] if initial is not None else None,
             )
             n = len(fed.client(cid).y)
-            params = FlatParams(self.spec, {self.dtype: w[c]})
-            update = Update(params, weight=float(n), metrics=metrics, client_id=cid, stats=stats)
+            params = FlatParams(self.spec, {self.dtype: deltas[r]})
+            update = Update(params, weight=float(n), metrics={"steps": float(taken[r])}, client_id=cid, stats=stats)
             # the same context the sequential runtime gives the trainer: this client's seed for this round
             local = dataclasses.replace(config, seed=client_seed(config, cid))
-            yield self.trainer.on_party(update, local, cid)
+            yield trainer.on_party(update, local, cid)
 
     def round_metrics(self) -> dict[str, float]:
         return {}
@@ -133,23 +241,30 @@ class VectorizedRuntime:
             return {}
         return self.trainer.evaluate(global_params, self.test_data)
 
-    def _plan(self, clients: list[int], config: FitConfig, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Each client's batches, drawn with the same seeds and order as the sequential trainer."""
+    def _plan(self, clients: list[int], config: FitConfig, device: torch.device) -> tuple[Tensor, Tensor, list[int]]:
+        """Each client's batches, drawn with the same seeds and order as the sequential trainer, as sample
+        indices ``(C, S, B)`` and 0/1 weights, rows ordered by number of batches (most first; ``order[r]`` is
+        the cohort position of row r). A short batch is padded with the client's first sample at weight 0."""
         offsets = self.federation.offsets
         plans = []
         for cid in clients:
             start, end = int(offsets[cid]), int(offsets[cid + 1])
-            gen = torch.Generator().manual_seed(client_seed(dataclasses.replace(config), cid))
-            plans.append([b + start for b in batch_indices(end - start, config, gen, torch.device("cpu"))])
-        steps = max(len(p) for p in plans)
+            if end == start:
+                raise ValueError(f"cannot train on client {cid}: it has no examples")
+            gen = torch.Generator().manual_seed(client_seed(config, cid))
+            plans.append((start, [b + start for b in batch_indices(end - start, config, gen, torch.device("cpu"))]))
+        order = sorted(range(len(clients)), key=lambda c: -len(plans[c][1]))  # stable: ties keep cohort order
+        steps = len(plans[order[0]][1])
         bs = config.batch_size
         idx = torch.zeros(len(clients), steps, bs, dtype=torch.long)
         weights = torch.zeros(len(clients), steps, bs)
-        for c, plan in enumerate(plans):
+        for r, c in enumerate(order):
+            start, plan = plans[c]
+            idx[r] = start
             for s, batch in enumerate(plan):
-                idx[c, s, : len(batch)] = batch
-                weights[c, s, : len(batch)] = 1.0
-        return idx.to(device), weights.to(device=device, dtype=self.dtype)
+                idx[r, s, : len(batch)] = batch
+                weights[r, s, : len(batch)] = 1.0
+        return idx.to(device), weights.to(device=device, dtype=self.dtype), order
 
     @torch.no_grad()
     def _initial_losses(self, global_params: FlatParams, clients: list[int]) -> list[float]:
@@ -160,11 +275,20 @@ class VectorizedRuntime:
 def _check_supported(trainer: Any) -> None:
     if not isinstance(trainer, TorchTrainer):
         raise NotVectorizable(f"only TorchTrainer can be vectorised, not {type(trainer).__name__}")
-    if not trainer._flat_sgd:
-        raise NotVectorizable("vectorised training supports plain SGD with every trainable param exchanged")
+    if trainer.local is not None:
+        raise NotVectorizable("client.keep_local rows are kept per client between rounds")
+    if trainer.optimizer not in STEPS:
+        raise NotVectorizable(f"optimizer {trainer.optimizer!r} has no cohort form")
+    exchanged = set(trainer.params.spec.names)
+    untracked = [n for n, p in trainer.model.named_parameters() if p.requires_grad and n not in exchanged]
+    if untracked:
+        names = ", ".join(untracked[:3])
+        raise NotVectorizable(f"trainable params that are not exchanged ({names}) carry over between clients")
     if len(trainer.params.spec.sizes) != 1:
         raise NotVectorizable("vectorised training needs all params in one dtype")
-    if not hasattr(trainer.loss, "reduction"):
-        raise NotVectorizable("vectorised training needs a loss module with a 'reduction' attribute")
+    if getattr(trainer.loss, "reduction", None) not in ("mean", "sum"):
+        raise NotVectorizable("vectorised training needs a loss module with reduction 'mean' or 'sum'")
+    if getattr(trainer.loss, "weight", None) is not None:
+        raise NotVectorizable("a loss with class weights averages over the weights, not the samples")
     if any(True for _ in trainer.model.buffers()):
-        raise NotVectorizable("the model has buffers (e.g. BatchNorm statistics) that vmap cannot update")
+        raise NotVectorizable("the model has buffers (e.g. BatchNorm statistics) that a cohort cannot share")

@@ -95,6 +95,7 @@ class FSDPParty:
         self.access = DTensorAccess(self.model, select)
         self.driver = SyncDriver(ctx, self.fed_args, sync_timeout, update_transforms)
         self.history: list[SyncRecord] = []
+        self.start_seconds = 0.0  # joining the session and loading its initial params (waiting for the others)
         self.step = 0
         # since the last sync, on this rank: examples, micro-batches, and the loss sum (a tensor on the device: no
         # device sync per micro-batch, only at a sync)
@@ -111,7 +112,9 @@ class FSDPParty:
         every rank (a collective). ``step``: where a resumed run starts."""
         ranks = Ranks(self.world, self.is_main, self.access.params.device)
         self.driver.enter_turn(seed)  # in-process parties (a LocalFederation) train in turns; nothing over gRPC
+        started = time.perf_counter()
         self.driver.start(self.access, ranks, total_steps, steps_per_epoch, step, seed)
+        self.start_seconds = time.perf_counter() - started
         self.step = step
 
     def count(self, examples: int, loss: torch.Tensor | float | None = None) -> None:

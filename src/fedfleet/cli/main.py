@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from fedfleet import __version__
 from fedfleet.cli.certs import add_certs_parser
 from fedfleet.cli.local import add_local_parser
+from fedfleet.cli.merge import add_merge_parser
 from fedfleet.errors import UserError
 
 EPILOG = """\
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_deploy_parsers(sub)
     add_certs_parser(sub)
     add_local_parser(sub)
+    add_merge_parser(sub)
 
     lst = sub.add_parser("list", help="list registered strategies, models, datasets, partitioners, selectors")
     lst.add_argument("kind", nargs="?", help="only this kind (e.g. strategies)")

@@ -173,3 +173,15 @@ def test_a_party_of_one_rank_and_one_of_two_federate_their_trainable_params(tmp_
     # the frozen embeddings stayed each party's own (both seed 0 here), so one plain model checks both parties
     fp32 = loss_of_plain_model(means[-1], torch.float32, seed=0)
     assert all(abs(rank["final_loss"] - fp32) < 1e-5 for p in logs.values() for rank in p)
+
+
+def test_a_hybrid_party_of_two_replicas_of_two_shards_and_a_party_of_one_rank(tmp_path):
+    """guest: _HYBRID_SHARD_ZERO2 over 4 ranks, a 2 x 2 mesh (each shard held by two replicas, which must agree
+    exactly); host: one rank. The 4 ranks see 32 examples an epoch, the host 24."""
+    guest = ["--strategy", "_HYBRID_SHARD_ZERO2", "--shard-size", "2", "--examples", "32"]
+    host = ["--strategy", "FULL_SHARD", "--examples", "24", "--model-seed", "1"]
+    logs = run_session(tmp_path, (4, guest), (1, host))
+    means = check(logs, {"guest-9999": 32.0, "host-10000": 24.0})
+    assert [h["step"] for h in logs["guest-9999"][0]["history"]] == [2, 4]
+    fp32 = loss_of_plain_model(means[-1], torch.float32, seed=1)
+    assert all(abs(rank["final_loss"] - fp32) < 1e-5 for p in logs.values() for rank in p)

@@ -9,7 +9,7 @@ import pytest
 from tests.paths import ROOT
 
 # docs whose ```python blocks are complete programs (the others show fragments of a larger script)
-RUNNABLE = ["text-data.md"]
+RUNNABLE = ["text-data.md", "differential-privacy.md"]
 
 
 def blocks(name: str) -> list[str]:

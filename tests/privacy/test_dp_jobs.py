@@ -85,6 +85,12 @@ def test_combinations_that_break_the_guarantee_are_refused_by_key(tmp_path, priv
         load_job(job_file(tmp_path, privacy=privacy, extra=extra))
 
 
+def test_a_secure_clip_range_that_would_cut_the_noise_is_refused_with_the_value_to_use(tmp_path):
+    privacy = "{noise_multiplier: 4.0, clip: 0.5, where: distributed, sampling: none}"
+    with pytest.raises(ConfigError, match=r"secure_aggregation.clip = 1 would clip .* at least 3\.18"):
+        simulate(tmp_path, privacy=privacy, extra="secure_aggregation: {clip: 1.0}\n")
+
+
 def test_adaptive_clipping_in_a_job_moves_the_clip_and_reports_its_noisy_fraction(tmp_path):
     privacy = "{noise_multiplier: 1.0, clip: 0.01, adaptive: {quantile: 0.5, lr: 0.5}, noise: seeded}"
     history = simulate(tmp_path, privacy=privacy).loop.run()

@@ -23,7 +23,7 @@ from fedfleet.data import FederatedDataset, load_dataset, partition, train_test_
 from fedfleet.data.datasets import Dataset
 from fedfleet.errors import ConfigError, DataError
 from fedfleet.models import build_model
-from fedfleet.privacy import plan_privacy
+from fedfleet.privacy import PrivacyPlan, plan_privacy
 from fedfleet.registry import construct
 from fedfleet.secagg.in_process import SecureAggregation
 from fedfleet.select import PoissonSelector, Selector, build_selector
@@ -130,10 +130,26 @@ def pipeline_of(job: JobConfig, population: int | None = None) -> Pipeline:
     if job.privacy is not None:  # the party adds its noise after the job's own transforms, the arbiter accounts
         weight = job.secure_aggregation.max_weight if job.secure_aggregation is not None else 1.0
         plan = plan_privacy(job.privacy, job.rounds, job.cohort, population, job.seed, party_weight=weight)
+        check_coordinate_range(job, plan)
         pipeline = Pipeline(pipeline.client + plan.party, pipeline.server + plan.fold)
     if job.secure_aggregation is None:
         return pipeline
     return dataclasses.replace(pipeline, secure=SecureAggregation(job.secure_aggregation, session=job.name))
+
+
+def check_coordinate_range(job: JobConfig, plan: PrivacyPlan) -> None:
+    """Secure aggregation clips each coordinate to [-clip, clip] after the party's noise; a clipped coordinate
+    would bend the Gaussian the accountant assumes. A coordinate of a delta within C, plus 6 noise stds, stays
+    inside but for odds of 2e-9."""
+    if job.secure_aggregation is None or job.privacy.where == "central":
+        return
+    party = plan.party[-1]
+    need = party.clip + 6.0 * party.std
+    if job.secure_aggregation.clip < need:
+        raise ConfigError(
+            f"secure_aggregation.clip = {job.secure_aggregation.clip:g} would clip the noised coordinates "
+            f"(privacy.clip {party.clip:g} + 6 x the party's noise std {party.std:.4g}): set it to at least {need:.4g}"
+        )
 
 
 def selector_of(job: JobConfig) -> Selector:

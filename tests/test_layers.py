@@ -31,6 +31,7 @@ SUB_ORDERS: dict[tuple[str, str], str] = {
     ("offsite", "hf"): "Offsite-Tuning's data owners train with FedAvgClient",
     ("runtime.ray", "runtime.sim"): "Ray workers train their share with the in-process runtime",
     ("runtime.grpc", "runtime.sim"): "a deployed party's seed is the simulated client's (client_seed)",
+    ("runtime.files", "runtime.sim"): "a site's seed is the simulated client's (client_seed)",
     ("runtime", "runtime.sim"): "the runtime package's doc names its runtimes",
     ("transforms", "robust"): "the robust aggregation rules are registered as fold transforms",
     ("transforms", "attacks"): "the attacker behaviours are registered as party-side transforms",

@@ -1,0 +1,247 @@
+"""The exchange folder: where a round's global model and each party's update are published, and how they are read.
+
+Layout (round numbers are 1-based, as the logs show them)::
+
+    exchange/round-0003/global/params.safetensors     the arbiter's global params of round 3
+    exchange/round-0003/global/manifest.json          written last: its presence means the files are complete
+    exchange/round-0003/updates/<party>/params.safetensors
+    exchange/round-0003/updates/<party>/manifest.json
+
+Every file is written to a temp name beside its target, fsynced, renamed and the folder fsynced; the manifest,
+which lists the SHA-256 and size of every file, is published last. A reader looks only for manifests: a file
+without one is never opened, and a file is parsed (with safetensors, never pickle) only from bytes whose size and
+SHA-256 match the manifest, so a file changed after it was checked cannot slip in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from fedfleet.core.params import FlatParams, ParamSpec, spec_difference
+from fedfleet.core.serialize import _contiguous, fsync_replace, params_from_bytes
+
+FORMAT = "fedfleet-exchange-1"
+MANIFEST = "manifest.json"
+PARAMS = "params.safetensors"
+MAX_MANIFEST_BYTES = 1 << 20  # a manifest lists a few files and metrics; anything bigger is not one of ours
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")  # file and party names: no paths, no hidden files
+_ROUND = re.compile(r"^round-(\d{4,})$")
+
+
+class Refused(Exception):
+    """A manifest or one of its files does not verify; the message names the file and why."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """A verified manifest and the params its files hold."""
+
+    manifest: dict[str, Any]
+    params: FlatParams
+    path: Path  # the manifest
+
+
+class Exchange:
+    """The paths of one exchange folder (created on first publish)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def round_dir(self, rnd: int) -> Path:
+        return self.root / f"round-{rnd:04d}"
+
+    def global_dir(self, rnd: int) -> Path:
+        return self.round_dir(rnd) / "global"
+
+    def update_dir(self, rnd: int, party: str) -> Path:
+        if not _NAME.match(party):
+            raise ValueError(f"party name {party!r} cannot name a folder (letters, digits, '.', '_', '-')")
+        return self.round_dir(rnd) / "updates" / party
+
+    def rounds(self) -> list[int]:
+        """The round numbers that have a folder, in order."""
+        if not self.root.is_dir():
+            return []
+        found = [int(m.group(1)) for p in self.root.iterdir() if p.is_dir() and (m := _ROUND.match(p.name))]
+        return sorted(found)
+
+
+def layout(spec: ParamSpec) -> list[list[Any]]:
+    """The params' names, shapes and dtypes, as a manifest lists them."""
+    return [[e.name, list(e.shape), str(e.dtype).removeprefix("torch.")] for e in spec.entries]
+
+
+def publish(folder: Path, params: FlatParams, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write ``params`` and then the manifest (with the files' sums and sizes added) into ``folder``; returns the
+    manifest written. Each file: temp name, fsync, rename, fsync of the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / PARAMS
+    tmp = folder / f".{PARAMS}.{os.getpid()}.tmp"
+    save_file(_contiguous(params), str(tmp))
+    digest, size = file_sum(tmp)
+    fsync_replace(tmp, target)
+    body = {
+        "format": FORMAT,
+        **manifest,
+        "layout": layout(params.spec),
+        "params": PARAMS,
+        "files": {PARAMS: {"sha256": digest, "bytes": size}},
+    }
+    write_manifest(folder, body)
+    return body
+
+
+def write_manifest(folder: Path, body: dict[str, Any]) -> None:
+    tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(body, indent=1, sort_keys=True))
+    fsync_replace(tmp, folder / MANIFEST)
+
+
+def file_sum(path: Path, block: int = 4 << 20) -> tuple[str, int]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest at ``path``, or None when there is none yet. Raises Refused when it is not a manifest."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size > MAX_MANIFEST_BYTES:
+        raise Refused(f"{path}: {size} bytes, more than a manifest's {MAX_MANIFEST_BYTES}")
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise Refused(f"{path}: not a readable JSON manifest ({exc})") from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise Refused(f"{path}: not a fedfleet exchange manifest (format {_get(body, 'format')!r}, expected {FORMAT})")
+    return body
+
+
+def verify(path: Path, expect: dict[str, Any], spec: ParamSpec | None) -> Published | None:
+    """The manifest at ``path`` and its params once every check passes; None when no manifest exists yet.
+
+    ``expect``: fields the manifest must have exactly (session, party, round, kind); ``spec``: the layout the params
+    must have (None: any, taken from the file). Raises Refused naming the file that fails."""
+    body = read_manifest(path)
+    if body is None:
+        return None
+    for key, want in expect.items():
+        if body.get(key) != want:
+            raise Refused(f"{path}: {key} is {_get(body, key)!r}, expected {want!r}")
+    files, name = body.get("files"), body.get("params")
+    if not isinstance(files, dict) or not isinstance(name, str) or name not in files:
+        raise Refused(f"{path}: lists no params file")
+    for file in files:
+        if not isinstance(file, str) or not _NAME.match(file):
+            raise Refused(f"{path}: file name {file!r} is not a plain name in the manifest's folder")
+    if spec is not None and body.get("layout") != layout(spec):
+        raise Refused(f"{path}: its params' layout is not the global model's")
+    data = b""
+    for file, entry in files.items():
+        blob = read_listed(path.parent / file, entry)
+        if file == name:
+            data = blob
+    try:
+        params = params_from_bytes(data, spec)
+    except Exception as exc:  # safetensors refuses a garbled header in many ways
+        raise Refused(f"{path.parent / name}: not safetensors params of the right layout ({_line(exc)})") from None
+    if spec is not None and params.spec != spec:  # pragma: no cover (params_from_bytes checks names, shapes, dtypes)
+        raise Refused(f"{path.parent / name}: {spec_difference(spec, params.spec)}")
+    if not params.isfinite():
+        raise Refused(f"{path.parent / name}: holds NaN or infinite values")
+    return Published(body, params, path)
+
+
+def read_listed(path: Path, entry: Any) -> bytes:
+    """The bytes of a file a manifest lists, once their size and SHA-256 are the manifest's."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not _count(entry.get("bytes")):
+        raise Refused(f"{path}: its manifest entry has no sha256 and bytes")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise Refused(f"{path}: listed in the manifest but missing") from None
+    if size != entry["bytes"]:
+        raise Refused(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
+    data = read_bytes(path)
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise Refused(f"{path}: its SHA-256 is not the manifest's (damaged or replaced)")
+    return data
+
+
+def read_bytes(path: Path) -> bytes:
+    """Every read of a published file goes through here (tests watch it)."""
+    return path.read_bytes()
+
+
+def finite_weight(body: dict[str, Any], path: Path) -> float:
+    weight = body.get("weight")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        raise Refused(f"{path}: weight {weight!r} is not a finite number above 0")
+    return float(weight)
+
+
+def metrics_of(body: dict[str, Any], path: Path) -> dict[str, float]:
+    metrics = body.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for k, v in metrics.items()
+    ):
+        raise Refused(f"{path}: metrics must map names to finite numbers")
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def prune(exchange: Exchange, keep_last: int, current: int) -> list[Path]:
+    """Remove the files of rounds before the last ``keep_last`` (counting ``current``) that a manifest of this
+    runtime lists, then those manifests, then folders left empty; anything else stays. Returns what was removed."""
+    removed: list[Path] = []
+    for rnd in exchange.rounds():
+        if rnd > current - keep_last:
+            continue
+        folder = exchange.round_dir(rnd)
+        manifests = [folder / "global" / MANIFEST, *sorted((folder / "updates").glob(f"*/{MANIFEST}"))]
+        for manifest in manifests:
+            try:
+                body = read_manifest(manifest)
+            except Refused:
+                continue  # not ours: leave it and what it names
+            if body is None:
+                continue
+            for name in body.get("files", {}) if isinstance(body.get("files"), dict) else ():
+                if isinstance(name, str) and _NAME.match(name) and (manifest.parent / name).is_file():
+                    (manifest.parent / name).unlink()
+                    removed.append(manifest.parent / name)
+            manifest.unlink()
+            removed.append(manifest)
+        for sub in sorted(folder.glob("**/"), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                sub.rmdir()  # only empty folders go
+    return removed
+
+
+def _get(body: Any, key: str) -> Any:
+    return body.get(key) if isinstance(body, dict) else None
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -55,7 +55,7 @@ def _bad_party(job, ex, kind: str, stage):
         "is_delta": True,
         "metrics": {},
         "stats": {},
-        "global_sha256": found.manifest["files"][PARAMS]["sha256"],
+        "global_manifest_sha256": found.sha256,
     }
     publish(stage, found.params.zeros_like(), body)
     params = stage / PARAMS
@@ -198,3 +198,16 @@ def test_a_party_run_again_for_a_round_it_answered_does_not_train_again(tmp_path
     assert worker.run_round(1) == first and first.stat().st_mtime_ns == stamp and not calls
     assert party(job, ex, PARTIES[1]).run_round(1) is None  # not selected: nothing published
     assert not Exchange(ex).update_dir(1, PARTIES[1]).exists()
+
+
+def test_an_update_from_another_global_of_the_round_is_refused(tmp_path):
+    """The round published again with other tasks (a resumed run that chose differently): an update made from the
+    first publication names its manifest's SHA-256, which is no longer the round's, and is not folded."""
+    job = load(tmp_path, rounds=1)
+    ex = tmp_path / "exchange"
+    loop, runtime = arbiter(job, ex, min_parties=1, round_timeout=0.3)
+    runtime.publish_global(1, loop.global_params, {PARTIES[0]: {"round": 0, "seed": 5, "batch_size": 16}})
+    party(job, ex, PARTIES[0]).run_round(1)
+    with pytest.raises(RoundIncomplete, match="refused 1"):
+        list(runtime.fit(loop.global_params, [0], FitConfig(round=0, seed=3, batch_size=16)))
+    assert "trained from another global model than round 1's" in runtime.refusals[0]

@@ -49,6 +49,7 @@ class Published:
     manifest: dict[str, Any]
     params: FlatParams
     path: Path  # the manifest
+    sha256: str  # of the manifest's bytes: an update names the global (params and tasks) it trained from
 
 
 class Exchange:
@@ -118,6 +119,12 @@ def file_sum(path: Path, block: int = 4 << 20) -> tuple[str, int]:
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
     """The manifest at ``path``, or None when there is none yet. Raises Refused when it is not a manifest."""
+    found = _read_manifest(path)
+    return None if found is None else found[0]
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, Any], str] | None:
+    """The manifest and the SHA-256 of the bytes it was parsed from."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -125,12 +132,15 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     if size > MAX_MANIFEST_BYTES:
         raise Refused(f"{path}: {size} bytes, more than a manifest's {MAX_MANIFEST_BYTES}")
     try:
-        body = json.loads(path.read_text())
+        data = path.read_bytes()
+        body = json.loads(data)
+    except FileNotFoundError:
+        return None  # replaced between the two looks: looked at again at the next poll
     except (OSError, ValueError) as exc:
         raise Refused(f"{path}: not a readable JSON manifest ({exc})") from None
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise Refused(f"{path}: not a fedfleet exchange manifest (format {_get(body, 'format')!r}, expected {FORMAT})")
-    return body
+    return body, hashlib.sha256(data).hexdigest()
 
 
 def verify(path: Path, expect: dict[str, Any], spec: ParamSpec | None) -> Published | None:
@@ -138,9 +148,10 @@ def verify(path: Path, expect: dict[str, Any], spec: ParamSpec | None) -> Publis
 
     ``expect``: fields the manifest must have exactly (session, party, round, kind); ``spec``: the layout the params
     must have (None: any, taken from the file). Raises Refused naming the file that fails."""
-    body = read_manifest(path)
-    if body is None:
+    found = _read_manifest(path)
+    if found is None:
         return None
+    body, digest = found
     for key, want in expect.items():
         if body.get(key) != want:
             raise Refused(f"{path}: {key} is {_get(body, key)!r}, expected {want!r}")
@@ -165,7 +176,7 @@ def verify(path: Path, expect: dict[str, Any], spec: ParamSpec | None) -> Publis
         raise Refused(f"{path.parent / name}: {spec_difference(spec, params.spec)}")
     if not params.isfinite():
         raise Refused(f"{path.parent / name}: holds NaN or infinite values")
-    return Published(body, params, path)
+    return Published(body, params, path, digest)
 
 
 def read_listed(path: Path, entry: Any) -> bytes:

@@ -49,13 +49,13 @@ def run_party_round(
         config = FitConfig(**tasks[party])
     except TypeError as exc:
         raise Refused(f"{published.path}: the task of {party} is not a training config ({exc})") from None
-    global_sha = published.manifest["files"][published.manifest["params"]]["sha256"]
+    global_sha = published.sha256
     folder = ex.update_dir(round, party)
     try:
         done = read_manifest(folder / MANIFEST)
     except Refused:
         done = None
-    if done is not None and done.get("global_sha256") == global_sha and done.get("party") == party:
+    if done is not None and done.get("global_manifest_sha256") == global_sha and done.get("party") == party:
         log.info("%s: round %d already answered (%s)", party, round, folder / MANIFEST)
         return folder / MANIFEST
     update = trainer.fit(published.params, config, data)
@@ -68,7 +68,7 @@ def run_party_round(
         "is_delta": bool(update.is_delta),
         "metrics": {k: float(v) for k, v in update.metrics.items()},
         "stats": update.stats.to_wire(),
-        "global_sha256": global_sha,
+        "global_manifest_sha256": global_sha,
     }
     publish(folder, update.params, manifest)
     log.info("%s: round %d: published the update of %g examples", party, round, update.weight)

@@ -26,6 +26,7 @@ from fedfleet.runtime.files.exchange import (
     MANIFEST,
     Exchange,
     Refused,
+    file_sum,
     finite_weight,
     metrics_of,
     prune,
@@ -100,7 +101,7 @@ class FileRuntime:
                     found = verify(path, expect, spec)
                     if found is None:
                         continue  # no manifest yet: its files, if any, are not looked at
-                    if found.manifest.get("global_sha256") != global_sum:
+                    if found.manifest.get("global_manifest_sha256") != global_sum:
                         raise Refused(f"{path}: trained from another global model than round {rnd}'s")
                     update = Update(
                         found.params,
@@ -150,9 +151,9 @@ class FileRuntime:
 
     # -- internals ---------------------------------------------------------------------------------
     def publish_global(self, rnd: int, params: FlatParams, tasks: dict[str, dict]) -> str:
-        """Publish round ``rnd``'s global params and tasks; returns the params file's SHA-256. A round run again
-        (the loop's retry, a resumed run) with the same params and tasks keeps the published files, so updates
-        parties already made from them still count."""
+        """Publish round ``rnd``'s global params and tasks; returns the manifest's SHA-256 (what updates name). A
+        round run again (the loop's retry, a resumed run) with the same params and tasks keeps the published files,
+        so updates parties already made from them still count."""
         folder = self.exchange.global_dir(rnd)
         manifest = {"session": self.session, "party": ARBITER, "round": rnd, "kind": "global", "tasks": tasks}
         try:
@@ -165,9 +166,9 @@ class FileRuntime:
             except Refused:
                 published = None
             if published is not None and published.params.allclose(params, rtol=0, atol=0):
-                return published.manifest["files"][published.manifest["params"]]["sha256"]
-        body = publish(folder, params, manifest)
-        return body["files"][body["params"]]["sha256"]
+                return published.sha256
+        publish(folder, params, manifest)
+        return file_sum(folder / MANIFEST)[0]
 
     @staticmethod
     def _stats(body: dict[str, Any], path: Path) -> TrainStats:

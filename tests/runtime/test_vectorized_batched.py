@@ -208,3 +208,25 @@ def test_auto_on_a_cpu_picks_the_cohort_path_by_the_rule(ragged, caplog):
     with caplog.at_level(logging.INFO, logger="fedfleet.runtime.sim.choice"):
         list(conv.fit(conv.sequential.trainer.params.clone(), list(range(10)), config))
     assert "convolutions are compute-bound" in caplog.text
+
+
+class TiedAndIdle(nn.Module):
+    """One layer applied twice (tied weights) and one the forward never calls (its gradient is zero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(64, 16)
+        self.tied = nn.Linear(16, 16)
+        self.idle = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x.flatten(1)))
+        return self.out(torch.tanh(self.tied(torch.tanh(self.tied(h)))))
+
+
+@pytest.mark.parametrize(("trainer_kw", "fit_kw"), [OPTIMIZERS[0], OPTIMIZERS[2]])
+def test_tied_and_unused_layers_equal_sequential(ragged, trainer_kw, fit_kw):
+    """Plain SGD is fused into the backward pass: a layer called twice must still see its weight unchanged in
+    the other call's backward, and an unused layer takes the step a zero gradient gives (weight decay: Adam)."""
+    compare(TiedAndIdle, as_double(ragged), trainer_kw, fit_kw, atol=1e-9)

@@ -32,7 +32,21 @@ class NotBatchable(Exception):
     """The model cannot run as one cohort model; the message says which layer and why."""
 
 
-Kernel = Callable[..., Tensor]  # (module, x, *stacked params in the module's order) -> output
+Kernel = Callable[..., Tensor]  # (module, x, *stacked params in the module's order, into=grad buffers) -> output
+
+
+class StepInto:
+    """Plain SGD fused into the backward pass: ``target <- target - lr * grad`` in place, by the weight-gradient
+    product itself (``target.baddbmm_(dout, x, alpha=-lr)``), so the gradient is never stored and the update is
+    no pass of its own over the cohort's weights. ``target`` is the very tensor the forward read."""
+
+    def __init__(self, target: Tensor, lr: float) -> None:
+        self.target = target
+        self.lr = lr
+        self.taken = False  # set by the backward pass that took the step
+
+
+FUSED_STEP: frozenset[type[nn.Module]] = frozenset({nn.Linear})  # kernels that take a StepInto for their params
 
 
 class _CohortLinear(torch.autograd.Function):
@@ -41,37 +55,54 @@ class _CohortLinear(torch.autograd.Function):
     Measured on the 2-core sandbox CPU (100 clients x 16 rows, 784 -> 100, one thread): the product computed as
     ``weight @ x^T`` 2.2 ms against 3.6 ms for ``x @ weight^T``; the weight gradient as ``dout^T @ x`` is
     contiguous in the weight's own layout (2.0 ms), where autograd's default gives a transposed one that made the
-    optimizer's update 6x slower (14 ms against 2.5 ms).
+    optimizer's update 6x slower (14 ms against 2.5 ms). The gradients go into the caller's buffers when given
+    (``into``): a fresh cohort-sized gradient each step cost 1.3 ms more of its 3.3 ms in page faults alone.
+    With plain SGD the step is fused into the weight-gradient product (``StepInto``).
     """
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # (a, N, in), (a, out, in) -> (a, out, N)
-        out = torch.bmm(weight, x.transpose(1, 2))
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, into_w: Tensor | None, into_b: Tensor | None) -> Tensor:
+        out = torch.bmm(weight, x.transpose(1, 2))  # (a, N, in), (a, out, in) -> (a, out, N)
         return out if bias is None else out.add_(bias.unsqueeze(2))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        x, weight, bias = inputs
+        x, weight, bias, into_w, into_b = inputs
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+        ctx.into = (into_w, into_b)  # written, not read: outside save_for_backward's version checks
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # grad: (a, out, N)
         x, weight = ctx.saved_tensors
+        into_w, into_b = ctx.into
+        # the input's gradient first: a fused step below overwrites the weight it reads
         grad_x = torch.bmm(grad.transpose(1, 2), weight) if ctx.needs_input_grad[0] else None
-        grad_w = torch.bmm(grad, x) if ctx.needs_input_grad[1] else None
-        grad_b = grad.sum(2) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            if isinstance(into_w, StepInto):
+                into_w.target.baddbmm_(grad, x, alpha=-into_w.lr)
+                into_w.taken = True
+            else:
+                grad_w = torch.bmm(grad, x) if into_w is None else torch.bmm(grad, x, out=into_w)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            if isinstance(into_b, StepInto):
+                into_b.target.sub_(grad.sum(2), alpha=into_b.lr)
+                into_b.taken = True
+            else:
+                grad_b = grad.sum(2) if into_b is None else torch.sum(grad, 2, out=into_b)
+        return grad_x, grad_w, grad_b, None, None
 
 
-def _linear(m: nn.Linear, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def _linear(m: nn.Linear, x: Tensor, weight: Tensor, bias: Tensor | None = None, into: Sequence = ()) -> Tensor:
     a = weight.shape[0]
     rows = x.reshape(a, -1, x.shape[-1])  # (a, B * ..., in)
-    out = _CohortLinear.apply(rows, weight, bias).transpose(1, 2)  # (a, B * ..., out)
+    into_w, into_b = (*into, None, None)[:2]
+    out = _CohortLinear.apply(rows, weight, bias, into_w, into_b).transpose(1, 2)  # (a, B * ..., out)
     return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
-def _embedding(m: nn.Embedding, ids: Tensor, weight: Tensor) -> Tensor:
+def _embedding(m: nn.Embedding, ids: Tensor, weight: Tensor, into: Sequence = ()) -> Tensor:
     a, rows, dim = weight.shape
     # client c's ids index its own table: shift them by c * rows into the (a * rows, dim) stack of tables
     shift = torch.arange(a, device=ids.device).mul_(rows).view(a, *([1] * ids.dim()))
@@ -99,13 +130,13 @@ def _affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: 
     return out.reshape(x.shape)
 
 
-def _layer_norm(m: nn.LayerNorm, x: Tensor, *params: Tensor) -> Tensor:
+def _layer_norm(m: nn.LayerNorm, x: Tensor, *params: Tensor, into: Sequence = ()) -> Tensor:
     weight, bias = _norm_params(m, params)
     out = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
     return _affine(out, weight, bias, x.dim() - len(m.normalized_shape))
 
 
-def _group_norm(m: nn.GroupNorm, x: Tensor, *params: Tensor) -> Tensor:
+def _group_norm(m: nn.GroupNorm, x: Tensor, *params: Tensor, into: Sequence = ()) -> Tensor:
     weight, bias = _norm_params(m, params)
     return _affine(F.group_norm(x, m.num_groups, None, None, m.eps), weight, bias, 1)
 
@@ -116,7 +147,9 @@ def _norm_params(m: nn.Module, params: Sequence[Tensor]) -> tuple[Tensor | None,
     return got.get("weight"), got.get("bias")
 
 
-def _conv(m: nn.modules.conv._ConvNd, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def _conv(
+    m: nn.modules.conv._ConvNd, x: Tensor, weight: Tensor, bias: Tensor | None = None, into: Sequence = ()
+) -> Tensor:
     a = weight.shape[0]
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[weight.dim() - 3]  # (a, out, in, *kernel)
     args = (m.stride, m.padding, m.dilation)
@@ -166,9 +199,12 @@ class CohortLeaf(nn.Module):
         self.kernel = kernel
         self.names = names  # full names, in the layer's own parameter order
         self.params: list[Tensor] = []
+        self.into: list[Tensor | None] = []  # where the params' gradients go, where the kernel can write them
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.kernel(self.layer[0], x, *self.params)
+        into, self.into = self.into, []  # a layer called twice (tied weights) gets plain gradients the second time:
+        # a buffer or a fused step would be overwritten or applied before the other call's backward reads the weight
+        return self.kernel(self.layer[0], x, *self.params, into=into)
 
 
 class CohortModel:
@@ -184,6 +220,7 @@ class CohortModel:
         self.model = copy.deepcopy(model)
         self.leaves: list[CohortLeaf] = []
         self.shared: dict[str, Tensor] = {}
+        self.fusable: set[str] = set()  # params whose kernel can take a plain SGD step itself (StepInto)
         for name, module in list(self.model.named_modules()):
             own = list(module.named_parameters(recurse=False))
             if not own:
@@ -192,16 +229,24 @@ class CohortModel:
             leaf = CohortLeaf(module, KERNELS[type(module)], names)
             self.shared.update({n: t.detach() for n, (_, t) in zip(names, own, strict=True)})
             self.leaves.append(leaf)
+            if type(module) in FUSED_STEP:
+                self.fusable.update(names)
             self.model = _replace(self.model, name, leaf)
 
-    def forward(self, params: dict[str, Tensor], x: Tensor, cohort: int) -> Tensor:
+    def forward(
+        self, params: dict[str, Tensor], x: Tensor, cohort: int, into: dict[str, Tensor] | None = None
+    ) -> Tensor:
+        """``into``: buffers ``(a, *shape)`` that kernels may write the params' gradients into (then the gradient
+        autograd returns is that buffer)."""
+        into = into or {}
         for leaf in self.leaves:
             leaf.params = [params[n] if n in params else _expand(self.shared[n], cohort) for n in leaf.names]
+            leaf.into = [into.get(n) for n in leaf.names]
         try:
             return self.model(x)
         finally:
             for leaf in self.leaves:
-                leaf.params = []
+                leaf.params, leaf.into = [], []
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)

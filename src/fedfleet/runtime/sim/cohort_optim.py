@@ -49,10 +49,13 @@ class CohortOptimizer:
         self.state = [{s: torch.zeros_like(w) for s in needs} for w in self.weights]
 
     @torch.no_grad()
-    def step(self, active: int, grads: Sequence[Tensor]) -> None:
+    def step(self, active: int, grads: Sequence[Tensor | None]) -> None:
+        """``grads[k]`` None: weight k does not move (frozen, and nothing but its gradient would move it)."""
         self.steps += 1  # clients past the prefix never step again, so every stepping row shares this count
         rule = STEPS[self.name]
         for k, (w, g) in enumerate(zip(self.weights, grads, strict=True)):
+            if g is None:
+                continue
             w = w[:active]
             if self.proximal_mu:
                 g = g.add(w - self.anchors[k], alpha=self.proximal_mu)

@@ -36,14 +36,15 @@ from fedfleet.client.torch_trainer import TorchTrainer, batch_indices, check_fin
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.core.params import FlatParams
 from fedfleet.core.update import TrainStats, Update
-from fedfleet.runtime.sim.cohort_layers import CohortModel, NotBatchable, check_rows, mixes_samples
+from fedfleet.runtime.sim.cohort_layers import CohortModel, NotBatchable, StepInto, check_rows, mixes_samples
 from fedfleet.runtime.sim.cohort_optim import STEPS, CohortOptimizer
 from fedfleet.runtime.sim.sequential import client_seed
 
 log = logging.getLogger(__name__)
 
-# (params (a, *shape) by name, x (a * B, ...), y (a * B,), weights (a, B)) -> trainable grads, per-sample losses
-Engine = Callable[[dict[str, Tensor], Tensor, Tensor, Tensor], tuple[list[Tensor], Tensor]]
+# (params (a, *shape) by name, x (a * B, ...), y (a * B,), weights (a, B), gradient buffers (a, *shape) by name)
+#   -> trainable grads (in the buffers where the engine can write them), per-sample losses (a, B)
+Engine = Callable[[dict[str, Tensor], Tensor, Tensor, Tensor, dict[str, Tensor]], tuple[list[Tensor], Tensor]]
 
 
 class NotVectorizable(Exception):
@@ -71,6 +72,12 @@ class VectorizedRuntime:
         self.loss.reduction = "none"
         self.mean = trainer.loss.reduction == "mean"
         self.engine_name, self._engine = self._build_engine(engine)
+        # stacked weights and gradients, kept from round to round: cohort-sized tensors allocated afresh each
+        # step or round cost their page faults every time (a third of a gradient's matmul on S)
+        self._stack: dict[str, Tensor] = {}
+        self._grad: dict[str, Tensor] = {}
+        self._deltas = torch.empty(0)
+        self._x = self._y = torch.empty(0)
 
     @property
     def population(self) -> int:
@@ -119,24 +126,24 @@ class VectorizedRuntime:
         cohort = CohortModel(model)
         trainable, loss, mean = self.trainable, self.loss, self.mean
 
-        def grads(params: dict[str, Tensor], x: Tensor, y: Tensor, wb: Tensor) -> tuple[list[Tensor], Tensor]:
+        def grads(params: dict[str, Tensor], x: Tensor, y: Tensor, wb: Tensor, into: dict[str, Tensor]) -> Any:
             a = wb.shape[0]
             leaves = [params[n].detach().requires_grad_() for n in trainable]
             with torch.enable_grad():
-                out = cohort.forward({**params, **dict(zip(trainable, leaves, strict=True))}, x, a)
+                out = cohort.forward({**params, **dict(zip(trainable, leaves, strict=True))}, x, a, into)
                 per = loss(out, y).view(a, -1)
                 total = (per * wb).sum(1)
                 if mean:
                     total = total / wb.sum(1).clamp_min(1.0)
                 got = torch.autograd.grad(total.sum(), leaves, allow_unused=True)
-            return [torch.zeros_like(t) if g is None else g for g, t in zip(got, leaves, strict=True)], per.detach()
+            return list(got), per.detach()  # None: unused, or the fused step was taken
 
         params, x, y = self._probe_rows()
         model.train()
         cohort.train()
         check_rows(cohort, model, params, x)
         try:
-            grads(params, x, y, torch.ones(2, len(y) // 2, dtype=self.dtype, device=x.device))
+            grads(params, x, y, torch.ones(2, len(y) // 2, dtype=self.dtype, device=x.device), {})
         except Exception as exc:  # a kernel whose backward fails on this model's shapes
             raise NotBatchable(f"the cohort model's backward fails: {exc}") from exc
         self._cohort_model = cohort
@@ -155,7 +162,7 @@ class VectorizedRuntime:
 
         batched = vmap(grad_and_value(client_loss, has_aux=True))
 
-        def grads(params: dict[str, Tensor], x: Tensor, y: Tensor, wb: Tensor) -> tuple[list[Tensor], Tensor]:
+        def grads(params: dict[str, Tensor], x: Tensor, y: Tensor, wb: Tensor, into: dict[str, Tensor]) -> Any:
             a = wb.shape[0]
             train = tuple(params[n] for n in trainable)
             fixed = tuple(params[n] for n in frozen)
@@ -165,7 +172,7 @@ class VectorizedRuntime:
         params, x, y = self._probe_rows()
         try:
             model.train()
-            grads(params, x, y, torch.ones(2, len(y) // 2, dtype=self.dtype, device=x.device))
+            grads(params, x, y, torch.ones(2, len(y) // 2, dtype=self.dtype, device=x.device), {})
         except Exception as exc:  # vmap raises many kinds of errors for unsupported ops
             raise NotVectorizable(f"torch.func.vmap cannot batch this model: {exc}") from exc
         return grads
@@ -182,7 +189,9 @@ class VectorizedRuntime:
         counts = weights.sum(2)  # (C, S) real samples per batch
         active = (counts > 0).sum(0).tolist()  # clients still training at each step: a prefix of the rows
         glob = global_params.tensors()
-        stacked = {n: glob[n].unsqueeze(0).expand(cohort, *glob[n].shape).clone() for n in self.names}
+        self._reserve(cohort, idx.shape[2], fed.y.device)
+        stacked = {n: t[:cohort].copy_(glob[n].expand_as(t[:cohort])) for n, t in self._stack.items()}
+        fused = self._fused(config)
         opt = CohortOptimizer(
             trainer.optimizer,
             [stacked[n] for n in self.stepped],
@@ -192,6 +201,7 @@ class VectorizedRuntime:
             proximal_mu=config.proximal_mu,
             anchors=[glob[n].unsqueeze(0) for n in self.stepped],
         )
+        moves_frozen = bool(trainer.weight_decay or config.proximal_mu)  # SGD's flat step moves frozen params too
         loss_sum = torch.zeros(cohort, dtype=self.dtype, device=fed.y.device)
         sq_sum = torch.zeros_like(loss_sum)
         trainer.model.train()
@@ -200,15 +210,24 @@ class VectorizedRuntime:
             rows = idx[:a, s].reshape(-1)
             wb = weights[:a, s]
             params = {n: t[:a] for n, t in stacked.items()}
-            grads, per = self._engine(params, fed.x.index_select(0, rows), fed.y.index_select(0, rows), wb)
+            into = {n: StepInto(params[n], config.lr) if n in fused else self._grad[n][:a] for n in self.trainable}
+            xb = torch.index_select(fed.x, 0, rows, out=self._x[: len(rows)])
+            yb = torch.index_select(fed.y, 0, rows, out=self._y[: len(rows)])
+            grads, per = self._engine(params, xb, yb, wb, into)
             with torch.no_grad():
                 batch_loss = (per * wb).sum(1)
                 sq_sum[:a] += (per.square() * wb).sum(1)
                 # the trainer adds (batch loss) x (batch size): the sum for a mean loss, as it does for "sum"
                 loss_sum[:a] += batch_loss if self.mean else batch_loss * counts[:a, s]
             by_name = dict(zip(self.trainable, grads, strict=True))
-            opt.step(a, [torch.zeros_like(params[n]) if n not in by_name else by_name[n] for n in self.stepped])
-        deltas = torch.empty(cohort, self.spec.sizes[self.dtype], dtype=self.dtype, device=fed.y.device)
+            for n, grad in by_name.items():  # None: a fused step was taken, or the param is unused (a zero gradient)
+                if grad is None and n not in fused:
+                    by_name[n] = torch.zeros_like(params[n])
+            frozen = torch.zeros_like if moves_frozen else (lambda t: None)
+            opt.step(a, [by_name[n] if n in by_name else frozen(params[n]) for n in self.stepped])
+        # reused round after round, as the sequential trainer reuses its delta buffer client after client: whoever
+        # keeps an update copies it (the loop folds it at once); a fresh one cost its page faults each round
+        deltas = self._deltas[:cohort]
         for e in self.spec.entries:  # each client's delta, written straight into its row of the flat layout
             into = deltas[:, e.offset : e.offset + e.numel]
             torch.sub(stacked[e.name].reshape(cohort, -1), glob[e.name].reshape(1, -1), out=into)
@@ -232,6 +251,26 @@ class VectorizedRuntime:
             # the same context the sequential runtime gives the trainer: this client's seed for this round
             local = dataclasses.replace(config, seed=client_seed(config, cid))
             yield trainer.on_party(update, local, cid)
+
+    def _fused(self, config: FitConfig) -> set[str]:
+        """Params whose plain-SGD step the layers engine takes inside the backward pass (``StepInto``)."""
+        t = self.trainer
+        plain = t.optimizer == "sgd" and not (t.momentum or t.weight_decay or config.proximal_mu)
+        if not plain or self.engine_name != "layers":
+            return set()
+        return self._cohort_model.fusable & set(self.trainable)
+
+    def _reserve(self, cohort: int, batch: int, device: torch.device) -> None:
+        """Stacked weight, gradient, delta and batch buffers for at least ``cohort`` clients' batches."""
+        fed = self.federation
+        if not self._stack or next(iter(self._stack.values())).shape[0] < cohort:
+            shapes = {e.name: e.shape for e in self.spec.entries}
+            self._stack = {n: torch.empty(cohort, *shapes[n], dtype=self.dtype, device=device) for n in self.names}
+            self._grad = {n: torch.empty(cohort, *shapes[n], dtype=self.dtype, device=device) for n in self.trainable}
+            self._deltas = torch.empty(cohort, self.spec.sizes[self.dtype], dtype=self.dtype, device=device)
+        if len(self._y) < cohort * batch:
+            self._x = torch.empty(cohort * batch, *fed.x.shape[1:], dtype=fed.x.dtype, device=device)
+            self._y = torch.empty(cohort * batch, dtype=fed.y.dtype, device=device)
 
     def round_metrics(self) -> dict[str, float]:
         return {}
@@ -260,6 +299,10 @@ class VectorizedRuntime:
         weights = torch.zeros(len(clients), steps, bs)
         for r, c in enumerate(order):
             start, plan = plans[c]
+            if all(len(b) == bs for b in plan):  # the common case: full batches, one copy
+                idx[r, : len(plan)] = torch.stack(plan)
+                weights[r, : len(plan)] = 1.0
+                continue
             idx[r] = start
             for s, batch in enumerate(plan):
                 idx[r, s, : len(batch)] = batch

@@ -31,13 +31,13 @@ output: {{dir: {runs}, progress: false, tensorboard: false}}
 """
 
 
-def load(tmp_path: Path, rounds: int = 3):
+def load(tmp_path: Path, rounds: int = 3, extra: str = ""):
     path = tmp_path / "job.yaml"
-    path.write_text(JOB.format(rounds=rounds, runs=tmp_path / "runs"))
+    path.write_text(JOB.format(rounds=rounds, runs=tmp_path / "runs") + extra)
     return load_job(path, [])
 
 
-def arbiter(job, exchange: Path, min_parties: int = 3, round_timeout: float = 30.0, **kwargs):
+def arbiter(job, exchange: Path, min_parties: int = 3, round_timeout: float = 30.0, callbacks=(), **kwargs):
     """The round loop of ``job`` driving a FileRuntime on ``exchange`` (the job's seeded initial model)."""
     parts = build_parts(job, clients=len(PARTIES))
     runtime = FileRuntime(
@@ -52,6 +52,7 @@ def arbiter(job, exchange: Path, min_parties: int = 3, round_timeout: float = 30
         fit_config(job),
         LoopConfig(rounds=job.rounds, cohort=job.cohort, seed=job.seed, eval_every=job.eval_every),
         pipeline=pipeline_of(job, len(PARTIES)),
+        callbacks=callbacks,
     )
     return loop, runtime
 

@@ -7,8 +7,9 @@ import time
 import pytest
 import torch
 
+from fedfleet.callbacks.checkpoint import CheckpointCallback, resume
 from fedfleet.core.fit_config import FitConfig
-from fedfleet.core.loop import RoundIncomplete
+from fedfleet.core.loop import Callback, RoundIncomplete
 from fedfleet.core.params import FlatParams
 from fedfleet.jobs.simulation import Simulation
 from fedfleet.runtime.files import Exchange, Refused, exchange
@@ -40,6 +41,36 @@ def test_a_file_exchanged_run_ends_at_the_simulated_model(tmp_path):
         assert sorted(p.name for p in (folder / "updates").iterdir()) == sorted(PARTIES)
         for name in PARTIES:
             assert sorted(p.name for p in (folder / "updates" / name).iterdir()) == [MANIFEST, PARAMS]
+
+
+class _StopAfter(Callback):
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+
+    def on_round_end(self, loop, record) -> None:
+        if loop.round == self.rounds:
+            loop.request_stop()
+
+
+def test_an_arbiter_stopped_and_resumed_from_its_checkpoint_ends_at_the_simulated_model(tmp_path):
+    """FedAvgM's server momentum travels in the checkpoint; the parties, waiting on the exchange folder, never
+    notice that the arbiter went away after round 2 and a new one resumed."""
+    job = load(tmp_path, extra="strategy: {name: fedavgm}\n")
+    ex, ckpt = tmp_path / "exchange", tmp_path / "ckpt"
+    ckpt.mkdir()
+    threads = [start(party(job, ex, name).run, job.rounds) for name in PARTIES]
+    first, _ = arbiter(job, ex, callbacks=[CheckpointCallback(ckpt), _StopAfter(2)])
+    assert len(first.run()) == 2
+    second, _ = arbiter(job, ex, callbacks=[CheckpointCallback(ckpt)])
+    assert resume(second, ckpt) and second.round == 2
+    history = second.run()
+    for thread in threads:
+        thread.join(20)
+        assert not thread.errors
+    assert [r.round for r in history] == [0, 1, 2]
+    sim = Simulation.from_config(job)
+    sim.run()
+    assert second.global_params.allclose(sim.loop.global_params, rtol=0, atol=1e-5)
 
 
 def _bad_party(job, ex, kind: str, stage):
@@ -211,3 +242,24 @@ def test_an_update_from_another_global_of_the_round_is_refused(tmp_path):
     with pytest.raises(RoundIncomplete, match="refused 1"):
         list(runtime.fit(loop.global_params, [0], FitConfig(round=0, seed=3, batch_size=16)))
     assert "trained from another global model than round 1's" in runtime.refusals[0]
+
+
+def test_a_round_run_again_keeps_its_global_and_the_updates_already_made(tmp_path, caplog):
+    """The first attempt times out waiting for a late party; the loop runs the round again, the identical global
+    stays published, and the two updates already made count with the late one: the simulated model."""
+    job = load(tmp_path, rounds=1)
+    ex = tmp_path / "exchange"
+    loop, runtime = arbiter(job, ex, round_timeout=1.0)
+    early = [start(party(job, ex, name).run, 1) for name in PARTIES[:2]]
+    late = party(job, ex, PARTIES[2])
+    threads = [*early, start(lambda: time.sleep(1.5) or late.run(1))]
+    with caplog.at_level(logging.WARNING):
+        history = loop.run()
+    assert "running round 1 again (attempt 2 of 3)" in caplog.text
+    for thread in threads:
+        thread.join(20)
+        assert not thread.errors
+    assert history[0].metrics["clients"] == 3.0 and not runtime.refusals
+    sim = Simulation.from_config(job)
+    sim.run()
+    assert loop.global_params.allclose(sim.loop.global_params, rtol=0, atol=1e-5)

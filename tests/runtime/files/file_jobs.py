@@ -57,11 +57,15 @@ def arbiter(job, exchange: Path, min_parties: int = 3, round_timeout: float = 30
     return loop, runtime
 
 
-def party(job, exchange: Path, name: str, timeout: float = 30.0) -> FileParty:
-    """Party ``k`` trains on shard ``k`` of the job's partition, as client ``k`` of its simulation."""
+def site_parts(job, name: str):
+    """Party ``k``'s trainer and data: shard ``k`` of the job's partition, as client ``k`` of its simulation."""
     parts = build_parts(job, clients=len(PARTIES))
-    data = parts.federation.client(PARTIES.index(name))
-    return FileParty(Exchange(exchange), name, parts.trainer, data, session=SESSION, timeout=timeout, poll_s=POLL)
+    return parts.trainer, parts.federation.client(PARTIES.index(name))
+
+
+def party(job, exchange: Path, name: str, timeout: float = 30.0) -> FileParty:
+    trainer, data = site_parts(job, name)
+    return FileParty(Exchange(exchange), name, trainer, data, session=SESSION, timeout=timeout, poll_s=POLL)
 
 
 def start(target, *args) -> threading.Thread:

@@ -2,6 +2,8 @@
 
 import logging
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -15,6 +17,7 @@ from fedfleet.jobs.simulation import Simulation
 from fedfleet.runtime.files import Exchange, Refused, exchange
 from fedfleet.runtime.files.exchange import MANIFEST, PARAMS, publish
 from fedfleet.runtime.files.party import wait_for_global
+from tests.paths import ROOT
 from tests.runtime.files.file_jobs import PARTIES, POLL, SESSION, arbiter, load, party, start
 
 
@@ -260,6 +263,30 @@ def test_a_round_run_again_keeps_its_global_and_the_updates_already_made(tmp_pat
         thread.join(20)
         assert not thread.errors
     assert history[0].metrics["clients"] == 3.0 and not runtime.refusals
+    sim = Simulation.from_config(job)
+    sim.run()
+    assert loop.global_params.allclose(sim.loop.global_params, rtol=0, atol=1e-5)
+
+
+def test_a_party_in_a_process_of_its_own_reaches_the_simulated_model(tmp_path):
+    """Nothing but the folder joins it to the arbiter: the site is a process that runs one ``run_party_round`` per
+    round (the other two parties are threads, to keep the test short on a busy machine)."""
+    job = load(tmp_path, rounds=2)
+    ex = tmp_path / "exchange"
+    loop, _ = arbiter(job, ex, round_timeout=60)
+    command = [sys.executable, "-m", "tests.runtime.files.party_process", str(tmp_path / "job.yaml"), str(ex)]
+    proc = subprocess.Popen([*command, PARTIES[2], "2"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    threads = [start(party(job, ex, name).run, 2) for name in PARTIES[:2]]
+    try:
+        history = loop.run()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for thread in threads:
+        thread.join(20)
+        assert not thread.errors
+    assert [r.metrics["clients"] for r in history] == [3.0, 3.0]
     sim = Simulation.from_config(job)
     sim.run()
     assert loop.global_params.allclose(sim.loop.global_params, rtol=0, atol=1e-5)

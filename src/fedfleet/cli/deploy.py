@@ -26,6 +26,10 @@ def arbiter_command(
     quiet: bool,
 ) -> int:
     job = load_job(job_path, overrides)
+    if job.runtime.kind == "files":  # no network: rounds go through runtime.exchange (docs/file-exchange.md)
+        from fedfleet.cli.files import files_arbiter
+
+        return files_arbiter(job, job_path, resume=resume, overwrite=overwrite, quiet=quiet)
     access = access_of(job, insecure, certs, address)
     arbiter = build_arbiter(job, access)  # all checks, before the run folder exists or the port opens
     _exit_cleanly_on_sigterm()
@@ -83,6 +87,10 @@ def party_command(
     party_name = name or (f"{role}-{party_id}" if role and party_id else None)
     if party_name is None:
         raise ConfigError("say which party this is: --name guest-9999, or --role guest --party-id 9999")
+    if job.runtime.kind == "files":
+        from fedfleet.cli.files import files_party
+
+        return files_party(job, party_name)
     party = build_party(job, party_name, access_of(job, insecure, certs, arbiter))
     _exit_cleanly_on_sigterm()
     party.report = lambda line: print(f"{party_name}: {line}", file=sys.stderr, flush=True)

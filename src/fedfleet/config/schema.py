@@ -66,8 +66,9 @@ class ClientConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    # simulation: in this process | ray: on a Ray cluster (pip install 'fedfleet[ray]'), the same results
-    kind: Literal["simulation", "ray"] = "simulation"
+    # simulation: in this process | ray: on a Ray cluster (pip install 'fedfleet[ray]'), the same results |
+    # files: `fedfleet arbiter` and the parties exchange rounds through runtime.exchange (docs/file-exchange.md)
+    kind: Literal["simulation", "ray", "files"] = "simulation"
     vectorize: Literal["auto", "on", "off"] = "auto"  # train the whole cohort at once with torch.func.vmap
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     # torch threads for local training; default: 1 on a CPU for models under 10M params (more spin-wait beside
@@ -78,6 +79,9 @@ class RuntimeConfig:
     address: str | None = None  # join this Ray cluster ("auto", "ray://head:10001"); default: start one here
     cpus_per_worker: float | None = None  # default 1; also each worker's torch threads
     gpus_per_worker: float | None = None  # default 1 when runtime.device is a GPU, else 0; fractions share one
+    # kind: files only
+    exchange: str | None = None  # the shared folder of the rounds' global models and updates
+    keep_last: int | None = None  # the arbiter removes its own files of older rounds (default: keeps all)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
@@ -85,6 +89,12 @@ class RuntimeConfig:
         ray_only = [k for k in ("workers", "address", "cpus_per_worker", "gpus_per_worker") if getattr(self, k)]
         if ray_only and self.kind != "ray":
             raise ValueError(f"runtime.{ray_only[0]} applies to runtime.kind: ray only (kind is {self.kind!r})")
+        files_only = [k for k in ("exchange", "keep_last") if getattr(self, k) is not None]
+        if files_only and self.kind != "files":
+            raise ValueError(f"runtime.{files_only[0]} applies to runtime.kind: files only (kind is {self.kind!r})")
+        if self.kind == "files" and not self.exchange:
+            raise ValueError("runtime.kind: files needs runtime.exchange: the folder the sites share")
+        _positive("runtime.keep_last", self.keep_last)
         _positive("runtime.workers", self.workers)
         _positive("runtime.threads", self.threads)
         _positive("runtime.cpus_per_worker", self.cpus_per_worker)

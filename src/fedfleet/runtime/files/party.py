@@ -120,5 +120,10 @@ class FileParty:
             poll_s=self.poll_s,
         )  # fmt: skip
 
-    def run(self, rounds: int, first: int = 1) -> list[Path | None]:
-        return [self.run_round(rnd) for rnd in range(first, first + rounds)]
+    def run(self, last: int, first: int | None = None) -> list[Path | None]:
+        """Answer rounds ``first`` to ``last``; ``first`` by default is the earliest round the folder holds (1 when
+        it holds none): a party started again after older rounds were pruned does not wait for them."""
+        if first is None:
+            held = self.exchange.rounds()
+            first = held[0] if held else 1
+        return [self.run_round(rnd) for rnd in range(first, last + 1)]

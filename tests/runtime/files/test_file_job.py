@@ -1,0 +1,69 @@
+"""``runtime.kind: files`` in a job file: ``fedfleet arbiter`` drives the rounds through the folder, the parties
+are built from the same file, and the run ends at the simulated model."""
+
+import dataclasses
+import threading
+
+import pytest
+
+from fedfleet.callbacks.checkpoint import FILENAME
+from fedfleet.cli.main import main
+from fedfleet.config import load_job
+from fedfleet.core.checkpoint import load_checkpoint
+from fedfleet.errors import ConfigError
+from fedfleet.jobs.files import build_file_party
+from fedfleet.jobs.simulation import Simulation
+from tests.runtime.files.file_jobs import JOB, PARTIES, POLL
+
+FILES = """\
+runtime: {{kind: files, exchange: {exchange}}}
+network: {{session: files-job, parties: [guest-9999, host-10000, host-10001], round_timeout: 30}}
+"""
+
+
+def write(tmp_path, rounds=2):
+    path = tmp_path / "job.yaml"
+    path.write_text(JOB.format(rounds=rounds, runs=tmp_path / "runs") + FILES.format(exchange=tmp_path / "exchange"))
+    return path
+
+
+def test_fedfleet_arbiter_with_a_files_runtime_ends_at_the_simulated_model(tmp_path):
+    path = write(tmp_path)
+    job = load_job(path, [])
+    errors = []
+
+    def serve(name):
+        try:
+            build_file_party(job, name, timeout=30, poll_s=POLL).run(job.rounds)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=serve, args=(name,), daemon=True) for name in PARTIES]
+    for thread in threads:
+        thread.start()
+    assert main(["arbiter", str(path), "--quiet"]) == 0
+    for thread in threads:
+        thread.join(20)
+    assert not errors
+    assert sorted(p.name for p in (tmp_path / "exchange").iterdir()) == ["round-0001", "round-0002"]
+    sim = Simulation.from_config(dataclasses.replace(job, runtime=dataclasses.replace(job.runtime, kind="simulation",
+                                                                                      exchange=None)))  # fmt: skip
+    sim.run()
+    snap = load_checkpoint(tmp_path / "runs" / job.name / FILENAME, sim.loop.global_params, sim.loop.state)
+    assert snap["round"] == 2
+    assert snap["global"].allclose(sim.loop.global_params, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("runtime", "message"),
+    [
+        ("{kind: files}", "runtime.kind: files needs runtime.exchange"),
+        ("{kind: simulation, exchange: /x}", "runtime.exchange applies to runtime.kind: files only"),
+        ("{kind: files, exchange: /x, keep_last: 0}", "runtime.keep_last must be > 0"),
+    ],
+)
+def test_the_files_keys_are_checked(tmp_path, runtime, message):
+    path = tmp_path / "job.yaml"
+    path.write_text(JOB.format(rounds=1, runs=tmp_path / "runs") + f"runtime: {runtime}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_job(path, [])

@@ -29,6 +29,11 @@ def simulate_command(
     if print_config:  # the job file alone: no data is read, nothing is built
         print(printed, end="")
         return 0
+    if job.runtime.kind == "files":
+        raise ConfigError(
+            "runtime.kind: files is a deployment: run `fedfleet arbiter` and each site's `fedfleet party` "
+            "(docs/file-exchange.md); to simulate the job, remove runtime.kind and runtime.exchange"
+        )
     sim = Simulation.from_config(job)  # every check that can fail runs here, before the run folder exists
     if dry_run:
         print(yaml.safe_dump(to_dict(job), sort_keys=False), end="")

@@ -67,3 +67,8 @@ def test_the_files_keys_are_checked(tmp_path, runtime, message):
     path.write_text(JOB.format(rounds=1, runs=tmp_path / "runs") + f"runtime: {runtime}\n")
     with pytest.raises(ConfigError, match=message):
         load_job(path, [])
+
+
+def test_simulate_refuses_a_files_job_and_says_what_to_run(tmp_path, capsys):
+    assert main(["simulate", str(write(tmp_path))]) == 2
+    assert "runtime.kind: files is a deployment: run `fedfleet arbiter`" in capsys.readouterr().err

@@ -120,12 +120,13 @@ class SmallWorkload:
 
 
 SMALL_MODELS = ("mlp", "logreg", "femnist_cnn")
+SWEEP_MODELS = (*SMALL_MODELS, "mlp_wide")  # mlp_wide: 784-1000-10 (795K params), for the vectorize: auto sweep
 
 
 def small_workload(model: str = "mlp", **changes: Any) -> SmallWorkload:
     """S's row for ``model``; the FEMNIST-like row has 28x28 single-channel inputs and 62 classes."""
-    if model not in SMALL_MODELS:
-        raise ValueError(f"model must be one of {SMALL_MODELS}, got {model!r}")
+    if model not in SWEEP_MODELS:
+        raise ValueError(f"model must be one of {SWEEP_MODELS}, got {model!r}")
     shape = {"femnist_cnn": {"shape": (1, 28, 28), "num_classes": 62}}.get(model, {})
     return dataclasses.replace(SmallWorkload(model=model, **shape), **changes)
 
@@ -143,8 +144,8 @@ def make_small_federation(w: SmallWorkload) -> FederatedDataset:
 def make_small_model(w: SmallWorkload) -> nn.Module:
     """S's model with seeded initial weights, the same in every process."""
     torch.manual_seed(w.seed)
-    if w.model == "mlp":
-        return build_model("mlp", w.shape, w.num_classes, hidden=[100])
+    if w.model in ("mlp", "mlp_wide"):
+        return build_model("mlp", w.shape, w.num_classes, hidden=[100 if w.model == "mlp" else 1000])
     if w.model == "logreg":
         return build_model("logistic_regression", w.shape, w.num_classes)
     return build_model("simple_cnn", w.shape, w.num_classes)

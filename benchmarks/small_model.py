@@ -1,0 +1,597 @@
+"""Workload S, the cross-device shape (a small model, 2,000 clients, 100 per round), side by side in one script.
+
+Rows, all on S's data, initial model, cohorts and per-client batch order (``common.py``), one torch thread:
+
+- ``fedfleet_vectorized``: RoundLoop + VectorizedRuntime (the cohort as one batched model, ``vectorize: on``);
+- ``fedfleet_sequential``: RoundLoop + SequentialRuntime (``vectorize: off``); ``auto_picks`` says which one
+  ``vectorize: auto`` trains S's rounds with;
+- ``plain``: a hand-written PyTorch loop, client after client, ``torch.optim.SGD`` over the same batches and the
+  same example-weighted FedAvg (as ``overhead.py``);
+- ``limit``: the compute limit, the same FLOPs as one chain of batched matmuls (for every parameter layer, the
+  forward, weight-gradient and input-gradient products of the whole cohort at the layer's matmul shapes; a
+  convolution counted as its im2col product), with nothing else: no data, no activations, no optimizer;
+- ``pfl``: pfl-research (``pfl`` on PyPI) in its own venv, ``benchmarks/.pfl-venv``: FederatedAveraging on a
+  SimulatedBackend with a PyTorchModel, its user sampler handing out fedfleet's cohorts and each user's data in
+  fedfleet's batch order, so its final model is comparable;
+- ``flower``: Flower's Ray simulation in ``benchmarks/.flower-venv`` (as ``vs_flower.py`` makes it), client data
+  built once inside each actor, one model per actor, two 1-CPU actors: Flower at its fastest. Timed on fewer
+  rounds (``--flower-rounds``, at least 2) and compared per steady round (the median after the first, which
+  starts the actors), Ray's start apart.
+
+Also the accuracy run: S's MLP on MNIST-5k over ragged clients, vectorised beside sequential (``accuracy_run``).
+
+Ratios: everything over fedfleet vectorised, and fedfleet vectorised over the limit. Final models are compared
+with the plain loop's. Rows: ``mlp`` (S: 784-100-10), ``logreg`` (784-10) and ``femnist_cnn`` (28x28, 62 classes,
+the simple CNN; fewer rounds, it is compute-bound).
+
+    python benchmarks/small_model.py                 # S and its two extra rows, 3 repeats
+    python benchmarks/small_model.py --quick         # < 2 minutes: S 5 rounds, 1 repeat, Flower 2 rounds
+    python benchmarks/small_model.py --sweep         # the vectorize: auto rule's data: speed-ups by model, cohort
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from common import (
+    SMALL_MODELS,
+    SWEEP_MODELS,
+    SmallWorkload,
+    client_batches,
+    client_bounds,
+    cohorts,
+    cpu_model_name,
+    emit,
+    load_average,
+    local_sgd,
+    log,
+    make_small_federation,
+    make_small_model,
+    max_abs_diff,
+    median,
+    set_threads,
+    small_workload,
+    timed,
+)
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OUT = HERE / "out"
+PFL_VENV = HERE / ".pfl-venv"
+PFL_PACKAGES = ["torch==2.13.0", "pfl", "numpy", "safetensors", "pyyaml"]  # torch first: no CUDA build pulled
+
+
+# -- fedfleet, the plain loop, the limit ------------------------------------------------------------------
+def run_fedfleet(w: SmallWorkload, fed: Any, vectorize: str) -> tuple[dict[str, Tensor], float, str]:
+    from fedfleet.client import TorchTrainer
+    from fedfleet.core.loop import LoopConfig, RoundLoop
+    from fedfleet.runtime.sim import make_runtime
+    from fedfleet.select import UniformSelector
+    from fedfleet.strategy import build_strategy
+
+    model = make_small_model(w)
+
+    def go() -> tuple[dict[str, Tensor], str]:
+        trainer = TorchTrainer(model)
+        runtime = make_runtime(trainer, fed, None, vectorize)
+        loop = RoundLoop(
+            build_strategy("fedavg"),
+            runtime,
+            UniformSelector(),
+            trainer.params.clone(),
+            w.fit_config(),
+            LoopConfig(rounds=w.rounds, cohort=w.cohort, seed=w.seed, eval_every=0),
+        )
+        loop.run()
+        return {k: v.clone() for k, v in loop.global_params.tensors().items()}, type(runtime).__name__
+
+    (final, kind), seconds = timed(go)
+    return final, seconds, kind
+
+
+def auto_picks(w: SmallWorkload, fed: Any) -> str:
+    """What ``vectorize: auto`` trains this workload's rounds with on this device."""
+    from fedfleet.client import TorchTrainer
+    from fedfleet.runtime.sim import AutoRuntime, cohort_wins_on_cpu, make_runtime
+
+    trainer = TorchTrainer(make_small_model(w))
+    runtime = make_runtime(trainer, fed, None, "auto")
+    if isinstance(runtime, AutoRuntime):
+        wins, why = cohort_wins_on_cpu(trainer.model, w.cohort)
+        return f"{'vectorized' if wins else 'sequential'} ({why})"
+    return type(runtime).__name__
+
+
+def run_plain(w: SmallWorkload, fed: Any) -> tuple[dict[str, Tensor], float]:
+    """The same federated training by hand: per client, load, torch.optim.SGD, fold n_k (w_k - w)."""
+    model = make_small_model(w)
+
+    def go() -> dict[str, Tensor]:
+        names, params = zip(*model.named_parameters(), strict=True)
+        glob = [p.detach().clone() for p in params]
+        acc = [torch.zeros_like(p) for p in params]
+        bounds = client_bounds(fed)
+        for rnd, clients in enumerate(cohorts(w)):
+            for a in acc:
+                a.zero_()
+            total = 0
+            for cid in clients:
+                lo, hi = bounds[cid]
+                with torch.no_grad():
+                    for p, g in zip(params, glob, strict=True):
+                        p.copy_(g)
+                local_sgd(model, fed.x[lo:hi], fed.y[lo:hi], client_batches(w, rnd, cid, hi - lo), w.lr)
+                with torch.no_grad():
+                    for a, p, g in zip(acc, params, glob, strict=True):
+                        a.add_(p - g, alpha=float(hi - lo))
+                total += hi - lo
+            for g, a in zip(glob, acc, strict=True):
+                g.add_(a.mul_(1.0 / total))
+        return dict(zip(names, glob, strict=True))
+
+    return timed(go)
+
+
+def matmul_shapes(w: SmallWorkload) -> list[tuple[int, int, int]]:
+    """(M, K, N) of each parameter layer's forward product for one client's batch: a linear layer
+    (B, in) x (in, out); a convolution as its im2col product (B * out_pixels, in_channels * kernel, out_channels)."""
+    model = make_small_model(w)
+    shapes: list[tuple[int, int, int]] = []
+
+    def hook(m: nn.Module, args: tuple, out: Tensor) -> None:
+        if isinstance(m, nn.Linear):
+            shapes.append((out.numel() // m.out_features, m.in_features, m.out_features))
+        elif isinstance(m, nn.Conv2d):
+            k = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+            shapes.append((out.numel() // m.out_channels, k, m.out_channels))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        model(torch.zeros(w.batch_size, *w.shape))
+    for h in handles:
+        h.remove()
+    return shapes
+
+
+def compute_limit(w: SmallWorkload, repeats: int = 5) -> tuple[float, float]:
+    """Seconds for S's training FLOPs as batched matmuls alone (the best of ``repeats`` chains of one step,
+    times the steps), and the FLOPs. Per layer: forward (C, M, K) x (C, K, N), weight gradient (C, N, M) x (C, M, K),
+    input gradient (C, M, N) x (C, N, K) except for the first layer (its input needs none)."""
+    c = w.cohort
+    chain = []
+    flops = 0
+    for i, (m, k, n) in enumerate(matmul_shapes(w)):
+        products = [(m, k, n), (n, m, k)] + ([(m, n, k)] if i > 0 else [])
+        for p, q, r in products:
+            chain.append((torch.rand(c, p, q), torch.rand(c, q, r), torch.empty(c, p, r)))
+            flops += 2 * c * p * q * r
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first chain warms the allocator and caches
+        t = time.perf_counter()
+        for a, b, out in chain:
+            torch.bmm(a, b, out=out)
+        best = min(best, time.perf_counter() - t)
+    steps = w.rounds * w.epochs * -(-w.per_client // w.batch_size)
+    return best * steps, float(flops * steps)
+
+
+# -- pfl-research, in its own venv ------------------------------------------------------------------------
+def ensure_pfl_venv() -> None:
+    """Create benchmarks/.pfl-venv if missing (torch pinned first); put fedfleet's src and these benchmarks on
+    its path."""
+    py = PFL_VENV / "bin" / "python"
+    probe = [str(py), "-c", "import pfl, torch"]
+    if not (py.exists() and subprocess.run(probe, capture_output=True).returncode == 0):
+        OUT.mkdir(exist_ok=True)
+        install_log = OUT / "pfl-install.log"
+        log(f"creating {PFL_VENV} and installing {' '.join(PFL_PACKAGES)} (log: {install_log})")
+        with open(install_log, "w") as f:
+            for cmd in (
+                [sys.executable, "-m", "venv", str(PFL_VENV)],
+                [str(py), "-m", "pip", "install", PFL_PACKAGES[0]],
+                [str(py), "-m", "pip", "install", *PFL_PACKAGES],
+            ):
+                f.write(f"$ {' '.join(cmd)}\n")
+                f.flush()
+                if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+                    raise RuntimeError(f"installing pfl failed at: {' '.join(cmd)}\n{install_log.read_text()[-3000:]}")
+    site = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True
+    ).stdout.strip()
+    (Path(site) / "fedfleet_bench.pth").write_text(f"{ROOT / 'src'}\n{HERE}\n")
+
+
+def pfl_side(w: SmallWorkload) -> dict[str, Any]:
+    """Runs inside .pfl-venv: S on pfl's simulator, as a pfl user writes it, following fedfleet's schedule."""
+    import numpy as np
+    from pfl.aggregate.simulate import SimulatedBackend
+    from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
+    from pfl.data.dataset import Dataset
+    from pfl.data.federated_dataset import FederatedDataset
+    from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams
+    from pfl.metrics import Weighted
+    from pfl.model.pytorch import PyTorchModel
+
+    fed = make_small_federation(w)
+    bounds = client_bounds(fed)
+    net = make_small_model(w)
+
+    class PflNet(nn.Module):  # pfl's model protocol: loss(*data) and metrics(*data)
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.net(x)
+
+        def loss(self, x: Tensor, y: Tensor, eval: bool = False) -> Tensor:
+            self.eval() if eval else self.train()
+            return nn.functional.cross_entropy(self(x), y)
+
+        @torch.no_grad()
+        def metrics(self, x: Tensor, y: Tensor, eval: bool = False) -> dict[str, Any]:
+            loss = nn.functional.cross_entropy(self(x), y, reduction="sum").item()
+            return {"loss": Weighted(loss, len(y))}
+
+    model_module = PflNet()
+    order = [cid for cohort in cohorts(w) for cid in cohort]  # fedfleet's cohorts, one user after another
+    served = {"n": 0}
+
+    def next_user() -> int:
+        cid = order[served["n"]]
+        served["n"] += 1
+        return cid
+
+    def make_user(cid: int) -> Dataset:
+        # the round of this user (pfl asks for users in sampler order), its data in fedfleet's batch order
+        rnd = (served["n"] - 1) // w.cohort
+        lo, hi = bounds[cid]
+        perm = torch.cat(client_batches(w, rnd, cid, hi - lo))
+        return Dataset(raw_data=[fed.x[lo:hi][perm], fed.y[lo:hi][perm]], user_id=cid)
+
+    dataset = FederatedDataset(make_user, next_user)
+    model = PyTorchModel(
+        model=model_module,
+        local_optimizer_create=torch.optim.SGD,
+        central_optimizer=torch.optim.SGD(model_module.parameters(), lr=1.0),  # w += mean of the deltas
+    )
+    params = NNAlgorithmParams(
+        central_num_iterations=w.rounds,
+        evaluation_frequency=10**9,
+        train_cohort_size=w.cohort,
+        val_cohort_size=None,
+    )
+    train = NNTrainHyperParams(local_learning_rate=w.lr, local_num_epochs=w.epochs, local_batch_size=w.batch_size)
+    backend = SimulatedBackend(training_data=dataset, val_data=None, postprocessors=[])
+    t = time.perf_counter()
+    FederatedAveraging().run(
+        algorithm_params=params,
+        backend=backend,
+        model=model,
+        model_train_params=train,
+        model_eval_params=NNEvalHyperParams(local_batch_size=w.batch_size),
+        callbacks=[],
+        send_metrics_to_platform=False,
+    )
+    seconds = time.perf_counter() - t
+    import pfl.version
+
+    final = {k: v.detach().numpy() for k, v in net.named_parameters()}
+    return {"seconds": seconds, "users": served["n"], "pfl": pfl.version.__version__, "params": final, "np": np}
+
+
+# -- Flower, in its own venv ------------------------------------------------------------------------------
+_ACTOR: dict[Any, Any] = {}  # per Ray actor process: S's data and one reusable model, built once
+
+
+def _actor_state(w: SmallWorkload) -> tuple[Any, list[tuple[int, int]], nn.Module]:
+    key = dataclasses.astuple(w)
+    if key not in _ACTOR:
+        _ACTOR.clear()
+        fed = make_small_federation(w)
+        _ACTOR[key] = (fed, client_bounds(fed), make_small_model(w))
+    return _ACTOR[key]
+
+
+def _flower_client_fn(context: Any) -> Any:
+    import numpy as np
+    from flwr.client import NumPyClient
+    from flwr.common.constant import PARTITION_ID_KEY
+
+    class SClient(NumPyClient):
+        def __init__(self, cid: int) -> None:
+            self.cid = cid
+
+        def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list, int, dict]:
+            torch.set_num_threads(1)
+            w = SmallWorkload(**json.loads(config["workload"]))
+            fed, bounds, model = _actor_state(w)
+            with torch.no_grad():
+                for p, a in zip(model.parameters(), parameters, strict=True):
+                    p.copy_(torch.from_numpy(a))
+            lo, hi = bounds[self.cid]
+            local_sgd(
+                model, fed.x[lo:hi], fed.y[lo:hi], client_batches(w, int(config["round"]), self.cid, hi - lo), w.lr
+            )
+            return [p.detach().numpy() for p in model.parameters()], hi - lo, {"cid": self.cid}
+
+    return SClient(int(context.node_config[PARTITION_ID_KEY])).to_client()
+
+
+def flower_side(w: SmallWorkload) -> dict[str, Any]:
+    """Runs inside .flower-venv: start_simulation with a FedAvg that takes fedfleet's cohort each round."""
+    import flwr
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.server import ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.simulation import start_simulation
+
+    import small_model  # by name, so Ray pickles the client function by reference
+
+    schedule = cohorts(w)
+    spec = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(w).items()})
+    marks: list[float] = []
+
+    class CohortFedAvg(FedAvg):
+        def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> list:
+            marks.append(time.perf_counter())
+            by_partition = {proxy.partition_id: proxy for proxy in client_manager.all().values()}
+            ins = FitIns(parameters, {"round": server_round - 1, "workload": spec})
+            return [(by_partition[cid], ins) for cid in schedule[server_round - 1]]
+
+    model = make_small_model(w)
+    strategy = CohortFedAvg(
+        initial_parameters=ndarrays_to_parameters([p.detach().numpy() for p in model.parameters()]),
+        fraction_fit=w.cohort / w.clients,
+        min_fit_clients=w.cohort,
+        min_available_clients=w.clients,
+        fraction_evaluate=0.0,
+        min_evaluate_clients=0,
+    )
+    t0 = time.perf_counter()
+    start_simulation(
+        client_fn=small_model._flower_client_fn,
+        num_clients=w.clients,
+        config=ServerConfig(num_rounds=w.rounds),
+        strategy=strategy,
+        client_resources={"num_cpus": 1, "num_gpus": 0.0},
+        ray_init_args={"num_cpus": 2, "include_dashboard": False, "ignore_reinit_error": True},
+    )
+    end = time.perf_counter()
+    rounds = [b - a for a, b in zip(marks, [*marks[1:], end], strict=True)]
+    return {"engine_s": end - t0, "start_s": marks[0] - t0, "rounds_s": rounds, "flwr": flwr.__version__}
+
+
+def run_side(side: str, w: SmallWorkload, timeout: float) -> dict[str, Any]:
+    """One side in its venv as a subprocess; its JSON result (and final params, for pfl)."""
+    if side == "pfl":
+        ensure_pfl_venv()
+        py = PFL_VENV / "bin" / "python"
+    else:
+        from vs_flower import ensure_flower_venv, venv_python
+
+        ensure_flower_venv()
+        py = venv_python()
+    OUT.mkdir(exist_ok=True)
+    params = OUT / f"{side}_small_params.npz"
+    changes = json.dumps({"model": w.model, "rounds": w.rounds})
+    cmd = [str(py), str(HERE / "small_model.py"), "--side", side, "--workload", changes, "--params", str(params)]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    log(f"running {side}: {' '.join(cmd)}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    (OUT / f"{side}_small.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{side} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    result = json.loads(lines[-1])
+    if params.exists() and side == "pfl":
+        import numpy as np
+
+        with np.load(params) as z:
+            result["params"] = {k: torch.from_numpy(z[k].copy()) for k in z.files}
+    return result
+
+
+def side_main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    w = small_workload(**json.loads(args.workload))
+    if args.side == "pfl":
+        out = pfl_side(w)
+        np = out.pop("np")
+        np.savez(args.params, **out.pop("params"))
+    else:
+        out = flower_side(w)
+    print(json.dumps(out), flush=True)
+
+
+# -- the comparison ---------------------------------------------------------------------------------------
+def row(model: str, args: argparse.Namespace) -> dict[str, Any]:
+    rounds = args.rounds or (5 if args.quick else 20)
+    if model == "femnist_cnn":  # compute-bound: fewer rounds keep the row within minutes
+        rounds = 1 if args.quick else 3
+    w = small_workload(model, rounds=rounds)
+    fed = make_small_federation(w)
+    sides = {
+        "fedfleet_vectorized": lambda wl: run_fedfleet(wl, fed, "on")[:2],
+        "fedfleet_sequential": lambda wl: run_fedfleet(wl, fed, "off")[:2],
+        "plain": lambda wl: run_plain(wl, fed),
+    }
+    warm = dataclasses.replace(w, rounds=1)
+    for side in sides.values():
+        side(warm)
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    finals: dict[str, dict[str, Tensor]] = {}
+    limits = []
+    for rep in range(args.repeats):
+        for name, side in sides.items():  # interleaved: drift in the machine's speed hits every side alike
+            finals[name], dt = side(w)
+            times[name].append(dt)
+            log(f"{model} repeat {rep + 1}/{args.repeats} {name}: {dt:.3f} s")
+        limits.append(compute_limit(w)[0])
+    med = {name: median(ts) for name, ts in times.items()}
+    med["limit"] = min(limits)
+    vec = med["fedfleet_vectorized"]
+    out: dict[str, Any] = {
+        "model": model,
+        "params": sum(p.numel() for p in make_small_model(w).parameters()),
+        "rounds": w.rounds,
+        "seconds": {k: round(v, 4) for k, v in med.items()},
+        "times_s": {name: [round(t, 4) for t in ts] for name, ts in times.items()},
+        "gflop": round(compute_limit(w, repeats=0)[1] / 1e9, 2),
+        "vectorized_over_limit": round(vec / med["limit"], 3),
+        "plain_over_vectorized": round(med["plain"] / vec, 3),
+        "sequential_over_vectorized": round(med["fedfleet_sequential"] / vec, 3),
+        "max_abs_diff_vs_plain": {
+            name: max_abs_diff(finals[name], finals["plain"]) for name in ("fedfleet_vectorized", "fedfleet_sequential")
+        },
+        "auto_picks": auto_picks(w, fed),
+    }
+    if not args.no_pfl:
+        try:
+            pfl = run_side("pfl", w, args.side_timeout)
+            out["seconds"]["pfl"] = round(pfl["seconds"], 4)
+            out["pfl_over_vectorized"] = round(pfl["seconds"] / vec, 3)
+            out["pfl_version"] = pfl["pfl"]
+            out["max_abs_diff_vs_plain"]["pfl"] = max_abs_diff(pfl["params"], finals["plain"])
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            out["pfl_error"] = str(exc).splitlines()[0]
+    flower_rows = args.flower_rows or ("mlp" if args.quick else "mlp,logreg")
+    if not args.no_flower and model in flower_rows.split(","):
+        fw = dataclasses.replace(w, rounds=max(2, args.flower_rounds or (2 if args.quick else 4)))
+        try:
+            fl = run_side("flower", fw, args.side_timeout)
+            per_round = median(fl["rounds_s"][1:])  # steady rounds: the first one starts the actors
+            out["flower"] = {k: fl[k] for k in ("engine_s", "start_s", "rounds_s", "flwr")} | {"rounds": fw.rounds}
+            out["flower"]["round_s"] = round(per_round, 4)
+            out["flower_round_over_vectorized_round"] = round(per_round / (vec / w.rounds), 2)
+            out["flower_round_over_plain_round"] = round(per_round / (med["plain"] / w.rounds), 2)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            out["flower_error"] = str(exc).splitlines()[0]
+    return out
+
+
+def accuracy_run(args: argparse.Namespace) -> dict[str, Any]:
+    """S's model on real digits: MNIST-5k (4,000 train / 1,000 test) over 125 clients of Dirichlet(0.5) sizes
+    (ragged cohorts), cohort 50, batch 16, lr 0.1: the vectorised and the sequential run's test accuracy."""
+    from fedfleet.client import TorchTrainer
+    from fedfleet.core.loop import LoopConfig, RoundLoop
+    from fedfleet.data import federate, load_dataset, train_test_split
+    from fedfleet.models import build_model
+    from fedfleet.runtime.sim import make_runtime
+    from fedfleet.select import UniformSelector
+    from fedfleet.strategy import build_strategy
+
+    rounds = 10 if args.quick else 40
+    train, test = train_test_split(load_dataset("mnist5k"), 0.2, seed=0)
+    fed = federate(train, clients=125, scheme="dirichlet", seed=0, alpha=0.5)
+    out: dict[str, Any] = {"rounds": rounds, "clients": 125, "cohort": 50}
+    finals = {}
+    for name, mode in (("vectorized", "on"), ("sequential", "off")):
+        torch.manual_seed(0)
+        trainer = TorchTrainer(build_model("mlp", (1, 28, 28), 10, hidden=[100]))
+        loop = RoundLoop(
+            build_strategy("fedavg"),
+            make_runtime(trainer, fed, test, mode),
+            UniformSelector(),
+            trainer.params.clone(),
+            dataclasses.replace(SmallWorkload().fit_config()),
+            LoopConfig(rounds=rounds, cohort=50, seed=0, eval_every=rounds),
+        )
+        history, seconds = timed(loop.run)
+        finals[name] = loop.global_params.tensors()
+        out[name] = {"test_accuracy": round(history[-1].metrics["test_accuracy"], 4), "seconds": round(seconds, 3)}
+    out["max_abs_diff"] = max_abs_diff(finals["vectorized"], finals["sequential"])
+    return out
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """Sequential over vectorised seconds per round, by model and cohort (the data behind vectorize: auto)."""
+    results = []
+    for model in SWEEP_MODELS:
+        for cohort in (2, 4, 8, 16, 32, 100):
+            w = small_workload(model, clients=200, cohort=cohort, rounds=1 if model == "femnist_cnn" else 3)
+            fed = make_small_federation(w)
+            best = {}
+            for mode in ("on", "off"):
+                run_fedfleet(dataclasses.replace(w, rounds=1), fed, mode)
+                best[mode] = min(run_fedfleet(w, fed, mode)[1] for _ in range(args.repeats))
+            results.append({"model": model, "cohort": cohort, "speedup": round(best["off"] / best["on"], 2)})
+            log(json.dumps(results[-1]))
+    emit({"benchmark": "small_model_sweep", "threads": 1, "load_avg_1min": load_average(), "results": results})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="S at 5 rounds, 1 repeat, Flower 2 rounds; < 2 minutes")
+    ap.add_argument("--rows", default=",".join(SMALL_MODELS), help=f"comma-separated, of {SMALL_MODELS}")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds of S (default 20, quick 5)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per side (median); default 3, quick 1")
+    ap.add_argument("--flower-rounds", type=int, default=None, help="Flower's rounds (default 4, quick 2)")
+    ap.add_argument("--flower-rows", default=None, help="rows Flower runs (default mlp,logreg; quick: mlp)")
+    ap.add_argument("--no-pfl", action="store_true")
+    ap.add_argument("--no-flower", action="store_true")
+    ap.add_argument("--side-timeout", type=float, default=900)
+    ap.add_argument("--sweep", action="store_true", help="sequential / vectorised by model and cohort size")
+    ap.add_argument("--side", choices=("pfl", "flower"), help=argparse.SUPPRESS)  # inside the other venvs
+    ap.add_argument("--workload", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--params", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        side_main(args)
+        return
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    set_threads(1)  # small models train with one thread (RESULTS.md, threads.py)
+    load_start = load_average()
+    if args.sweep:
+        sweep(args)
+        return
+    rows = [m for m in args.rows.split(",") if m]
+    if args.quick:
+        rows = [m for m in rows if m != "femnist_cnn"] or rows  # the CNN row alone takes minutes
+    results = [row(m, args) for m in rows]
+    accuracy = accuracy_run(args)
+    log(f"MNIST-5k accuracy: {accuracy}")
+    for r in results:
+        s = r["seconds"]
+        print(
+            f"{r['model']:12s} vectorised {s['fedfleet_vectorized']:7.3f} s"
+            f" | sequential {s['fedfleet_sequential']:7.3f}"
+            f" | plain {s['plain']:7.3f} | limit {s['limit']:7.3f} | pfl {s.get('pfl', float('nan')):7.3f}"
+            f" || vec/limit {r['vectorized_over_limit']:.2f}x, plain/vec {r['plain_over_vectorized']:.2f}x"
+            + (f", pfl/vec {r['pfl_over_vectorized']:.2f}x" if "pfl_over_vectorized" in r else "")
+            + (f", Flower round/vec round {r['flower_round_over_vectorized_round']:.1f}x" if "flower" in r else "")
+        )
+    emit(
+        {
+            "benchmark": "small_model",
+            "rows": results,
+            "mnist5k_accuracy": accuracy,
+            "threads": 1,
+            "repeats": args.repeats,
+            "quick": args.quick,
+            "load_avg_1min": {"start": load_start, "end": load_average()},
+            "cpu": cpu_model_name(),
+            "torch": torch.__version__,
+        }
+    )
+
+
+if __name__ == "__main__":
+    if "--side" in sys.argv:  # in a side's venv: import this file by name, so Ray pickles by reference
+        sys.path.insert(0, str(HERE))
+        import small_model
+
+        small_model.main()
+    else:
+        main()

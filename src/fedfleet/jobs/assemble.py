@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from fedfleet.client import TorchTrainer
 from fedfleet.client.tasks import output_widths
 from fedfleet.config.schema import JobConfig
 from fedfleet.core.fit_config import FitConfig
+from fedfleet.core.params import FlatParams
 from fedfleet.core.pipeline import Pipeline
 from fedfleet.data import FederatedDataset, load_dataset, partition, train_test_split
 from fedfleet.data.datasets import Dataset
@@ -150,6 +152,17 @@ def check_coordinate_range(job: JobConfig, plan: PrivacyPlan) -> None:
             f"secure_aggregation.clip = {job.secure_aggregation.clip:g} would clip the noised coordinates "
             f"(privacy.clip {party.clip:g} + 6 x the party's noise std {party.std:.4g}): set it to at least {need:.4g}"
         )
+
+
+def check_folds_fit_the_strategy(pipeline: Pipeline, strategy: Any) -> None:
+    """Before any party trains: each fold transform's round-start check against the strategy's aggregator (a
+    robust rule or DP needs a weighted mean, q-FedAvg folds something else; a privacy budget too small for one
+    round), on a one-element probe. A real round runs the same check again."""
+    probe = FlatParams.from_tensors({"probe": torch.zeros(1)})
+    for transform in pipeline.server:
+        start = getattr(transform, "start_round", None)
+        if start is not None:
+            start(probe, strategy.aggregator(probe))
 
 
 def selector_of(job: JobConfig) -> Selector:

@@ -21,7 +21,7 @@ from fedfleet.core.params import FlatParams
 from fedfleet.data import partition
 from fedfleet.data.federated import ClientData
 from fedfleet.errors import ConfigError
-from fedfleet.jobs.assemble import build_parts, fit_config, pipeline_of, selector_of
+from fedfleet.jobs.assemble import build_parts, check_folds_fit_the_strategy, fit_config, pipeline_of, selector_of
 from fedfleet.runtime.grpc import ArbiterServer, Connection, GrpcRuntime, Party
 from fedfleet.runtime.grpc.tls import ARBITER_NAME, channel_credentials, server_credentials
 from fedfleet.runtime.grpc.wire import JoinMode
@@ -107,6 +107,7 @@ def build_arbiter(job: JobConfig, access: Access) -> ArbiterJob:
     strategy = build_strategy(job.strategy.name, **job.strategy.params)
     selector = selector_of(job)
     pipeline = pipeline_of(job, len(names))  # the fold chain; each party's own job file gives its party-side chain
+    check_folds_fit_the_strategy(pipeline, strategy)
     # the seeded initial model and the test split, only where the arbiter evaluates centrally
     parts = build_parts(job, clients=len(names)) if job.network.central_eval else None
     if job.secure_aggregation is not None:

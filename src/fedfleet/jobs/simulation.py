@@ -27,6 +27,7 @@ from fedfleet.data import FederatedDataset
 from fedfleet.errors import ConfigError
 from fedfleet.jobs.assemble import (
     build_parts,
+    check_folds_fit_the_strategy,
     fit_config,
     pipeline_of,
     resolve_device,
@@ -129,6 +130,7 @@ class Simulation:
         test_data = parts.test.to(parts.device) if len(parts.test.y) else None
         folds = strategy if fedbuff is None else None  # FedBuff needs each client's delta (staleness weights)
         pipeline = pipeline_of(job, federation.num_clients)  # its party-side chain is already the trainer's
+        check_folds_fit_the_strategy(pipeline, strategy)
         runtime = RUNTIMES[job.runtime.kind](job, trainer, federation, test_data, folds)
         fit = fit_config(job)
         config = LoopConfig(

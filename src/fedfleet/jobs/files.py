@@ -52,6 +52,8 @@ def build_file_arbiter(job: JobConfig) -> FileArbiter:
         min_parties=min_parties,
         round_timeout=job.network.round_timeout_s(JoinMode.TASKS),
         keep_last=job.runtime.keep_last,
+        max_weight=job.network.max_weight,
+        max_update_norm=job.network.max_update_norm,
         evaluator=(parts.trainer, test) if test is not None else None,
     )
     loop = RoundLoop(

@@ -85,13 +85,16 @@ def _bad_party(job, ex, kind: str, stage):
         "party": PARTIES[0] if kind == "party" else PARTIES[2],
         "round": 2 if kind == "round" else 1,
         "kind": "update",
-        "weight": 10.0,
+        "weight": 2e9 if kind == "weight" else 10.0,
         "is_delta": True,
         "metrics": {},
         "stats": {},
         "global_manifest_sha256": found.sha256,
     }
-    publish(stage, found.params.zeros_like(), body)
+    delta = found.params.zeros_like()
+    if kind in ("nan", "huge"):
+        delta.buffers[torch.float32][5] = float("nan") if kind == "nan" else 1e32
+    publish(stage, delta, body)
     params = stage / PARAMS
     if kind == "checksum":  # same size, one byte of the data changed
         data = bytearray(params.read_bytes())
@@ -116,6 +119,9 @@ def _bad_party(job, ex, kind: str, stage):
         ("truncated", PARAMS, "bytes, the manifest says"),
         ("round", MANIFEST, "round is 2, expected 1"),
         ("party", MANIFEST, f"party is '{PARTIES[0]}', expected '{PARTIES[2]}'"),
+        ("nan", PARAMS, "holds NaN or infinite values"),
+        ("weight", MANIFEST, "weight 2e+09 over the limit 1e+09"),
+        ("huge", MANIFEST, "would overflow the sum"),
     ],
 )
 def test_a_bad_update_is_refused_naming_the_file_and_the_round_goes_on(tmp_path, caplog, kind, file, why):
@@ -290,3 +296,15 @@ def test_a_party_in_a_process_of_its_own_reaches_the_simulated_model(tmp_path):
     sim = Simulation.from_config(job)
     sim.run()
     assert loop.global_params.allclose(sim.loop.global_params, rtol=0, atol=1e-5)
+
+
+def test_a_delta_longer_than_max_update_norm_is_refused(tmp_path):
+    job = load(tmp_path, rounds=1)
+    ex = tmp_path / "exchange"
+    loop, runtime = arbiter(job, ex, min_parties=1, round_timeout=20, max_update_norm=1e-6)
+    config = FitConfig(round=0, seed=3, batch_size=16)
+    thread = start(party(job, ex, PARTIES[0]).run_round, 1)
+    with pytest.raises(RoundIncomplete, match="refused 1"):
+        list(runtime.fit(loop.global_params, [0], config))
+    thread.join(20)
+    assert "params.safetensors" not in runtime.refusals[0] and "over max_update_norm=1e-06" in runtime.refusals[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ from fedfleet.runtime.sim.sequential import client_seed
 log = logging.getLogger("fedfleet.arbiter")
 
 ARBITER = "arbiter"
+# the largest |value| x weight an update may bring to the running sum (float32 ends at 3.4e38), as over gRPC
+MAX_WEIGHTED_MAGNITUDE = 1e32
 
 
 class FileRuntime:
@@ -55,10 +58,13 @@ class FileRuntime:
         poll_s: float = 1.0,
         keep_last: int | None = None,
         evaluator: Any = None,
+        max_weight: float = 1.0e9,
+        max_update_norm: float | None = None,
     ) -> None:
         """``parties``: the session's parties, client ``k`` of the loop being ``parties[k]``. ``keep_last``: after
         publishing a round, remove the files this runtime's manifests list of rounds older than the last
-        ``keep_last`` (None: keep everything). ``evaluator``: a central (trainer, test data) pair, or None."""
+        ``keep_last`` (None: keep everything). ``evaluator``: a central (trainer, test data) pair, or None. An update
+        claiming a weight over ``max_weight``, or a delta longer (L2) than ``max_update_norm``, is refused."""
         self.exchange = exchange if isinstance(exchange, Exchange) else Exchange(exchange)
         self.session = session
         self.parties = list(parties)
@@ -72,6 +78,8 @@ class FileRuntime:
         self.poll_s = poll_s
         self.keep_last = keep_last
         self.evaluator = evaluator
+        self.max_weight = max_weight
+        self.max_update_norm = max_update_norm
         self.refusals: list[str] = []  # every refusal of the session, for whoever asks why
         self._metrics: dict[str, float] = {}
 
@@ -111,6 +119,7 @@ class FileRuntime:
                         is_delta=bool(found.manifest.get("is_delta", True)),
                         stats=self._stats(found.manifest, path),
                     )
+                    self._check_bounds(update, path)
                 except Refused as exc:
                     pending.discard(name)
                     refused += 1
@@ -169,6 +178,19 @@ class FileRuntime:
                 return published.sha256
         publish(folder, params, manifest)
         return file_sum(folder / MANIFEST)[0]
+
+    def _check_bounds(self, update: Update, path: Path) -> None:
+        """The weight within ``max_weight``; values that cannot overflow the running sum once weighted; a delta's
+        norm within ``max_update_norm``."""
+        if update.weight > self.max_weight:
+            raise Refused(f"{path}: weight {update.weight:g} over the limit {self.max_weight:g} (network.max_weight)")
+        top = update.params.max_abs()
+        if top * update.weight > MAX_WEIGHTED_MAGNITUDE:
+            raise Refused(f"{path}: values up to {top:.3g} with weight {update.weight:g} would overflow the sum")
+        if self.max_update_norm is not None and update.is_delta:
+            norm = math.sqrt(update.params.sq_norm())
+            if norm > self.max_update_norm:
+                raise Refused(f"{path}: an update of L2 norm {norm:.4g}, over max_update_norm={self.max_update_norm:g}")
 
     @staticmethod
     def _stats(body: dict[str, Any], path: Path) -> TrainStats:

@@ -108,6 +108,7 @@ def build_arbiter(job: JobConfig, access: Access) -> ArbiterJob:
     selector = selector_of(job)
     pipeline = pipeline_of(job, len(names))  # the fold chain; each party's own job file gives its party-side chain
     check_folds_fit_the_strategy(pipeline, strategy)
+    refuse_data_attacks(pipeline)
     # the seeded initial model and the test split, only where the arbiter evaluates centrally
     parts = build_parts(job, clients=len(names)) if job.network.central_eval else None
     if job.secure_aggregation is not None:
@@ -150,8 +151,19 @@ def build_arbiter(job: JobConfig, access: Access) -> ArbiterJob:
     return ArbiterJob(runtime, server, make_loop, initial)
 
 
+def refuse_data_attacks(pipeline) -> None:
+    """A data attack (label_flip) is played by the simulation on its clients' rows; a deployed party owns its data."""
+    for attack in pipeline.client:
+        if hasattr(attack, "poison"):
+            raise ConfigError(
+                f"transforms.client {type(attack).__name__} poisons simulated clients' data; a deployed party trains "
+                "on its own data, so run the attack as that party's own program, or simulate the job"
+            )
+
+
 def build_party(job: JobConfig, name: str, access: Access) -> Party:
     names = party_names(job)
+    refuse_data_attacks(pipeline_of(job, len(names)))
     if name not in names:
         raise ConfigError(f"party {name!r} is not in network.parties ({', '.join(names)})")
     index = names.index(name)

@@ -9,6 +9,7 @@ per server step instead of per round.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ from fedfleet.runtime.sim import make_runtime
 from fedfleet.select import build_selector
 from fedfleet.strategy import Strategy, build_strategy
 from fedfleet.traces import SystemTraces, build_traces
+
+log = logging.getLogger("fedfleet.simulation")
 
 
 @dataclasses.dataclass
@@ -131,6 +134,9 @@ class Simulation:
         folds = strategy if fedbuff is None else None  # FedBuff needs each client's delta (staleness weights)
         pipeline = pipeline_of(job, federation.num_clients)  # its party-side chain is already the trainer's
         check_folds_fit_the_strategy(pipeline, strategy)
+        for attack in pipeline.client:  # a data attack (label_flip) poisons its clients' rows once, here
+            if hasattr(attack, "poison"):
+                log.info("%s: %d clients train on poisoned data", type(attack).__name__, attack.poison(federation))
         runtime = RUNTIMES[job.runtime.kind](job, trainer, federation, test_data, folds)
         fit = fit_config(job)
         config = LoopConfig(

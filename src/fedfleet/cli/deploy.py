@@ -81,8 +81,10 @@ def party_command(
     insecure: bool,
     certs: str | None,
     arbiter: str | None,
+    round_: int | None = None,
 ) -> int:
-    """``fedfleet party``: serve the session; after a complete session it ends the process itself."""
+    """``fedfleet party``: serve the session; after a complete session it ends the process itself. ``round_``: a
+    files job's one round to answer."""
     job = load_job(job_path, overrides)
     party_name = name or (f"{role}-{party_id}" if role and party_id else None)
     if party_name is None:
@@ -90,7 +92,9 @@ def party_command(
     if job.runtime.kind == "files":
         from fedfleet.cli.files import files_party
 
-        return files_party(job, party_name)
+        return files_party(job, party_name, round_)
+    if round_ is not None:
+        raise ConfigError("--round applies to a job with runtime.kind: files (a gRPC party serves the whole session)")
     party = build_party(job, party_name, access_of(job, insecure, certs, arbiter))
     _exit_cleanly_on_sigterm()
     party.report = lambda line: print(f"{party_name}: {line}", file=sys.stderr, flush=True)

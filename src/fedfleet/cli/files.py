@@ -6,6 +6,7 @@ import sys
 
 from fedfleet.cli.run_job import run_loop_in_folder
 from fedfleet.config.schema import JobConfig
+from fedfleet.errors import ConfigError
 from fedfleet.jobs.files import build_file_arbiter, build_file_party
 
 
@@ -28,11 +29,14 @@ def files_arbiter(job: JobConfig, job_path: str, *, resume: bool, overwrite: boo
     )
 
 
-def files_party(job: JobConfig, name: str) -> int:
+def files_party(job: JobConfig, name: str, rnd: int | None = None) -> int:
+    """Every round from the earliest the folder holds to the job's last, or only round ``rnd``."""
+    if rnd is not None and not 1 <= rnd <= job.rounds:
+        raise ConfigError(f"--round {rnd} is not a round of this job (1 to {job.rounds})")
     party = build_file_party(job, name)
     print(f"{name}: answering rounds through {job.runtime.exchange}", file=sys.stderr, flush=True)
     try:
-        answered = party.run(job.rounds)
+        answered = party.run(job.rounds) if rnd is None else [party.run_round(rnd)]
     except KeyboardInterrupt:
         print(f"\n{name}: stopped", file=sys.stderr)
         return 130

@@ -170,6 +170,10 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     party.add_argument("--role", choices=("guest", "host"), help="the party's role; with --party-id names it")
     party.add_argument("--party-id", help="the party's id within its role, e.g. 9999")
     party.add_argument("--arbiter", metavar="HOST:PORT", help="the arbiter's address (default: network.address)")
+    party.add_argument(
+        "--round", type=int, metavar="N", help="runtime.kind: files only: answer round N (1-based) and exit, as a "
+        "batch job per round does (default: every round from the earliest the exchange folder holds)"
+    )  # fmt: skip
     party.set_defaults(func=_party)
 
     offsite = sub.add_parser(
@@ -222,6 +226,7 @@ def _party(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         certs=args.certs,
         arbiter=args.arbiter,
+        round_=args.round,
     )
 
 

@@ -11,9 +11,8 @@ from fedfleet.cli.main import main
 from fedfleet.config import load_job
 from fedfleet.core.checkpoint import load_checkpoint
 from fedfleet.errors import ConfigError
-from fedfleet.jobs.files import build_file_party
 from fedfleet.jobs.simulation import Simulation
-from tests.runtime.files.file_jobs import JOB, PARTIES, POLL
+from tests.runtime.files.file_jobs import JOB, PARTIES
 
 FILES = """\
 runtime: {{kind: files, exchange: {exchange}}}
@@ -27,14 +26,15 @@ def write(tmp_path, rounds=2):
     return path
 
 
-def test_fedfleet_arbiter_with_a_files_runtime_ends_at_the_simulated_model(tmp_path):
+def test_fedfleet_arbiter_and_party_with_a_files_runtime_end_at_the_simulated_model(tmp_path):
     path = write(tmp_path)
     job = load_job(path, [])
     errors = []
 
-    def serve(name):
+    def serve(name):  # one `fedfleet party --round N` per round, as a batch job per round would run it
         try:
-            build_file_party(job, name, timeout=30, poll_s=POLL).run(job.rounds)
+            for rnd in range(1, job.rounds + 1):
+                assert main(["party", str(path), "--name", name, "--round", str(rnd)]) == 0
         except BaseException as exc:
             errors.append(exc)
 
@@ -72,3 +72,13 @@ def test_the_files_keys_are_checked(tmp_path, runtime, message):
 def test_simulate_refuses_a_files_job_and_says_what_to_run(tmp_path, capsys):
     assert main(["simulate", str(write(tmp_path))]) == 2
     assert "runtime.kind: files is a deployment: run `fedfleet arbiter`" in capsys.readouterr().err
+
+
+def test_party_round_is_checked(tmp_path, capsys):
+    path = write(tmp_path)
+    assert main(["party", str(path), "--name", PARTIES[0], "--round", "3"]) == 2
+    assert "--round 3 is not a round of this job (1 to 2)" in capsys.readouterr().err
+    grpc = tmp_path / "grpc.yaml"
+    grpc.write_text(JOB.format(rounds=1, runs=tmp_path / "runs") + "network: {parties: [guest-9999]}\n")
+    assert main(["party", str(grpc), "--name", PARTIES[0], "--round", "1"]) == 2
+    assert "--round applies to a job with runtime.kind: files" in capsys.readouterr().err

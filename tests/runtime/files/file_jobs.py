@@ -63,9 +63,10 @@ def site_parts(job, name: str):
     return parts.trainer, parts.federation.client(PARTIES.index(name))
 
 
-def party(job, exchange: Path, name: str, timeout: float = 30.0) -> FileParty:
+def party(job, exchange: Path, name: str, timeout: float = 30.0, shard_bytes: int | None = None) -> FileParty:
     trainer, data = site_parts(job, name)
-    return FileParty(Exchange(exchange), name, trainer, data, session=SESSION, timeout=timeout, poll_s=POLL)
+    return FileParty(Exchange(exchange), name, trainer, data, session=SESSION, timeout=timeout, poll_s=POLL,
+                     shard_bytes=shard_bytes)  # fmt: skip
 
 
 def start(target, *args) -> threading.Thread:

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from fedfleet.callbacks.checkpoint import CheckpointCallback, resume
 from fedfleet.core.fit_config import FitConfig
@@ -308,3 +309,43 @@ def test_a_delta_longer_than_max_update_norm_is_refused(tmp_path):
         list(runtime.fit(loop.global_params, [0], config))
     thread.join(20)
     assert "params.safetensors" not in runtime.refusals[0] and "over max_update_norm=1e-06" in runtime.refusals[0]
+
+
+def test_sharded_globals_and_updates_reach_the_simulated_model(tmp_path):
+    job = load(tmp_path, rounds=1)
+    ex = tmp_path / "exchange"
+    loop, _ = arbiter(job, ex, shard_bytes=4096)
+    threads = [start(party(job, ex, name, shard_bytes=4096).run, 1) for name in PARTIES]
+    history = loop.run()
+    for thread in threads:
+        thread.join(20)
+        assert not thread.errors
+    assert history[0].metrics["clients"] == 3.0
+    shards = sorted(p.name for p in (ex / "round-0001" / "updates" / PARTIES[0]).glob("params-*.safetensors"))
+    assert len(shards) > 1 and shards[0] == f"params-00001-of-{len(shards):05d}.safetensors"
+    assert (ex / "round-0001" / "global" / shards[-1]).is_file()
+    sim = Simulation.from_config(job)
+    sim.run()
+    assert loop.global_params.allclose(sim.loop.global_params, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["missing", "foreign"])
+def test_a_missing_or_foreign_shard_is_refused_naming_it(tmp_path, kind):
+    job = load(tmp_path, rounds=1)
+    loop, _ = arbiter(job, tmp_path / "exchange")
+    spec = loop.global_params.spec
+    body = {"session": SESSION, "party": "arbiter", "round": 1, "kind": "global"}
+    folder = tmp_path / "one"
+    written = publish(folder, loop.global_params, body, shard_bytes=4096)
+    second = folder / written["params"][1]
+    if kind == "missing":
+        second.unlink()
+        why = "listed in the manifest but missing"
+    else:  # the shard's own tensors and one the model has not, its sum written into the manifest: all sums agree
+        save_file({**load_file(str(second)), "intruder": torch.zeros(2)}, str(second))
+        written["files"][second.name] = dict(zip(("sha256", "bytes"), exchange.file_sum(second), strict=True))
+        exchange.write_manifest(folder, written)
+        why = "holds intruder, which the global model has not"
+    with pytest.raises(Refused) as refused:
+        exchange.verify(folder / MANIFEST, body, spec)
+    assert str(refused.value).startswith(str(second)) and why in str(refused.value)

@@ -2,7 +2,8 @@
 
 Layout (round numbers are 1-based, as the logs show them)::
 
-    exchange/round-0003/global/params.safetensors     the arbiter's global params of round 3
+    exchange/round-0003/global/params.safetensors     the arbiter's global params of round 3 (or shards:
+                                                      params-00001-of-00004.safetensors, ...)
     exchange/round-0003/global/manifest.json          written last: its presence means the files are complete
     exchange/round-0003/updates/<party>/params.safetensors
     exchange/round-0003/updates/<party>/manifest.json
@@ -25,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+import torch
+from safetensors.torch import load, save_file
 
-from fedfleet.core.params import FlatParams, ParamSpec, spec_difference
-from fedfleet.core.serialize import _contiguous, fsync_replace, params_from_bytes
+from fedfleet.core.params import FlatParams, ParamSpec
+from fedfleet.core.serialize import fsync_replace
 
 FORMAT = "fedfleet-exchange-1"
 MANIFEST = "manifest.json"
@@ -82,24 +84,41 @@ def layout(spec: ParamSpec) -> list[list[Any]]:
     return [[e.name, list(e.shape), str(e.dtype).removeprefix("torch.")] for e in spec.entries]
 
 
-def publish(folder: Path, params: FlatParams, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Write ``params`` and then the manifest (with the files' sums and sizes added) into ``folder``; returns the
-    manifest written. Each file: temp name, fsync, rename, fsync of the folder."""
+def publish(
+    folder: Path, params: FlatParams, manifest: dict[str, Any], shard_bytes: int | None = None
+) -> dict[str, Any]:
+    """Write ``params`` (one file, or shards of at most ``shard_bytes`` each, a bigger tensor alone in its own) and
+    then the manifest (with the files' sums and sizes added) into ``folder``; returns the manifest written. Each
+    file: temp name, fsync, rename, fsync of the folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / PARAMS
-    tmp = folder / f".{PARAMS}.{os.getpid()}.tmp"
-    save_file(_contiguous(params), str(tmp))
-    digest, size = file_sum(tmp)
-    fsync_replace(tmp, target)
-    body = {
-        "format": FORMAT,
-        **manifest,
-        "layout": layout(params.spec),
-        "params": PARAMS,
-        "files": {PARAMS: {"sha256": digest, "bytes": size}},
-    }
+    groups = shard_groups(params, shard_bytes)
+    names = [PARAMS] if len(groups) == 1 else [f"params-{i:05d}-of-{len(groups):05d}.safetensors"
+                                                  for i in range(1, len(groups) + 1)]  # fmt: skip
+    files = {}
+    for name, group in zip(names, groups, strict=True):
+        tmp = folder / f".{name}.{os.getpid()}.tmp"
+        # safetensors refuses tensors that share storage: one shard's tensors are copied at a time
+        save_file({k: t.contiguous().clone() for k, t in group.items()}, str(tmp))
+        digest, size = file_sum(tmp)
+        fsync_replace(tmp, folder / name)
+        files[name] = {"sha256": digest, "bytes": size}
+    body = {"format": FORMAT, **manifest, "layout": layout(params.spec), "params": names, "files": files}
     write_manifest(folder, body)
     return body
+
+
+def shard_groups(params: FlatParams, shard_bytes: int | None) -> list[dict[str, Any]]:
+    """The params' tensors in order, cut into groups of at most ``shard_bytes`` (None: one group)."""
+    groups: list[dict[str, Any]] = [{}]
+    size = 0
+    for name, tensor in params.tensors().items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard_bytes is not None and groups[-1] and size + nbytes > shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = tensor
+        size += nbytes
+    return groups
 
 
 def write_manifest(folder: Path, body: dict[str, Any]) -> None:
@@ -155,28 +174,53 @@ def verify(path: Path, expect: dict[str, Any], spec: ParamSpec | None) -> Publis
     for key, want in expect.items():
         if body.get(key) != want:
             raise Refused(f"{path}: {key} is {_get(body, key)!r}, expected {want!r}")
-    files, name = body.get("files"), body.get("params")
-    if not isinstance(files, dict) or not isinstance(name, str) or name not in files:
-        raise Refused(f"{path}: lists no params file")
-    for file in files:
+    files, names = body.get("files"), body.get("params")
+    if not isinstance(files, dict) or not isinstance(names, list) or not names:
+        raise Refused(f"{path}: lists no params files")
+    for file in [*files, *names]:
         if not isinstance(file, str) or not _NAME.match(file):
             raise Refused(f"{path}: file name {file!r} is not a plain name in the manifest's folder")
+    if unlisted := [n for n in names if n not in files]:
+        raise Refused(f"{path}: params file {unlisted[0]} has no sha256 and size in the manifest")
     if spec is not None and body.get("layout") != layout(spec):
         raise Refused(f"{path}: its params' layout is not the global model's")
-    data = b""
+    named: dict[str, torch.Tensor] = {}
+    where: dict[str, Path] = {}
     for file, entry in files.items():
         blob = read_listed(path.parent / file, entry)
-        if file == name:
-            data = blob
-    try:
-        params = params_from_bytes(data, spec)
-    except Exception as exc:  # safetensors refuses a garbled header in many ways
-        raise Refused(f"{path.parent / name}: not safetensors params of the right layout ({_line(exc)})") from None
-    if spec is not None and params.spec != spec:  # pragma: no cover (params_from_bytes checks names, shapes, dtypes)
-        raise Refused(f"{path.parent / name}: {spec_difference(spec, params.spec)}")
+        if file not in names:
+            continue
+        try:
+            tensors = load(blob)
+        except Exception as exc:  # safetensors refuses a garbled header in many ways
+            raise Refused(f"{path.parent / file}: not a safetensors file ({_line(exc)})") from None
+        for key, tensor in tensors.items():
+            if key in named:
+                raise Refused(f"{path.parent / file}: {key} is in {where[key].name} too")
+            named[key], where[key] = tensor, path.parent / file
+    params = _flat(named, where, spec, path)
     if not params.isfinite():
-        raise Refused(f"{path.parent / name}: holds NaN or infinite values")
+        bad = next(n for n, t in params.tensors().items() if not bool(torch.isfinite(t).all()))
+        raise Refused(f"{where[bad]}: holds NaN or infinite values ({bad})")
     return Published(body, params, path, digest)
+
+
+def _flat(named: dict[str, torch.Tensor], where: dict[str, Path], spec: ParamSpec | None, path: Path) -> FlatParams:
+    """The shards' tensors as one FlatParams of ``spec`` (None: their own layout); refusals name the shard."""
+    if spec is None:
+        return FlatParams.from_tensors(named)
+    if missing := [n for n in spec.names if n not in named]:
+        raise Refused(f"{path}: {missing[0]} is in none of its params files")
+    if extra := [n for n in named if n not in spec]:
+        raise Refused(f"{where[extra[0]]}: holds {extra[0]}, which the global model has not")
+    flat = FlatParams.zeros(spec)
+    for name, view in flat.tensors().items():
+        tensor = named[name]
+        if tuple(tensor.shape) != spec[name].shape or tensor.dtype != spec[name].dtype:
+            raise Refused(f"{where[name]}: {name} is {list(tensor.shape)} {tensor.dtype}, expected "
+                          f"{list(spec[name].shape)} {spec[name].dtype}")  # fmt: skip
+        view.copy_(tensor)
+    return flat
 
 
 def read_listed(path: Path, entry: Any) -> bytes:

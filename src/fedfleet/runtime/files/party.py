@@ -36,9 +36,11 @@ def run_party_round(
     session: str,
     timeout: float = 3600.0,
     poll_s: float = 1.0,
+    shard_bytes: int | None = None,
 ) -> Path | None:
-    """Train ``party``'s update of round ``round`` (1-based, as the folders and logs count) and publish it; returns
-    the update's manifest, or None when the arbiter did not select this party for the round."""
+    """Train ``party``'s update of round ``round`` (1-based, as the folders and logs count) and publish it (as
+    safetensors shards of at most ``shard_bytes``, or one file); returns the update's manifest, or None when the
+    arbiter did not select this party for the round."""
     ex = exchange if isinstance(exchange, Exchange) else Exchange(exchange)
     published = wait_for_global(ex, round, trainer.params.spec, session=session, timeout=timeout, poll_s=poll_s)
     tasks = published.manifest.get("tasks")
@@ -70,7 +72,7 @@ def run_party_round(
         "stats": update.stats.to_wire(),
         "global_manifest_sha256": global_sha,
     }
-    publish(folder, update.params, manifest)
+    publish(folder, update.params, manifest, shard_bytes)
     log.info("%s: round %d: published the update of %g examples", party, round, update.weight)
     return folder / MANIFEST
 
@@ -109,7 +111,9 @@ class FileParty:
         session: str,
         timeout: float = 3600.0,
         poll_s: float = 1.0,
+        shard_bytes: int | None = None,
     ) -> None:
+        self.shard_bytes = shard_bytes
         self.exchange = exchange if isinstance(exchange, Exchange) else Exchange(exchange)
         self.party, self.trainer, self.data = party, trainer, data
         self.session, self.timeout, self.poll_s = session, timeout, poll_s
@@ -117,7 +121,7 @@ class FileParty:
     def run_round(self, rnd: int) -> Path | None:
         return run_party_round(
             self.exchange, self.party, self.trainer, self.data, rnd, session=self.session, timeout=self.timeout,
-            poll_s=self.poll_s,
+            poll_s=self.poll_s, shard_bytes=self.shard_bytes,
         )  # fmt: skip
 
     def run(self, last: int, first: int | None = None) -> list[Path | None]:

@@ -60,11 +60,13 @@ class FileRuntime:
         evaluator: Any = None,
         max_weight: float = 1.0e9,
         max_update_norm: float | None = None,
+        shard_bytes: int | None = None,
     ) -> None:
         """``parties``: the session's parties, client ``k`` of the loop being ``parties[k]``. ``keep_last``: after
         publishing a round, remove the files this runtime's manifests list of rounds older than the last
         ``keep_last`` (None: keep everything). ``evaluator``: a central (trainer, test data) pair, or None. An update
-        claiming a weight over ``max_weight``, or a delta longer (L2) than ``max_update_norm``, is refused."""
+        claiming a weight over ``max_weight``, or a delta longer (L2) than ``max_update_norm``, is refused.
+        ``shard_bytes``: the global params are written as safetensors shards of at most this size (None: one file)."""
         self.exchange = exchange if isinstance(exchange, Exchange) else Exchange(exchange)
         self.session = session
         self.parties = list(parties)
@@ -80,6 +82,7 @@ class FileRuntime:
         self.evaluator = evaluator
         self.max_weight = max_weight
         self.max_update_norm = max_update_norm
+        self.shard_bytes = shard_bytes
         self.refusals: list[str] = []  # every refusal of the session, for whoever asks why
         self._metrics: dict[str, float] = {}
 
@@ -176,7 +179,7 @@ class FileRuntime:
                 published = None
             if published is not None and published.params.allclose(params, rtol=0, atol=0):
                 return published.sha256
-        publish(folder, params, manifest)
+        publish(folder, params, manifest, self.shard_bytes)
         return file_sum(folder / MANIFEST)[0]
 
     def _check_bounds(self, update: Update, path: Path) -> None:

@@ -119,7 +119,7 @@ class FileRuntime:
                         finite_weight(found.manifest, path),
                         metrics_of(found.manifest, path),
                         client_id=self.index[name],
-                        is_delta=bool(found.manifest.get("is_delta", True)),
+                        is_delta=self._is_delta(found.manifest, path),
                         stats=self._stats(found.manifest, path),
                     )
                     self._check_bounds(update, path)
@@ -194,6 +194,13 @@ class FileRuntime:
             norm = math.sqrt(update.params.sq_norm())
             if norm > self.max_update_norm:
                 raise Refused(f"{path}: an update of L2 norm {norm:.4g}, over max_update_norm={self.max_update_norm:g}")
+
+    @staticmethod
+    def _is_delta(body: dict[str, Any], path: Path) -> bool:
+        value = body.get("is_delta", True)
+        if not isinstance(value, bool):
+            raise Refused(f"{path}: is_delta is {value!r}, not true or false")
+        return value
 
     @staticmethod
     def _stats(body: dict[str, Any], path: Path) -> TrainStats:

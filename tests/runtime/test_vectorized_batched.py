@@ -71,11 +71,12 @@ def deltas(runtime, start, clients, config):
     return [(u.params.clone(), u.stats, u.metrics, u.weight) for u in runtime.fit(start, clients, config)]
 
 
-def compare(model_fn, fed, trainer_kw, fit_kw, atol):
+def compare(model_fn, fed, trainer_kw, fit_kw, atol, chunk=None):
     torch.manual_seed(0)
     model = model_fn().double()
     trainer = TorchTrainer(model, **trainer_kw)
     vec = VectorizedRuntime(trainer, fed)
+    vec.chunk = chunk
     assert vec.engine_name == "layers"
     start = trainer.params.clone()
     config = FitConfig(round=2, seed=7, batch_size=8, **fit_kw)
@@ -108,6 +109,12 @@ OPTIMIZERS = [
 @pytest.mark.parametrize("mu", [0.0, 0.5])
 def test_every_optimizer_on_a_ragged_cohort_equals_sequential(ragged, trainer_kw, fit_kw, mu):
     compare(mlp, as_double(ragged), trainer_kw, {**fit_kw, "proximal_mu": mu}, atol=1e-9)
+
+
+@pytest.mark.parametrize(("trainer_kw", "fit_kw"), [OPTIMIZERS[0], OPTIMIZERS[2]])
+def test_a_cohort_trained_in_chunks_equals_sequential(ragged, trainer_kw, fit_kw):
+    """Chunks of 4 of the 6 clients (the cohort past CHUNK_BYTES): each chunk takes all its steps, then the next."""
+    compare(mlp, as_double(ragged), trainer_kw, {**fit_kw, "proximal_mu": 0.1}, atol=1e-9, chunk=4)
 
 
 @pytest.mark.parametrize("model_fn", [every_kernel, Embedded])

@@ -69,7 +69,7 @@ class RuntimeConfig:
     # simulation: in this process | ray: on a Ray cluster (pip install 'fedfleet[ray]'), the same results |
     # files: `fedfleet arbiter` and the parties exchange rounds through runtime.exchange (docs/file-exchange.md)
     kind: Literal["simulation", "ray", "files"] = "simulation"
-    vectorize: Literal["auto", "on", "off"] = "auto"  # train the whole cohort at once with torch.func.vmap
+    vectorize: Literal["auto", "on", "off"] = "auto"  # the cohort as one batched model; auto: where it wins
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     # torch threads for local training; default: 1 on a CPU for models under 10M params (more spin-wait beside
     # any busy process; on an otherwise idle machine 2+ win for 1-10M params: benchmarks/RESULTS.md)

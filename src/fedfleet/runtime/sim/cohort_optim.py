@@ -5,8 +5,8 @@ update is exactly client ``c``'s own update. The formulas and defaults are torch
 betas (0.9, 0.999) and eps 1e-8, Adagrad's eps 1e-10, RMSprop's alpha 0.99), with the trainer's ``weight_decay``
 and ``momentum``; SGD is the trainer's flat step (weight decay, then momentum), the same maths as torch's SGD.
 
-A step takes the first ``a`` rows only: the cohort is ordered by its clients' number of batches, so a client whose
-data has run out (a ragged cohort) sits past the prefix and its weights and state stay as its last step left them.
+A step takes a run of rows only: the cohort is ordered by its clients' number of batches, so a client whose data
+has run out (a ragged cohort) sits past the run and its weights and state stay as its last step left them.
 FedProx's proximal gradient ``mu * (w - w_global)`` is added to the gradient before the step, as the trainer does.
 """
 
@@ -49,17 +49,18 @@ class CohortOptimizer:
         self.state = [{s: torch.zeros_like(w) for s in needs} for w in self.weights]
 
     @torch.no_grad()
-    def step(self, active: int, grads: Sequence[Tensor | None]) -> None:
-        """``grads[k]`` None: weight k does not move (frozen, and nothing but its gradient would move it)."""
-        self.steps += 1  # clients past the prefix never step again, so every stepping row shares this count
+    def step(self, rows: slice, grads: Sequence[Tensor | None], count: int) -> None:
+        """Rows ``rows`` take their ``count``-th step. ``grads[k]`` None: weight k does not move (its step was
+        fused into the backward pass, or it is frozen and nothing but its gradient would move it)."""
+        self.steps = count  # clients past the prefix never step again, so every stepping row shares this count
         rule = STEPS[self.name]
         for k, (w, g) in enumerate(zip(self.weights, grads, strict=True)):
             if g is None:
                 continue
-            w = w[:active]
+            w = w[rows]
             if self.proximal_mu:
                 g = g.add(w - self.anchors[k], alpha=self.proximal_mu)
-            rule(self, w, g, {s: t[:active] for s, t in self.state[k].items()})
+            rule(self, w, g, {s: t[rows] for s, t in self.state[k].items()})
 
 
 def _l2(opt: CohortOptimizer, w: Tensor, g: Tensor) -> Tensor:

@@ -42,6 +42,8 @@ from fedfleet.runtime.sim.sequential import client_seed
 
 log = logging.getLogger(__name__)
 
+CHUNK_BYTES = 1 << 30  # stacked weights + gradients of the clients trained at once; past it, chunks of the cohort
+
 # (params (a, *shape) by name, x (a * B, ...), y (a * B,), weights (a, B), gradient buffers (a, *shape) by name)
 #   -> trainable grads (in the buffers where the engine can write them), per-sample losses (a, B)
 Engine = Callable[[dict[str, Tensor], Tensor, Tensor, Tensor, dict[str, Tensor]], tuple[list[Tensor], Tensor]]
@@ -77,6 +79,7 @@ class VectorizedRuntime:
         self._stack: dict[str, Tensor] = {}
         self._grad: dict[str, Tensor] = {}
         self._deltas = torch.empty(0)
+        self.chunk: int | None = None  # clients trained at once (None: by CHUNK_BYTES)
         self._x = self._y = torch.empty(0)
 
     @property
@@ -190,7 +193,7 @@ class VectorizedRuntime:
         active = (counts > 0).sum(0).tolist()  # clients still training at each step: a prefix of the rows
         glob = global_params.tensors()
         self._reserve(cohort, idx.shape[2], fed.y.device)
-        stacked = {n: t[:cohort].copy_(glob[n].expand_as(t[:cohort])) for n, t in self._stack.items()}
+        stacked = {n: t[:cohort] for n, t in self._stack.items()}
         fused = self._fused(config)
         opt = CohortOptimizer(
             trainer.optimizer,
@@ -202,35 +205,43 @@ class VectorizedRuntime:
             anchors=[glob[n].unsqueeze(0) for n in self.stepped],
         )
         moves_frozen = bool(trainer.weight_decay or config.proximal_mu)  # SGD's flat step moves frozen params too
+        frozen = torch.zeros_like if moves_frozen else (lambda t: None)
         loss_sum = torch.zeros(cohort, dtype=self.dtype, device=fed.y.device)
         sq_sum = torch.zeros_like(loss_sum)
-        trainer.model.train()
-        for s in range(steps):
-            a = active[s]
-            rows = idx[:a, s].reshape(-1)
-            wb = weights[:a, s]
-            params = {n: t[:a] for n, t in stacked.items()}
-            into = {n: StepInto(params[n], config.lr) if n in fused else self._grad[n][:a] for n in self.trainable}
-            xb = torch.index_select(fed.x, 0, rows, out=self._x[: len(rows)])
-            yb = torch.index_select(fed.y, 0, rows, out=self._y[: len(rows)])
-            grads, per = self._engine(params, xb, yb, wb, into)
-            with torch.no_grad():
-                batch_loss = (per * wb).sum(1)
-                sq_sum[:a] += (per.square() * wb).sum(1)
-                # the trainer adds (batch loss) x (batch size): the sum for a mean loss, as it does for "sum"
-                loss_sum[:a] += batch_loss if self.mean else batch_loss * counts[:a, s]
-            by_name = dict(zip(self.trainable, grads, strict=True))
-            for n, grad in by_name.items():  # None: a fused step was taken, or the param is unused (a zero gradient)
-                if grad is None and n not in fused:
-                    by_name[n] = torch.zeros_like(params[n])
-            frozen = torch.zeros_like if moves_frozen else (lambda t: None)
-            opt.step(a, [by_name[n] if n in by_name else frozen(params[n]) for n in self.stepped])
         # reused round after round, as the sequential trainer reuses its delta buffer client after client: whoever
         # keeps an update copies it (the loop folds it at once); a fresh one cost its page faults each round
         deltas = self._deltas[:cohort]
-        for e in self.spec.entries:  # each client's delta, written straight into its row of the flat layout
-            into = deltas[:, e.offset : e.offset + e.numel]
-            torch.sub(stacked[e.name].reshape(cohort, -1), glob[e.name].reshape(1, -1), out=into)
+        trainer.model.train()
+        chunk = self._chunk(cohort)
+        for lo in range(0, cohort, chunk):  # a chunk of clients takes all its steps while its weights are in cache
+            hi = min(lo + chunk, cohort)
+            for n, t in stacked.items():
+                t[lo:hi].copy_(glob[n].expand_as(t[lo:hi]))
+            for s in range(steps):
+                a = min(active[s], hi) - lo  # the chunk's clients still training: a prefix of its rows
+                if a <= 0:
+                    break
+                sl = slice(lo, lo + a)
+                rows = idx[sl, s].reshape(-1)
+                wb = weights[sl, s]
+                params = {n: t[sl] for n, t in stacked.items()}
+                into = {n: StepInto(params[n], config.lr) if n in fused else self._grad[n][:a] for n in self.trainable}
+                xb = torch.index_select(fed.x, 0, rows, out=self._x[: len(rows)])
+                yb = torch.index_select(fed.y, 0, rows, out=self._y[: len(rows)])
+                grads, per = self._engine(params, xb, yb, wb, into)
+                with torch.no_grad():
+                    batch_loss = (per * wb).sum(1)
+                    sq_sum[sl] += (per.square() * wb).sum(1)
+                    # the trainer adds (batch loss) x (batch size): the sum for a mean loss, as it does for "sum"
+                    loss_sum[sl] += batch_loss if self.mean else batch_loss * counts[sl, s]
+                by_name = dict(zip(self.trainable, grads, strict=True))
+                for n, grad in by_name.items():  # None: a fused step was taken, or the param is unused (zero grad)
+                    if grad is None and n not in fused:
+                        by_name[n] = torch.zeros_like(params[n])
+                opt.step(sl, [by_name[n] if n in by_name else frozen(params[n]) for n in self.stepped], s + 1)
+            for e in self.spec.entries:  # each client's delta, written straight into its row of the flat layout
+                into_rows = deltas[lo:hi, e.offset : e.offset + e.numel]
+                torch.sub(stacked[e.name][lo:hi].reshape(hi - lo, -1), glob[e.name].reshape(1, -1), out=into_rows)
         samples = counts.sum(1)
         mean_loss = (loss_sum / samples.clamp_min(1)).tolist()
         mean_sq = (sq_sum / samples.clamp_min(1)).tolist()
@@ -259,6 +270,14 @@ class VectorizedRuntime:
         if not plain or self.engine_name != "layers":
             return set()
         return self._cohort_model.fusable & set(self.trainable)
+
+    def _chunk(self, cohort: int) -> int:
+        """Clients trained together, all their steps, before the next ones: ``self.chunk`` if set, else as many as
+        keep the stacked weights and gradients within ``CHUNK_BYTES`` (the whole cohort of a small model)."""
+        if self.chunk:
+            return max(1, min(cohort, self.chunk))
+        per_client = 2 * self.spec.nbytes
+        return max(1, min(cohort, CHUNK_BYTES // per_client))
 
     def _reserve(self, cohort: int, batch: int, device: torch.device) -> None:
         """Stacked weight, gradient, delta and batch buffers for at least ``cohort`` clients' batches."""

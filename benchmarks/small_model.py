@@ -531,7 +531,7 @@ def accuracy_run(args: argparse.Namespace) -> dict[str, Any]:
 def sweep(args: argparse.Namespace) -> None:
     """Sequential over vectorised seconds per round, by model and cohort (the data behind vectorize: auto)."""
     results = []
-    for model in SWEEP_MODELS:
+    for model in args.rows.split(",") if args.rows else SWEEP_MODELS:
         for cohort in (2, 4, 8, 16, 32, 100):
             w = small_workload(model, clients=200, cohort=cohort, rounds=1 if model == "femnist_cnn" else 3)
             fed = make_small_federation(w)
@@ -547,7 +547,7 @@ def sweep(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="S at 5 rounds, 1 repeat, Flower 2 rounds; < 2 minutes")
-    ap.add_argument("--rows", default=",".join(SMALL_MODELS), help=f"comma-separated, of {SMALL_MODELS}")
+    ap.add_argument("--rows", default=None, help=f"comma-separated, of {SWEEP_MODELS} (default: {SMALL_MODELS})")
     ap.add_argument("--rounds", type=int, default=None, help="rounds of S (default 20, quick 5)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per side (median); default 3, quick 1")
     ap.add_argument("--flower-rounds", type=int, default=None, help="Flower's rounds (default 4, quick 2)")
@@ -569,7 +569,7 @@ def main() -> None:
     if args.sweep:
         sweep(args)
         return
-    rows = [m for m in args.rows.split(",") if m]
+    rows = [m for m in (args.rows or ",".join(SMALL_MODELS)).split(",") if m]
     if args.quick:
         rows = [m for m in rows if m != "femnist_cnn"] or rows  # the CNN row alone takes minutes
     results = [row(m, args) for m in rows]

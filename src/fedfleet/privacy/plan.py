@@ -78,5 +78,11 @@ def plan_privacy(
         party = (PartyGaussian(config.clip, std, config.per_layer, party_weight, noise, seed),)
         fold = (PrivacyLedger(config.where, z, cohort, q, accountant, budget),)
     plan = PrivacyPlan(config, z, q, float(cohort), rounds, party, fold)
-    log.info("%s", plan.describe())
+    _announce(plan.describe())
     return plan
+
+
+@lru_cache(maxsize=16)
+def _announce(line: str) -> None:
+    """Log a plan once: a job builds its pipeline for the trainer and again for the loop."""
+    log.info("%s", line)

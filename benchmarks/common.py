@@ -278,3 +278,34 @@ def environment(args: Any, w: Workload, load_start: float) -> dict[str, Any]:
 
 def emit(result: dict[str, Any]) -> None:
     print(json.dumps(result), flush=True)
+
+
+def plain_fedavg(w: Any, fed: Any, model: nn.Module) -> tuple[dict[str, Tensor], float]:
+    """Workload ``w``'s federated training as a hand-written loop over ``model``'s parameter tensors, timed: per
+    client, load the global params, plain SGD (``local_sgd``), fold n_k (w_k - w); the reference every benchmark's
+    fedfleet side must equal."""
+
+    def go() -> dict[str, Tensor]:
+        names, params = zip(*model.named_parameters(), strict=True)
+        glob = [p.detach().clone() for p in params]
+        acc = [torch.zeros_like(p) for p in params]
+        bounds = client_bounds(fed)
+        for rnd, clients in enumerate(cohorts(w)):
+            for a in acc:
+                a.zero_()
+            total = 0
+            for cid in clients:
+                lo, hi = bounds[cid]
+                with torch.no_grad():
+                    for p, g in zip(params, glob, strict=True):
+                        p.copy_(g)
+                local_sgd(model, fed.x[lo:hi], fed.y[lo:hi], client_batches(w, rnd, cid, hi - lo), w.lr)
+                with torch.no_grad():
+                    for a, p, g in zip(acc, params, glob, strict=True):
+                        a.add_(p - g, alpha=float(hi - lo))  # FedAvg weighs a client by its examples
+                total += hi - lo
+            for g, a in zip(glob, acc, strict=True):
+                g.add_(a.mul_(1.0 / total))
+        return dict(zip(names, glob, strict=True))
+
+    return timed(go)

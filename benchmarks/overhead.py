@@ -28,58 +28,28 @@ import argparse
 import dataclasses
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from common import (
     Workload,
-    client_batches,
-    client_bounds,
-    cohorts,
     emit,
     environment,
     load_average,
-    local_sgd,
     log,
     make_federation,
     make_model,
     max_abs_diff,
     median,
+    plain_fedavg,
     run_fedfleet,
     set_threads,
-    timed,
     workload,
 )
 
 
 def run_plain(w: Workload, fed: Any) -> tuple[dict[str, Tensor], float]:
     """The same federated training as a hand-written loop over the model's parameter tensors."""
-    model = make_model(w)
-
-    def go() -> dict[str, Tensor]:
-        names, params = zip(*model.named_parameters(), strict=True)
-        glob = [p.detach().clone() for p in params]
-        acc = [torch.zeros_like(p) for p in params]
-        bounds = client_bounds(fed)
-        for rnd, clients in enumerate(cohorts(w)):
-            for a in acc:
-                a.zero_()
-            total = 0
-            for cid in clients:
-                lo, hi = bounds[cid]
-                with torch.no_grad():
-                    for p, g in zip(params, glob, strict=True):
-                        p.copy_(g)
-                local_sgd(model, fed.x[lo:hi], fed.y[lo:hi], client_batches(w, rnd, cid, hi - lo), w.lr)
-                with torch.no_grad():
-                    for a, p, g in zip(acc, params, glob, strict=True):
-                        a.add_(p - g, alpha=float(hi - lo))  # FedAvg weighs a client by its examples
-                total += hi - lo
-            for g, a in zip(glob, acc, strict=True):
-                g.add_(a.mul_(1.0 / total))
-        return dict(zip(names, glob, strict=True))
-
-    return timed(go)
+    return plain_fedavg(w, fed, make_model(w))
 
 
 def main() -> None:

@@ -61,6 +61,7 @@ from common import (
     make_small_model,
     max_abs_diff,
     median,
+    plain_fedavg,
     set_threads,
     small_workload,
     timed,
@@ -115,33 +116,8 @@ def auto_picks(w: SmallWorkload, fed: Any) -> str:
 
 
 def run_plain(w: SmallWorkload, fed: Any) -> tuple[dict[str, Tensor], float]:
-    """The same federated training by hand: per client, load, torch.optim.SGD, fold n_k (w_k - w)."""
-    model = make_small_model(w)
-
-    def go() -> dict[str, Tensor]:
-        names, params = zip(*model.named_parameters(), strict=True)
-        glob = [p.detach().clone() for p in params]
-        acc = [torch.zeros_like(p) for p in params]
-        bounds = client_bounds(fed)
-        for rnd, clients in enumerate(cohorts(w)):
-            for a in acc:
-                a.zero_()
-            total = 0
-            for cid in clients:
-                lo, hi = bounds[cid]
-                with torch.no_grad():
-                    for p, g in zip(params, glob, strict=True):
-                        p.copy_(g)
-                local_sgd(model, fed.x[lo:hi], fed.y[lo:hi], client_batches(w, rnd, cid, hi - lo), w.lr)
-                with torch.no_grad():
-                    for a, p, g in zip(acc, params, glob, strict=True):
-                        a.add_(p - g, alpha=float(hi - lo))
-                total += hi - lo
-            for g, a in zip(glob, acc, strict=True):
-                g.add_(a.mul_(1.0 / total))
-        return dict(zip(names, glob, strict=True))
-
-    return timed(go)
+    """The same federated training by hand: per client, load, plain SGD, fold n_k (w_k - w)."""
+    return plain_fedavg(w, fed, make_small_model(w))
 
 
 def matmul_shapes(w: SmallWorkload) -> list[tuple[int, int, int]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 import warnings
 
 import pytest
@@ -212,6 +213,24 @@ def test_models_fedfleet_does_not_have_name_the_ones_it_does(tmp_path):
 def test_bad_values_name_the_fedscale_key(tmp_path, entry, message):
     with pytest.raises(ConfigError, match=message):
         load(conf(tmp_path, *DIGITS, entry))
+
+
+def test_every_problem_of_a_fedscale_file_is_reported_in_one_run(tmp_path):
+    # three translation problems and one the schema finds in a translated value: one error names all four
+    path = conf(tmp_path, *DIGITS, "learning_rate: fast", "rounds: 2.5", "sample_mode: ort", "num_participants: 0")
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path} (translated from FedScale): 4 problems:"), message
+    for problem in (
+        r"job_conf learning_rate: expected a number, got 'fast'",
+        r"job_conf rounds: expected a whole number",
+        r"sample_mode: 'ort' is not available.*did you mean 'oort'",
+        r"cohort must be > 0.*\(from FedScale's num_participants\)",
+    ):
+        assert re.search(problem, message), (problem, message)
+    assert "missing required key" not in message
+    assert message.count(str(path)) == 1, message
 
 
 def test_dlrm_layer_lists_must_keep_dlrms_fixed_ends(tmp_path):

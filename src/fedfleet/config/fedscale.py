@@ -25,7 +25,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ import yaml
 from fedfleet.config import fedscale_keys as keys
 from fedfleet.config.fedscale_read import job_conf_of, read_conf, replaced_sections, unknown_keys
 from fedfleet.config.imports import import_user_modules
-from fedfleet.config.loader import apply_overrides, parse
+from fedfleet.config.loader import PROBLEMS_SEP, apply_overrides, parse
 from fedfleet.config.schema import DataConfig, FedBuffConfig, JobConfig
 from fedfleet.errors import ConfigError
 
@@ -121,16 +121,17 @@ def from_fedscale(path: str | Path, overrides: list[str] | None = None, *, warn:
     data = apply_overrides(data, list(overrides or []))
     if isinstance(data.get("imports"), list):  # the `fedfleet:` section's modules: the user's models and datasets
         import_user_modules(data["imports"], near=path)
-    translation.finish_data(data)
-    translation.finish_system(data)
-    translation.finish_async(data)
+    for finish in (translation.finish_data, translation.finish_system, translation.finish_async):
+        translation.attempt(finish, data)
     top = [key for key in conf if key in keys.TOP_LEVEL_IGNORED and key not in translation.top_level_used]
     ignored = [(key, keys.IGNORED[key]) for key in top] + translation.ignored + unknown
     data = {k: data[k] for k in (*_ORDER, *data) if k in data}  # sections in the usual order
     try:
         job = parse(JobConfig, copy.deepcopy(data))
     except ConfigError as exc:
-        raise ConfigError(f"{path} (translated from FedScale): {exc}{translation.origin_of(str(exc))}") from None
+        translation.errors += [f"{p}{translation.origin_of(p)}" for p in _schema_problems(exc, translation.errors)]
+    if translation.errors:
+        raise ConfigError(_all_problems(path, translation.errors)) from None
     report = FedScaleImport(
         job,
         data,
@@ -170,15 +171,22 @@ class _Translation:
         self.targets: dict[str, str] = {}  # fedfleet key -> the FedScale key it came from (for error messages)
         self.overcommit = 0.0
         self._overcommit_given = False
+        self.errors: list[str] = []  # every problem of the file, reported together (one run, not one per problem)
+
+    def attempt(self, step: Callable[..., None], *args: Any) -> None:
+        """Run one translation step; its ConfigError is kept and the other steps still run."""
+        try:
+            step(*args)
+        except ConfigError as exc:
+            self.errors.append(str(exc))
 
     def run(self) -> dict[str, Any]:
         for key, spec in keys.DIRECT.items():
-            self._direct(key, spec)
+            self.attempt(self._direct, key, spec)
         for key, spec in keys.CHOICES.items():
-            self._choice(key, spec)
-        self._dataset()
-        self._system()
-        self._async()
+            self.attempt(self._choice, key, spec)
+        for step in (self._dataset, self._system, self._async):
+            self.attempt(step)
         self.ignored += [(key, keys.IGNORED[key]) for key in self.given if key in keys.IGNORED]
         order = list(self.given)  # report in the file's order; defaults (not in the file) last
         self.mapped.sort(key=lambda m: order.index(m[0].split(":")[0]) if m[0].split(":")[0] in order else len(order))
@@ -445,6 +453,25 @@ class _Translation:
         """' (from FedScale's learning_rate)' when an error names a fedfleet key that a FedScale key set."""
         hits = [t for t in self.targets if re.search(rf"(?<![\w.]){re.escape(t)}(?=[ :])", message)]
         return f" (from FedScale's {self.targets[max(hits, key=len)]})" if hits else ""
+
+
+def _schema_problems(exc: ConfigError, translation_errors: list[str]) -> list[str]:
+    """The schema's problems with the translated job, one each; with translation errors too, not the keys
+    missing because a step failed (they would only repeat those errors)."""
+    problems = str(exc).split(PROBLEMS_SEP)
+    if translation_errors:
+        problems = [p for p in problems if "missing required key" not in p]
+    return problems
+
+
+def _all_problems(path: Path, errors: list[str]) -> str:
+    """One message, the file named once: its first problem on the first line, the others one per line."""
+    prefix = f"{path}: "
+    bare = [e[len(prefix) :] if e.startswith(prefix) else e for e in errors]
+    head = f"{path} (translated from FedScale)"
+    if len(bare) == 1:
+        return f"{head}: {bare[0]}"
+    return f"{head}: {len(bare)} problems:{PROBLEMS_SEP}" + PROBLEMS_SEP.join(bare)
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -66,10 +66,10 @@ def parse(cls: type[T], data: Any, where: str = "", *, source: str = "") -> T:
             try:
                 kwargs[key] = _convert(hints[key], value, _join(where, key))
             except ConfigError as exc:
-                problems.extend(str(exc).split(_PROBLEMS_SEP))
+                problems.extend(str(exc).split(PROBLEMS_SEP))
     problems += [f"{here}: missing required key {n!r}" for n, f in fields.items() if _key_missing(n, f, data)]
     if problems:
-        raise ConfigError(_from(source, _PROBLEMS_SEP.join(problems)))
+        raise ConfigError(_from(source, PROBLEMS_SEP.join(problems)))
     try:
         return cls(**kwargs)
     except (ValueError, ConfigError) as exc:  # a __post_init__ check
@@ -81,7 +81,7 @@ def load(cls: type[T], path: str | Path) -> T:
     return parse(cls, read_yaml(path), source=str(path))
 
 
-_PROBLEMS_SEP = "\n  "  # problems after the first, one per line
+PROBLEMS_SEP = "\n  "  # problems after the first, one per line
 
 
 def _key_missing(name: str, f: dataclasses.Field, data: dict) -> bool:

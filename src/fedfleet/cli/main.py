@@ -11,6 +11,7 @@ from fedfleet import __version__
 from fedfleet.cli.certs import add_certs_parser
 from fedfleet.cli.local import add_local_parser
 from fedfleet.cli.merge import add_merge_parser
+from fedfleet.cli.tokenize import add_tokenize_parser
 from fedfleet.errors import UserError
 
 EPILOG = """\
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_certs_parser(sub)
     add_local_parser(sub)
     add_merge_parser(sub)
+    add_tokenize_parser(sub)
 
     lst = sub.add_parser("list", help="list registered strategies, models, datasets, partitioners, selectors")
     lst.add_argument("kind", nargs="?", help="only this kind (e.g. strategies)")

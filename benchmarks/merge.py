@@ -42,10 +42,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.disk import drop_cache, read_bandwidth, write_bandwidth  # noqa: E402
+
 FULL = {"layers": 22, "hidden": 2048, "intermediate": 5632, "vocab": 32000, "heads": 32, "kv_heads": 4}
 QUICK = {"layers": 4, "hidden": 1024, "intermediate": 2816, "vocab": 32000, "heads": 16, "kv_heads": 4}
 LAYOUTS = (1_000_000_000, 500_000_000)  # shard sizes of the two checkpoints (quick: divided by 10)
-READ = 8 << 20
 
 
 def log(*args: object) -> None:
@@ -123,43 +124,6 @@ def write_checkpoint(folder: Path, s: dict[str, int], seed: int, shard_bytes: in
     return files
 
 
-def cached_kb() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("Cached:"):
-                return int(line.split()[1])
-    return -1
-
-
-def drop_cache(files: list[Path]) -> dict[str, Any]:
-    """Drop the files' pages from the page cache (posix_fadvise DONTNEED); say how much of Cached went."""
-    before = cached_kb()
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    after = cached_kb()
-    size_kb = sum(f.stat().st_size for f in files) // 1024
-    return {"dropped_kb": before - after, "files_kb": size_kb, "took": before - after >= 0.8 * size_kb}
-
-
-def read_bandwidth(files: list[Path]) -> tuple[float, dict[str, Any]]:
-    """Bytes per second of a cold sequential read of ``files`` (8 MiB reads)."""
-    dropped = drop_cache(files)
-    buf = bytearray(READ)
-    view = memoryview(buf)
-    total = 0
-    start = time.perf_counter()
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while n := fh.readinto(view):
-                total += n
-    return total / (time.perf_counter() - start), dropped
-
-
 def child(kind: str, out: str, inputs: list[str]) -> None:
     """One measured run; prints its JSON (seconds, peak RSS) as the last line."""
     import torch
@@ -227,21 +191,6 @@ def measure(kind: str, out: Path, inputs: list[Path], files: list[Path]) -> dict
     result["output_bytes"] = sum(f.stat().st_size for f in out.iterdir())
     shutil.rmtree(out)
     return {**result, "cache_drop_took": dropped["took"]}
-
-
-def write_bandwidth(folder: Path, nbytes: int) -> float:
-    """Bytes per second of a sequential write of ``nbytes`` with an fsync at the end (as the merge publishes)."""
-    block = os.urandom(READ)
-    path = folder / "write-probe.bin"
-    start = time.perf_counter()
-    try:
-        with open(path, "wb", buffering=0) as f:
-            for _ in range(max(1, nbytes // READ)):
-                f.write(block)
-            os.fsync(f.fileno())
-        return max(1, nbytes // READ) * READ / (time.perf_counter() - start)
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def main() -> None:

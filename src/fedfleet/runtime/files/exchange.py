@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load, save_file
 
 from fedfleet.core.params import FlatParams, ParamSpec
+from fedfleet.core.safetensors_stream import tensors_in, write_file
 from fedfleet.core.serialize import fsync_replace
 
 FORMAT = "fedfleet-exchange-1"
@@ -97,9 +97,7 @@ def publish(
     files = {}
     for name, group in zip(names, groups, strict=True):
         tmp = folder / f".{name}.{os.getpid()}.tmp"
-        # safetensors refuses tensors that share storage: one shard's tensors are copied at a time
-        save_file({k: t.contiguous().clone() for k, t in group.items()}, str(tmp))
-        digest, size = file_sum(tmp)
+        digest, size = write_file(tmp, group)  # straight from the flat buffer's views, hashed as written
         fsync_replace(tmp, folder / name)
         files[name] = {"sha256": digest, "bytes": size}
     body = {"format": FORMAT, **manifest, "layout": layout(params.spec), "params": names, "files": files}
@@ -184,6 +182,9 @@ def verify(path: Path, expect: dict[str, Any], spec: ParamSpec | None) -> Publis
         raise Refused(f"{path}: params file {unlisted[0]} has no sha256 and size in the manifest")
     if spec is not None and body.get("layout") != layout(spec):
         raise Refused(f"{path}: its params' layout is not the global model's")
+    # one shard's bytes in memory at a time: checked, parsed into views, copied into the flat params, dropped
+    flat = None if spec is None else FlatParams.zeros(spec)
+    views = {} if flat is None else flat.tensors()
     named: dict[str, torch.Tensor] = {}
     where: dict[str, Path] = {}
     for file, entry in files.items():
@@ -191,35 +192,37 @@ def verify(path: Path, expect: dict[str, Any], spec: ParamSpec | None) -> Publis
         if file not in names:
             continue
         try:
-            tensors = load(blob)
-        except Exception as exc:  # safetensors refuses a garbled header in many ways
+            tensors = tensors_in(blob)
+        except ValueError as exc:
             raise Refused(f"{path.parent / file}: not a safetensors file ({_line(exc)})") from None
         for key, tensor in tensors.items():
-            if key in named:
+            if key in where:
                 raise Refused(f"{path.parent / file}: {key} is in {where[key].name} too")
-            named[key], where[key] = tensor, path.parent / file
-    params = _flat(named, where, spec, path)
+            where[key] = path.parent / file
+            if flat is None:
+                named[key] = tensor.clone()
+            else:
+                _copy_into(views, flat.spec, key, tensor, where[key])
+    params = FlatParams.from_tensors(named) if flat is None else _complete(flat, where, path)
     if not params.isfinite():
         bad = next(n for n, t in params.tensors().items() if not bool(torch.isfinite(t).all()))
         raise Refused(f"{where[bad]}: holds NaN or infinite values ({bad})")
     return Published(body, params, path, digest)
 
 
-def _flat(named: dict[str, torch.Tensor], where: dict[str, Path], spec: ParamSpec | None, path: Path) -> FlatParams:
-    """The shards' tensors as one FlatParams of ``spec`` (None: their own layout); refusals name the shard."""
-    if spec is None:
-        return FlatParams.from_tensors(named)
-    if missing := [n for n in spec.names if n not in named]:
+def _copy_into(views: dict[str, torch.Tensor], spec: ParamSpec, name: str, tensor: torch.Tensor, file: Path) -> None:
+    """One tensor of a shard into its place in the global layout; a foreign or misshapen one names the shard."""
+    if name not in spec:
+        raise Refused(f"{file}: holds {name}, which the global model has not")
+    if tuple(tensor.shape) != spec[name].shape or tensor.dtype != spec[name].dtype:
+        raise Refused(f"{file}: {name} is {list(tensor.shape)} {tensor.dtype}, expected "
+                      f"{list(spec[name].shape)} {spec[name].dtype}")  # fmt: skip
+    views[name].copy_(tensor)
+
+
+def _complete(flat: FlatParams, where: dict[str, Path], path: Path) -> FlatParams:
+    if missing := [n for n in flat.spec.names if n not in where]:
         raise Refused(f"{path}: {missing[0]} is in none of its params files")
-    if extra := [n for n in named if n not in spec]:
-        raise Refused(f"{where[extra[0]]}: holds {extra[0]}, which the global model has not")
-    flat = FlatParams.zeros(spec)
-    for name, view in flat.tensors().items():
-        tensor = named[name]
-        if tuple(tensor.shape) != spec[name].shape or tensor.dtype != spec[name].dtype:
-            raise Refused(f"{where[name]}: {name} is {list(tensor.shape)} {tensor.dtype}, expected "
-                          f"{list(spec[name].shape)} {spec[name].dtype}")  # fmt: skip
-        view.copy_(tensor)
     return flat
 
 
@@ -239,9 +242,15 @@ def read_listed(path: Path, entry: Any) -> bytes:
     return data
 
 
-def read_bytes(path: Path) -> bytes:
-    """Every read of a published file goes through here (tests watch it)."""
-    return path.read_bytes()
+def read_bytes(path: Path) -> bytearray:
+    """Every read of a published file goes through here (tests watch it): one read into a buffer of the file's
+    size, which the parsed tensors then view without a copy."""
+    with open(path, "rb", buffering=0) as f:
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        view, got = memoryview(data), 0
+        while got < len(data) and (n := f.readinto(view[got:])):
+            got += n
+    return data if got == len(data) else data[:got]
 
 
 def finite_weight(body: dict[str, Any], path: Path) -> float:

@@ -80,23 +80,41 @@ def tensors_in(data: bytearray) -> dict[str, torch.Tensor]:
     Raises ValueError saying what is wrong with the header."""
     if len(data) < 8:
         raise ValueError("shorter than a safetensors header")
-    size = int.from_bytes(data[:8], "little")
-    if size > MAX_HEADER or 8 + size > len(data):
-        raise ValueError(f"header length {size} does not fit the file's {len(data)} bytes")
+    size = header_length(data[:8], len(data))
+    start = 8 + size
+    out: dict[str, torch.Tensor] = {}
+    for name, dtype, shape, begin, end in parse_header(bytes(data[8:start]), len(data) - start):
+        count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+        if count == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+        else:
+            out[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin).view(shape)
+    return out
+
+
+def header_length(prefix: bytes | bytearray, file_size: int) -> int:
+    """The JSON header's length from a file's first 8 bytes, checked against the file's size."""
+    size = int.from_bytes(prefix[:8], "little")
+    if size > MAX_HEADER or 8 + size > file_size:
+        raise ValueError(f"header length {size} does not fit the file's {file_size} bytes")
+    return size
+
+
+def parse_header(text: bytes, data_length: int) -> list[tuple[str, torch.dtype, list[int], int, int]]:
+    """(name, dtype, shape, begin, end) of every tensor, in the order of their bytes, once the header is checked
+    as safetensors checks it: offsets that tile the ``data_length`` bytes after the header exactly, byte counts
+    that match the shapes, known dtypes."""
     try:
-        header = json.loads(bytes(data[8 : 8 + size]))
+        header = json.loads(text)
     except (UnicodeDecodeError, ValueError):
         raise ValueError("the header is not JSON") from None
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
-    start, length = 8 + size, len(data) - 8 - size
-    entries = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        entries.append((_offsets(name, entry), name, entry))
-    entries.sort(key=lambda e: e[0])
-    out: dict[str, torch.Tensor] = {}
+    entries = sorted(
+        ((_offsets(name, entry), name, entry) for name, entry in header.items() if name != "__metadata__"),
+        key=lambda e: e[0],
+    )
+    out = []
     at = 0
     for (begin, end), name, entry in entries:
         if begin != at:
@@ -107,13 +125,10 @@ def tensors_in(data: bytearray) -> dict[str, torch.Tensor]:
             count *= s
         if (end - begin) != count * torch.empty((), dtype=dtype).element_size():
             raise ValueError(f"{name}: {end - begin} bytes for shape {shape} of {entry['dtype']}")
-        if count == 0:
-            out[name] = torch.empty(shape, dtype=dtype)
-        else:
-            out[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin).view(shape)
+        out.append((name, dtype, shape, begin, end))
         at = end
-    if at != length:
-        raise ValueError(f"the tensors cover {at} of the data's {length} bytes")
+    if at != data_length:
+        raise ValueError(f"the tensors cover {at} of the data's {data_length} bytes")
     return out
 
 

@@ -165,8 +165,8 @@ def test_an_update_without_its_manifest_is_never_read(tmp_path, monkeypatch):
     ex = tmp_path / "exchange"
     loop, runtime = arbiter(job, ex, min_parties=1, round_timeout=20)
     reads = []
-    real = exchange.read_bytes
-    monkeypatch.setattr(exchange, "read_bytes", lambda path: reads.append((time.monotonic(), path)) or real(path))
+    real = exchange.open_published
+    monkeypatch.setattr(exchange, "open_published", lambda path: reads.append((time.monotonic(), path)) or real(path))
     dest = Exchange(ex).update_dir(1, PARTIES[0])
     moments = {}
 

@@ -24,12 +24,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from fedfleet.core.params import FlatParams, ParamSpec
-from fedfleet.core.safetensors_stream import tensors_in, write_file
+from fedfleet.core.safetensors_stream import header_length, parse_header, tensors_in, write_file
 from fedfleet.core.serialize import fsync_replace
 
 FORMAT = "fedfleet-exchange-1"
@@ -182,11 +182,85 @@ def verify(path: Path, expect: dict[str, Any], spec: ParamSpec | None) -> Publis
         raise Refused(f"{path}: params file {unlisted[0]} has no sha256 and size in the manifest")
     if spec is not None and body.get("layout") != layout(spec):
         raise Refused(f"{path}: its params' layout is not the global model's")
-    # one shard's bytes in memory at a time: checked, parsed into views, copied into the flat params, dropped
+    where: dict[str, Path] = {}
+    params = None
+    if spec is not None and len(spec.sizes) == 1:
+        try:
+            params = _in_place(path, files, names, spec, where)
+        except _NotInPlace:
+            where.clear()  # not laid out as fedfleet publishes: read again the general way
+    if params is None:
+        params = _by_views(path, files, names, spec, where)
+    if not params.isfinite():
+        bad = next(n for n, t in params.tensors().items() if not bool(torch.isfinite(t).all()))
+        raise Refused(f"{where[bad]}: holds NaN or infinite values ({bad})")
+    return Published(body, params, path, digest)
+
+
+class _NotInPlace(Exception):
+    """A shard whose tensors are not the next run of the global layout (a file fedfleet did not write)."""
+
+
+def _in_place(path: Path, files: dict, names: list, spec: ParamSpec, where: dict[str, Path]) -> FlatParams:
+    """Every shard's data read straight into the global layout's buffer (one dtype): fedfleet publishes shards in
+    the layout's order, so a shard's tensors are the next run of the buffer. The bytes are hashed as they arrive,
+    and the header is parsed only once the shard's SHA-256 is the manifest's; a header that describes other
+    tensors or other places raises _NotInPlace."""
+    flat = FlatParams.zeros(spec)
+    (buffer,) = flat.buffers.values()
+    target = memoryview(buffer.view(torch.uint8).numpy())
+    itemsize = buffer.element_size()
+    cursor = 0
+    for file, entry in files.items():
+        if file not in names:
+            read_listed(path.parent / file, entry)  # checked all the same
+            continue
+        text, region = _read_shard_into(path.parent / file, entry, target, cursor)
+        try:
+            tensors = parse_header(text, len(region))
+        except ValueError as exc:
+            raise Refused(f"{path.parent / file}: not a safetensors file ({_line(exc)})") from None
+        for name, dtype, shape, begin, _ in tensors:
+            if name not in spec or name in where:
+                raise _NotInPlace
+            want = spec[name]
+            if (dtype, tuple(shape), cursor + begin) != (want.dtype, want.shape, want.offset * itemsize):
+                raise _NotInPlace
+            where[name] = path.parent / file
+        cursor += len(region)
+    return _complete(flat, where, path)
+
+
+def _read_shard_into(file: Path, entry: Any, target: memoryview, cursor: int) -> tuple[bytes, memoryview]:
+    """A listed shard's header bytes, and its data read into ``target`` at ``cursor``, once size and SHA-256 are
+    the manifest's."""
+    size = _listed_size(file, entry)
+    with open_published(file) as f:
+        prefix = f.read(8)
+        try:
+            text = f.read(header_length(prefix, size))
+        except ValueError:
+            raise _NotInPlace from None
+        length = size - 8 - len(text)
+        if cursor + length > len(target):
+            raise _NotInPlace
+        region = target[cursor : cursor + length]
+        got = 0
+        while got < length and (n := f.readinto(region[got:])):
+            got += n
+    digest = hashlib.sha256(prefix)
+    digest.update(text)
+    digest.update(region)
+    if got != length or digest.hexdigest() != entry["sha256"]:
+        raise Refused(f"{file}: its SHA-256 is not the manifest's (damaged or replaced)")
+    return text, region
+
+
+def _by_views(path: Path, files: dict, names: list, spec: ParamSpec | None, where: dict[str, Path]) -> FlatParams:
+    """One shard's bytes in memory at a time: checked, parsed into views, copied into the flat params, dropped."""
     flat = None if spec is None else FlatParams.zeros(spec)
     views = {} if flat is None else flat.tensors()
     named: dict[str, torch.Tensor] = {}
-    where: dict[str, Path] = {}
     for file, entry in files.items():
         blob = read_listed(path.parent / file, entry)
         if file not in names:
@@ -203,11 +277,7 @@ def verify(path: Path, expect: dict[str, Any], spec: ParamSpec | None) -> Publis
                 named[key] = tensor.clone()
             else:
                 _copy_into(views, flat.spec, key, tensor, where[key])
-    params = FlatParams.from_tensors(named) if flat is None else _complete(flat, where, path)
-    if not params.isfinite():
-        bad = next(n for n, t in params.tensors().items() if not bool(torch.isfinite(t).all()))
-        raise Refused(f"{where[bad]}: holds NaN or infinite values ({bad})")
-    return Published(body, params, path, digest)
+    return FlatParams.from_tensors(named) if flat is None else _complete(flat, where, path)
 
 
 def _copy_into(views: dict[str, torch.Tensor], spec: ParamSpec, name: str, tensor: torch.Tensor, file: Path) -> None:
@@ -226,8 +296,17 @@ def _complete(flat: FlatParams, where: dict[str, Path], path: Path) -> FlatParam
     return flat
 
 
-def read_listed(path: Path, entry: Any) -> bytes:
+def read_listed(path: Path, entry: Any) -> bytearray:
     """The bytes of a file a manifest lists, once their size and SHA-256 are the manifest's."""
+    size = _listed_size(path, entry)
+    data = read_bytes(path)
+    if len(data) != size or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise Refused(f"{path}: its SHA-256 is not the manifest's (damaged or replaced)")
+    return data
+
+
+def _listed_size(path: Path, entry: Any) -> int:
+    """The size a manifest entry gives, once the file has it."""
     if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not _count(entry.get("bytes")):
         raise Refused(f"{path}: its manifest entry has no sha256 and bytes")
     try:
@@ -236,16 +315,17 @@ def read_listed(path: Path, entry: Any) -> bytes:
         raise Refused(f"{path}: listed in the manifest but missing") from None
     if size != entry["bytes"]:
         raise Refused(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
-    data = read_bytes(path)
-    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise Refused(f"{path}: its SHA-256 is not the manifest's (damaged or replaced)")
-    return data
+    return size
+
+
+def open_published(path: Path) -> BinaryIO:
+    """Every read of a published file opens it here (tests watch it)."""
+    return open(path, "rb", buffering=0)  # the caller's with-block closes it
 
 
 def read_bytes(path: Path) -> bytearray:
-    """Every read of a published file goes through here (tests watch it): one read into a buffer of the file's
-    size, which the parsed tensors then view without a copy."""
-    with open(path, "rb", buffering=0) as f:
+    """A published file whole, in one read into a buffer of its size, which parsed tensors then view."""
+    with open_published(path) as f:
         data = bytearray(os.fstat(f.fileno()).st_size)
         view, got = memoryview(data), 0
         while got < len(data) and (n := f.readinto(view[got:])):

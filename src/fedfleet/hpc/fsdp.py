@@ -31,6 +31,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from fedfleet.errors import ConfigError
+from fedfleet.hpc.launch import set_launch_env
 from fedfleet.hpc.precision import PRECISIONS
 
 
@@ -106,7 +107,9 @@ class FSDPConfig:
 
 
 def party_device(config: FSDPConfig) -> torch.device:
-    """This rank's device: the config's, else its node-local GPU (torchrun's ``LOCAL_RANK``), else the CPU."""
+    """This rank's device: the config's, else its node-local GPU (``LOCAL_RANK``, from torchrun or srun), else
+    the CPU."""
+    set_launch_env()  # under srun without torchrun: LOCAL_RANK and the rest from SLURM's variables
     if config.device is not None:
         return torch.device(config.device)
     if torch.cuda.is_available():
@@ -116,10 +119,12 @@ def party_device(config: FSDPConfig) -> torch.device:
 
 def init_distributed(device: torch.device) -> bool:
     """Start the party's process group unless the script did: from torchrun's variables (``RANK``,
-    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), or as a group of one without them. NCCL for CUDA, gloo
-    otherwise. True when this call started it (and so the party ends it)."""
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) or, under ``srun`` without torchrun, from SLURM's
+    (``fedfleet.hpc.launch``), or as a group of one without either. NCCL for CUDA, gloo otherwise. True when this
+    call started it (and so the party ends it)."""
     if dist.is_initialized():
         return False
+    set_launch_env()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -59,11 +59,9 @@ def test_two_facilities_of_two_srun_ranks_each_hold_the_weighted_mean_after_ever
     out = tmp_path / "out"
     out.mkdir()
     facility_a, facility_b = two_slurm_clusters
-    sites = {
-        "guest-9999": (facility_a, ["guest", "9999", "--strategy", "FULL_SHARD", "--examples", "32"]),
-        "host-10000": (facility_b, ["host", "10000", "--strategy", "HYBRID_SHARD", "--shard-size", "1",
-                                    "--examples", "24", "--model-seed", "1"]),  # fmt: skip
-    }
+    guest = ["guest", "9999", "--strategy", "FULL_SHARD", "--examples", "32"]
+    host = ["host", "10000", "--strategy", "HYBRID_SHARD", "--shard-size", "1", "--examples", "24", "--model-seed", "1"]
+    sites = {"guest-9999": (facility_a, guest), "host-10000": (facility_b, host)}
     jobs = {}
     for name, (cluster, (role, pid, *args)) in sites.items():
         script = batch_script(tmp_path / f"{name}.sh", role, pid, address, out, *args)

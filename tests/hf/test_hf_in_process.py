@@ -62,6 +62,50 @@ def test_parties_built_in_their_own_threads_are_refused_and_the_others_told_at_o
     assert time.monotonic() - started < 45
 
 
+class Party:
+    """Stands for a party in claim()'s books (kept by weak reference)."""
+
+
+def test_a_party_failing_on_the_reset_before_the_refusal_is_told_the_refusal():
+    """The race CI met: the second thread's TrainingArguments reset accelerate's state, the first party failed
+    on it (AttributeError) a moment before the second build was refused; it waits for that refusal, briefly."""
+    from fedfleet.hf import inprocess
+
+    fed = LocalFederation(2, timeout=60)
+    first, second = Party(), Party()
+    inprocess.claim(first, fed.context(0), None)
+    refused: list[BaseException] = []
+
+    def build_second():
+        time.sleep(0.3)
+        try:
+            inprocess.claim(second, fed.context(1), None)
+        except ConfigError as exc:
+            refused.append(exc)
+
+    thread = threading.Thread(target=build_second)
+    thread.start()
+    trace = AttributeError("'AcceleratorState' object has no attribute 'parallelism_config'")
+    with pytest.raises(RuntimeError, match="party-1 is built in another thread") as told:
+        inprocess.explain_failure(fed.context(0), trace)
+    thread.join()
+    assert told.value.__cause__ is trace and len(refused) == 1
+
+
+def test_a_failure_with_every_party_built_and_none_refused_is_its_own():
+    from fedfleet.hf import inprocess
+
+    fed = LocalFederation(2, timeout=60)
+    for i in range(2):
+        inprocess.claim(Party(), fed.context(i), None)
+    started = time.monotonic()
+    inprocess.explain_failure(fed.context(0), ValueError("a bug of the party's own"))  # returns: re-raised by train
+    assert time.monotonic() - started < 0.5
+    unbuilt = LocalFederation(2, timeout=60)
+    inprocess.claim(Party(), unbuilt.context(0), None)
+    inprocess.explain_failure(unbuilt.context(0), ValueError("a bug"), grace_s=0.2)  # no refusal came: its own
+
+
 def test_parties_built_in_one_thread_and_trained_in_threads_are_not_refused(tmp_path):
     csvs = review_shares(tmp_path / "data", 2, reviews=32)
     fed = LocalFederation(2, timeout=60)

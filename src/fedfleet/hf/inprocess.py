@@ -35,6 +35,7 @@ from fedfleet.sync.local import LocalContext, LocalFederation
 
 log = logging.getLogger("fedfleet.hf")
 
+GOING_ON = "the federation cannot go on"
 LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun and the deepspeed launcher set for every rank
 BUILD_IN_ONE_THREAD = (
     "build every in-process party in one thread, then call each one's train() in its own thread "
@@ -45,6 +46,9 @@ _lock = threading.Lock()
 _builders: weakref.WeakKeyDictionary[LocalFederation, tuple[threading.Thread, str]] = weakref.WeakKeyDictionary()
 _parties: weakref.WeakKeyDictionary[Any, tuple[str, bool]] = weakref.WeakKeyDictionary()  # built, still to train
 _refused: weakref.WeakKeyDictionary[LocalFederation, str] = weakref.WeakKeyDictionary()
+_claimed: weakref.WeakKeyDictionary[LocalFederation, set[str]] = weakref.WeakKeyDictionary()  # names, refused too
+_news = threading.Condition(_lock)  # a claim or a refusal happened
+REFUSAL_GRACE_S = 10.0  # how long a failed party waits for a refusal that its failure may be the trace of
 
 
 def uses_deepspeed(args: Any) -> bool:
@@ -61,9 +65,13 @@ def claim(party: Any, ctx: Any, args: Any) -> None:
         reason = _built_elsewhere(ctx, name) or _shared_with_deepspeed(name, deepspeed)
         if reason is None:
             _parties[party] = (name, deepspeed)
+        if isinstance(ctx, LocalContext):
+            _claimed.setdefault(ctx.federation, set()).add(name)
+            if reason is not None:
+                _refused.setdefault(ctx.federation, reason)
+            _news.notify_all()
     if reason is not None:
         if isinstance(ctx, LocalContext):
-            _refused.setdefault(ctx.federation, reason)
             ctx.federation.fail(reason)
         raise ConfigError(reason)
 
@@ -73,7 +81,24 @@ def check_going(ctx: Any) -> None:
     have reset this one's accelerate state), so say why now rather than fail on that state."""
     reason = _refused.get(ctx.federation) if isinstance(ctx, LocalContext) else None
     if reason is not None:
-        raise RuntimeError(f"the federation cannot go on: {reason}")
+        raise RuntimeError(f"{GOING_ON}: {reason}")
+
+
+def explain_failure(ctx: Any, exc: BaseException, grace_s: float | None = None) -> None:
+    """A party's training failed. If a party of its federation is still to be built, its TrainingArguments
+    may already have reset this one's accelerate state (an AttributeError on AcceleratorState) a moment before
+    its own build is refused: wait briefly for that refusal and raise it as the cause, instead of the trace."""
+    if not isinstance(ctx, LocalContext) or not isinstance(exc, Exception) or str(exc).startswith(GOING_ON):
+        return
+    federation = ctx.federation
+    with _lock:
+        _news.wait_for(
+            lambda: federation in _refused or len(_claimed.get(federation, ())) >= federation.size,
+            timeout=REFUSAL_GRACE_S if grace_s is None else grace_s,
+        )
+        reason = _refused.get(federation)
+    if reason is not None:
+        raise RuntimeError(f"{GOING_ON}: {reason}") from exc
 
 
 def release(party: Any) -> None:

@@ -102,6 +102,9 @@ class FedAvgClient(Trainer):
             inprocess.check_going(self.ctx)
             with self.fed_sync.turn(self.args.seed), self._threads():
                 return super().train(*args, **kwargs)
+        except Exception as exc:
+            inprocess.explain_failure(self.ctx, exc)  # raises the cause when another party's build was refused
+            raise
         finally:
             self.fed_sync.close()  # also when training fails: leave the session instead of hanging it
             inprocess.release(self)

@@ -97,7 +97,8 @@ def slurm_ranks(env: MutableMapping[str, str]) -> Ranks | None:
         if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in env:
             log.warning(
                 "SLURM_NTASKS=%s, but this process was not started by srun: it runs as one rank (launch the "
-                "script with srun to start all of them)", env["SLURM_NTASKS"]
+                "script with srun to start all of them)",
+                env["SLURM_NTASKS"],
             )
         return None
     try:

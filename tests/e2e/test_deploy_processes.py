@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from fedfleet.config import load_job
 from fedfleet.jobs.simulation import Simulation
 from tests.grpc_jobs import PARTIES, make_certs, write_job
 
-SLOW_ROUNDS = ["--set", "client.epochs=8"]  # rounds of about a second, so a kill lands mid-round
+SLOW_ROUNDS = ["--set", "client.epochs=8"]  # rounds that take a while (0.1-1 s), so a kill can land mid-round
 
 
 def start(*args, cwd):
@@ -86,7 +87,7 @@ def test_a_killed_arbiter_resumes_and_ends_at_the_uninterrupted_model(tmp_path):
     common = [*SLOW_ROUNDS, "--set", "rounds=4"]
     arbiter = start("arbiter", job, *common, "--quiet", cwd=tmp_path)
     parties = [start("party", job, *common, "--name", name, cwd=tmp_path) for name in PARTIES]
-    wait_for_rows(tmp_path, 2, arbiter)
+    wait_for_line(parties[0], "round 3: training")  # the arbiter is in round 3: two rounds done, two to go
     arbiter.send_signal(signal.SIGKILL)
     arbiter.communicate()
     status = json.loads((tmp_path / "runs" / "net" / "status.json").read_text())
@@ -94,17 +95,31 @@ def test_a_killed_arbiter_resumes_and_ends_at_the_uninterrupted_model(tmp_path):
 
     resumed = start("arbiter", job, *common, "--quiet", "--resume", cwd=tmp_path)
     _, err = finish(resumed)
-    assert "resuming" in err
-    for proc in parties:
+    assert re.search(r"resuming .* after round [23]\b", err), err
+    assert parties[0].wait(60) == 0  # its stderr is read by wait_for_line's thread
+    for proc in parties[1:]:
         finish(proc, 60)
     status = json.loads((tmp_path / "runs" / "net" / "status.json").read_text())
     assert status["state"] == "finished" and status["round"] == 4
+    assert [row["round"] for row in rows(tmp_path)] == [1, 2, 3, 4]  # the interrupted round once, not twice
 
     sim = Simulation.from_config(load_job(job, [c for c in common if c != "--set"]))
     sim.run()
     deployed = load_file(str(tmp_path / "runs" / "net" / "model.safetensors"))
-    for name, tensor in sim.loop.global_params.tensors().items():
-        torch.testing.assert_close(deployed[name], tensor, rtol=0, atol=1e-5)
+    assert_near_the_simulation(deployed, sim.loop.global_params.tensors())
+
+
+def assert_near_the_simulation(deployed: dict, simulated: dict) -> None:
+    """The arbiter folds updates in their arrival order, in float32, and its parties train with another thread
+    count than the simulation: the models differ in the last bits, and eight epochs a round sometimes grow that
+    (measured over 21 deployed runs and 20 shuffled fold orders: 3.6e-7 at most in 4 of 5, 1.0e-3 at most and
+    3.5e-4 relative in the rest: CI failed on atol 1e-5). A resume that repeats, skips or mixes up a round is
+    100 times further off: one round more or less moves the model by 0.06-0.08 relative, 0.07-0.09 at most."""
+    for name, tensor in simulated.items():
+        torch.testing.assert_close(deployed[name], tensor, rtol=0, atol=1e-2)
+    flat = torch.cat([t.flatten() for t in simulated.values()])
+    gap = torch.cat([(deployed[name] - t).flatten() for name, t in simulated.items()])
+    assert float(gap.norm() / flat.norm()) < 2e-3
 
 
 def test_local_starts_an_arbiter_and_its_parties_with_fresh_certificates(tmp_path):

@@ -11,6 +11,7 @@ from fedfleet import __version__
 from fedfleet.cli.certs import add_certs_parser
 from fedfleet.cli.local import add_local_parser
 from fedfleet.cli.merge import add_merge_parser
+from fedfleet.cli.sites import add_sites_parser
 from fedfleet.cli.tokenize import add_tokenize_parser
 from fedfleet.errors import UserError
 
@@ -30,6 +31,10 @@ deployed (one arbiter and data-owner parties over gRPC with mutual TLS):
   fedfleet party examples/digits_grpc.yaml --role guest --party-id 9999   # terminal 2
   fedfleet party examples/digits_grpc.yaml --role host --party-id 10000   # terminal 3
   fedfleet local examples/digits_grpc.yaml       # all of the above in one command, for a quick try
+
+HPC facilities as parties (one batch job per site per round, no network on compute nodes):
+  fedfleet sites render job.yaml --site guest    # the SLURM script fedfleet writes for a site
+  fedfleet sites run job.yaml                    # submit, follow and fold every round (docs/hpc.md)
 """
 
 ARBITER_HELP = """\
@@ -109,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_local_parser(sub)
     add_merge_parser(sub)
     add_tokenize_parser(sub)
+    add_sites_parser(sub)
 
     lst = sub.add_parser("list", help="list registered strategies, models, datasets, partitioners, selectors")
     lst.add_argument("kind", nargs="?", help="only this kind (e.g. strategies)")

@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 from fedfleet.config.loader import Named
 from fedfleet.core.fit_config import FitConfig
+from fedfleet.hpc.sites.site import Site
 from fedfleet.privacy.config import PrivacyConfig
 from fedfleet.runtime.grpc.settings import SessionSettings
 from fedfleet.secagg.config import SecAggConfig
@@ -222,6 +223,9 @@ class JobConfig:
     secure_aggregation: SecAggConfig | None = None
     # (epsilon, delta) differential privacy: clipping, noise, an accountant (docs/differential-privacy.md)
     privacy: PrivacyConfig | None = None
+    # facilities as parties: each site's scheduler, reach and directives; `fedfleet sites run` submits one batch
+    # job per selected site per round over runtime.kind: files (docs/hpc.md)
+    sites: tuple[Site, ...] = ()
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
@@ -249,6 +253,26 @@ class JobConfig:
             )
         if self.privacy is not None:
             check_privacy(self)
+        if self.sites:
+            check_sites(self)
+
+
+def check_sites(job: JobConfig) -> None:
+    names = [site.name for site in job.sites]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"sites: {', '.join(twice)} listed twice (one entry per party)")
+    strangers = [n for n in names if n not in job.network.parties]
+    if strangers:
+        raise ValueError(
+            f"sites: {', '.join(strangers)} not in network.parties ({', '.join(job.network.parties) or 'empty'}): a "
+            "site runs one party of the session"
+        )
+    if job.runtime.kind != "files":
+        raise ValueError(
+            "sites run one batch job per site per round, exchanging through a folder: set runtime.kind: files and "
+            "runtime.exchange (compute nodes that dial out over gRPC run `fedfleet party` in a job of your own)"
+        )
 
 
 def check_privacy(job: JobConfig) -> None:

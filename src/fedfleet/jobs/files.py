@@ -9,6 +9,7 @@ its own dataset (``whole``), as in ``jobs/deploy.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from fedfleet.config.schema import JobConfig
 from fedfleet.core.loop import LoopConfig, RoundLoop
@@ -37,15 +38,16 @@ def _check(job: JobConfig) -> list[str]:
     return names
 
 
-def build_file_arbiter(job: JobConfig) -> FileArbiter:
-    """The round loop over a FileRuntime, with the job's seeded initial model and central evaluation."""
+def build_file_arbiter(job: JobConfig, runtime_class: type[FileRuntime] = FileRuntime, **extra: Any) -> FileArbiter:
+    """The round loop over a FileRuntime (or ``runtime_class``, given ``extra`` keywords: the sites' runtime),
+    with the job's seeded initial model and central evaluation."""
     names = _check(job)
     min_parties = job.network.min_parties or job.cohort
     if min_parties > job.cohort:
         raise ConfigError(f"network.min_parties {min_parties} is larger than the cohort {job.cohort}")
     parts = build_parts(job, clients=len(names))
     test = parts.test.to(parts.device) if len(parts.test.y) else None
-    runtime = FileRuntime(
+    runtime = runtime_class(
         job.runtime.exchange,
         session=job.network.session,
         parties=names,
@@ -55,6 +57,7 @@ def build_file_arbiter(job: JobConfig) -> FileArbiter:
         max_weight=job.network.max_weight,
         max_update_norm=job.network.max_update_norm,
         evaluator=(parts.trainer, test) if test is not None else None,
+        **extra,
     )
     loop = RoundLoop(
         build_strategy(job.strategy.name, **job.strategy.params),

@@ -102,7 +102,7 @@ class FileRuntime:
         if self.keep_last is not None:
             prune(self.exchange, self.keep_last, rnd)
         spec = global_params.spec
-        pending, accepted, refused = set(names), 0, 0
+        pending, accepted, refused, lost = set(names), 0, 0, 0
         deadline = time.monotonic() + self.round_timeout
         while pending:
             for name in sorted(pending):
@@ -134,11 +134,19 @@ class FileRuntime:
                 yield update
             if not pending or time.monotonic() >= deadline:
                 break
+            gone = self.gone(rnd, pending)
+            for name, why in gone.items():
+                pending.discard(name)
+                log.warning("round %d: no update will come from %s: %s", rnd, name, why)
+            lost += len(gone)
+            if gone and accepted + len(pending) < self.min_parties:
+                self.round_lost(rnd, gone)
             time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
         self._metrics = {
             "parties": float(len(names)),
             "timed_out": float(len(pending)),
             "rejected": float(refused),
+            **({"lost": float(lost)} if lost else {}),
         }
         if pending:
             log.warning(
@@ -151,6 +159,18 @@ class FileRuntime:
                 f"round {rnd}: {accepted} good update(s), fewer than min_parties={self.min_parties} (refused "
                 f"{refused}, timed out {len(pending)}{late}) in {self.exchange.round_dir(rnd)}"
             )
+
+    def gone(self, rnd: int, pending: set[str]) -> dict[str, str]:
+        """The pending parties whose update will not come this round, and why (a site's batch job that ended
+        without publishing one); checked between polls. A folder alone cannot tell: none by default."""
+        return {}
+
+    def round_lost(self, rnd: int, gone: dict[str, str]) -> None:
+        """Too few parties are left for ``min_parties``: by default the round is run again (the loop's retry)."""
+        raise RoundIncomplete(
+            f"round {rnd}: fewer than min_parties={self.min_parties} updates can come: "
+            + "; ".join(f"{name}: {why}" for name, why in gone.items())
+        )
 
     def evaluate(self, global_params: FlatParams) -> dict[str, float]:
         if self.evaluator is None:

@@ -1,0 +1,169 @@
+"""The file runtime with the sites' batch jobs: each round, one job per selected site, followed until it ends.
+
+``SiteRuntime`` is a ``FileRuntime``: the same publish, polling, verification and fold. After publishing a
+round's global model it writes each selected site's script (``script.py``) beside the run and submits it, unless
+the site already has a job queued or running for the round or has published its update (a round run again, a
+resumed run); between polls it reads each job's state, says on stderr when one changes, and counts a job that
+ended without publishing its update as lost, naming its id, state, exit code and log. When too few sites are left
+for ``min_parties`` the run stops (``SiteJobFailed``): a cancelled, failed or timed-out batch job is not resubmitted
+on its own, since that spends the site's allocation on what may fail again; the rounds done are checkpointed and
+``--resume`` goes on from them. ``cancel_active`` cancels what is still queued or running (Ctrl-C, a failure).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedfleet.errors import UserError
+from fedfleet.hpc.sites.script import RoundJob, default_python, log_name, log_path, render
+from fedfleet.hpc.sites.site import Site
+from fedfleet.hpc.sites.submit import SubmitError, Submitter, submitter_for
+from fedfleet.runtime.files.exchange import MANIFEST, Refused, read_manifest
+from fedfleet.runtime.files.runtime import FileRuntime
+
+log = logging.getLogger("fedfleet.sites")
+
+
+class SiteJobFailed(UserError):
+    """A site's batch job ended without its update and the round cannot go on without it."""
+
+
+@dataclass
+class SiteJob:
+    site: str
+    round: int
+    job_id: str
+    log: Path
+    submitted: float = field(default_factory=time.monotonic)
+    state: str = "SUBMITTED"
+    exit_code: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.exit_code is None
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class SiteRuntime(FileRuntime):
+    def __init__(
+        self,
+        exchange: Any,
+        *,
+        sites: Sequence[Site],
+        job_path: str | Path,
+        scripts: str | Path,
+        options: Sequence[str] = (),
+        workdir: str | Path | None = None,
+        resume_hint: str = "",
+        submitters: Mapping[str, Submitter] | None = None,
+        report: Callable[[str], None] = _stderr,
+        **file_runtime: Any,
+    ) -> None:
+        """``sites``: the facilities, by party name (parties without one are started by someone else).
+        ``job_path`` and ``options`` (``--set`` ...): what every job's party reads. ``scripts``: where the
+        scripts and logs go (``<run>/sites``). ``submitters``: by site name (default: the site's scheduler's)."""
+        super().__init__(exchange, **file_runtime)
+        unknown = [s.name for s in sites if s.name not in self.index]
+        if unknown:
+            raise UserError(f"sites {', '.join(unknown)} are not parties of the session ({', '.join(self.parties)})")
+        self.sites = {s.name: s for s in sites}
+        self.submitters = dict(submitters) if submitters is not None else {s.name: submitter_for(s) for s in sites}
+        self.job_path = str(Path(job_path).resolve())
+        self.options = list(options)
+        self.scripts = Path(scripts)
+        self.workdir = str(Path(workdir or os.getcwd()).resolve())
+        self.resume_hint = resume_hint
+        self.report = report
+        self.jobs: dict[str, SiteJob] = {}  # each site's latest job
+
+    # -- FileRuntime hooks --------------------------------------------------------------------------
+    def publish_global(self, rnd: int, params: Any, tasks: dict[str, dict]) -> str:
+        digest = super().publish_global(rnd, params, tasks)
+        for name in tasks:
+            if name in self.sites and not self._in_hand(name, rnd, digest):
+                self._submit(self.sites[name], rnd)
+        return digest
+
+    def gone(self, rnd: int, pending: set[str]) -> dict[str, str]:
+        lost = {}
+        for name in sorted(pending):
+            job = self.jobs.get(name)
+            if job is None or job.round != rnd or not job.active:
+                continue
+            self._follow(job)
+            if job.active or (self.exchange.update_dir(rnd, name) / MANIFEST).exists():
+                continue  # a finished job's manifest is read at the next poll
+            lost[name] = (
+                f"job {job.job_id} on site {name} ended {job.state} (exit code {job.exit_code}) without publishing "
+                f"its update; its log: {job.log}"
+            )
+        return lost
+
+    def round_lost(self, rnd: int, gone: dict[str, str]) -> None:
+        how = f"; fix the site and continue with: {self.resume_hint} --resume" if self.resume_hint else ""
+        saved = {1: "no round is saved yet", 2: "round 1 is saved"}.get(rnd, f"rounds 1-{rnd - 1} are saved")
+        raise SiteJobFailed(
+            f"round {rnd} cannot reach min_parties={self.min_parties}: {'; '.join(gone.values())}. The run stopped "
+            f"({saved}){how}"
+        )
+
+    # -- jobs ---------------------------------------------------------------------------------------
+    def cancel_active(self) -> list[str]:
+        """Cancel every job this runtime submitted that is still queued or running; their ids."""
+        cancelled = []
+        for job in self.jobs.values():
+            if not job.active:
+                continue
+            try:
+                self._follow(job)
+                if job.active:
+                    self.submitters[job.site].cancel(job.job_id)
+                    cancelled.append(job.job_id)
+                    self.report(f"site {job.site}: cancelled job {job.job_id} (round {job.round})")
+            except SubmitError as exc:
+                self.report(f"site {job.site}: could not cancel job {job.job_id}: {exc}")
+        return cancelled
+
+    def _in_hand(self, name: str, rnd: int, digest: str) -> bool:
+        """The site has this round's update already, or a job still working on it."""
+        try:
+            done = read_manifest(self.exchange.update_dir(rnd, name) / MANIFEST)
+        except Refused:
+            done = None
+        if done is not None and done.get("global_manifest_sha256") == digest:
+            return True
+        job = self.jobs.get(name)
+        if job is not None and job.round == rnd and job.active:
+            self._follow(job)
+            return job.active
+        return False
+
+    def _submit(self, site: Site, rnd: int) -> None:
+        folder = (self.scripts / site.name).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        job = RoundJob(self.job_path, rnd, self.options)
+        workdir = site.workdir or self.workdir
+        text = render(site, job, log=str(folder / log_name(site, rnd)), workdir=workdir, python=default_python(site))
+        script = folder / f"round-{rnd:04d}.sh"
+        script.write_text(text)
+        job_id = self.submitters[site.name].submit(script)
+        self.jobs[site.name] = SiteJob(site.name, rnd, job_id, log_path(site, folder, rnd, job_id))
+        self.report(f"round {rnd}: site {site.name}: submitted job {job_id} ({script})")
+
+    def _follow(self, job: SiteJob) -> None:
+        now = self.submitters[job.site].state(job.job_id)
+        if now.state != job.state:
+            took = time.monotonic() - job.submitted
+            self.report(f"round {job.round}: site {job.site}: job {job.job_id} {now.state} ({took:.1f} s after submit)")
+        job.state = now.state
+        job.exit_code = None if now.active else now.exit_code if now.exit_code is not None else -1

@@ -146,12 +146,22 @@ def test_the_job_file_refuses_sites_that_are_not_parties_or_without_the_file_exc
         load_job(path)
 
 
-def test_only_local_slurm_sites_are_submitted_to_and_the_others_are_told_why():
+def test_only_slurm_sites_are_submitted_to_and_the_others_are_told_why():
     assert isinstance(submitter_for(Site("alpha")), SlurmSubmitter)
-    with pytest.raises(ConfigError, match="SSH is not built yet"):
-        submitter_for(Site("alpha", reach="ssh:me@login.example.org"))
     with pytest.raises(ConfigError, match="submits only to slurm"):
         submitter_for(Site("alpha", scheduler="pbs"))
+
+
+def test_a_site_over_ssh_needs_its_remote_folder_and_local_sites_take_no_ssh_keys():
+    with pytest.raises(ValueError, match="remote_dir: a site reached over SSH needs the absolute path"):
+        Site("alpha", reach="ssh:me@login.example.org")
+    with pytest.raises(ValueError, match="remote_dir: a site reached over SSH needs the absolute path"):
+        Site("alpha", reach="ssh:me@login.example.org", remote_dir="~/fed")  # quoted: ~ would not expand
+    with pytest.raises(ValueError, match="ssh_key applies to reach: ssh:user@host only"):
+        Site("alpha", ssh_key="~/.ssh/id_ed25519")
+    site = Site("alpha", reach="ssh:me@login.example.org:2222", remote_dir="/scratch/me/fed",
+                ssh_options=("ProxyJump=gateway",))  # fmt: skip
+    assert site.remote_dir == "/scratch/me/fed"
 
 
 def test_the_submit_commands_drop_an_enclosing_jobs_slurm_variables_and_take_the_sites():

@@ -51,11 +51,8 @@ def run_loop_in_folder(
         history = loop.run()
     except KeyboardInterrupt:
         run.write_status("interrupted", round=loop.round)
-        print(
-            f"\ninterrupted: {loop.unit}s 1-{loop.round} are saved in {run.path}; "
-            f"continue with: {resume_command} --resume",
-            file=sys.stderr,
-        )
+        saved = f"{loop.unit}s 1-{loop.round} are saved" if loop.round else f"no {loop.unit} was complete yet"
+        print(f"\ninterrupted: {saved} in {run.path}; continue with: {resume_command} --resume", file=sys.stderr)
         return 130
     except UserError as exc:
         run.write_status("failed", round=loop.round, error=str(exc))

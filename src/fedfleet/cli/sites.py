@@ -21,8 +21,9 @@ without its update stops the run with its id, state and log; Ctrl-C cancels the 
   fedfleet sites run job.yaml                              # the whole run, from a login node or a laptop
   fedfleet sites run job.yaml --resume                     # after a failed or cancelled round
 
-SLURM sites are submitted to (reach: local: sbatch on this machine, with the site's scheduler_env, e.g.
-SLURM_CONF); PBS and Flux scripts are rendered for you to submit; reach: ssh is not built yet (docs/hpc.md).
+SLURM sites are submitted to: reach: local runs sbatch on this machine (with the site's scheduler_env, e.g.
+SLURM_CONF); reach: ssh:user@login runs it on the site's login node and copies the rounds to and from its
+remote_dir with rsync. PBS and Flux scripts are rendered for you to submit (docs/hpc.md).
 """
 
 
@@ -123,3 +124,4 @@ def _run(job: Any, args: argparse.Namespace) -> int:
         )
     finally:
         runtime.cancel_active()  # Ctrl-C, a failure: nothing fedfleet submitted is left queued or running
+        runtime.close()

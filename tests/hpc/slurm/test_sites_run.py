@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -49,11 +50,14 @@ sites:
   - name: site-a
     partition: {part_a}
     time: "00:10:00"
+    poll_s: 0.5
+    setup: {setup_a}
     env: {{OMP_NUM_THREADS: "1"}}
     scheduler_env: {{SLURM_CONF: {conf_a}}}
   - name: site-b
     partition: {part_b}
     time: "00:10:00"
+    poll_s: 0.5
     env: {{OMP_NUM_THREADS: "1"}}
     scheduler_env: {{SLURM_CONF: {conf_b}}}
     template: {template}
@@ -71,12 +75,13 @@ if [ @{round} = 2 ] && [ ! -e stalled-once ]; then touch stalled-once; sleep 120
 """
 
 
-def write_job(tmp: Path, clusters: tuple[SlurmCluster, SlurmCluster]) -> Path:
+def write_job(tmp: Path, clusters: tuple[SlurmCluster, SlurmCluster], setup_a: str = "[]") -> Path:
     (tmp / "site-b.sh.in").write_text(TEMPLATE)
     a, b = clusters
     path = tmp / "job.yaml"
     path.write_text(JOB.format(runs=tmp / "runs", exchange=tmp / "exchange", part_a=a.partition, conf_a=a.conf,
-                               part_b=b.partition, conf_b=b.conf, template=tmp / "site-b.sh.in"))  # fmt: skip
+                               part_b=b.partition, conf_b=b.conf, template=tmp / "site-b.sh.in",
+                               setup_a=setup_a))  # fmt: skip
     return path
 
 
@@ -171,3 +176,65 @@ def weighted_mean_of_round(exchange: Path, rnd: int) -> dict[str, torch.Tensor]:
             total[k] += float(manifest["weight"]) * delta[k].double()
         weights += float(manifest["weight"])
     return {k: start[k] + total[k] / weights for k in start}
+
+
+def test_ctrl_c_cancels_the_jobs_it_submitted_and_says_how_to_resume(
+    two_slurm_clusters: tuple[SlurmCluster, SlurmCluster], tmp_path: Path
+) -> None:
+    a, b = two_slurm_clusters
+    job = write_job(tmp_path, two_slurm_clusters, setup_a='["sleep 120"]')  # site-a's job never finishes here
+    run = sites_run(job)
+    lines = Lines(run)
+    slow = lines.wait_for(r"round 1: site site-a: job (\d+) RUNNING", timeout=120).group(1)
+    lines.wait_for(r"round 1: site site-b: job \d+ COMPLETED|round 1: site site-b: job \d+ RUNNING", timeout=120)
+    run.send_signal(signal.SIGINT)
+    run.wait(60)
+    err = lines.text()
+    assert run.returncode == 130, err
+    assert f"site site-a: cancelled job {slow} (round 1)" in err and "--resume" in err, err
+    assert a.wait(slow, timeout=30)[0] == "CANCELLED"
+    for cluster in (a, b):
+        assert cluster.command("squeue", "-h", "-o", "%i %T").stdout.strip() == ""
+
+
+SSH_SITE = """\
+  - name: site-b
+    reach: {reach}
+    remote_dir: {remote}
+    ssh_key: {key}
+    ssh_options: {options}
+    python: {python}
+    partition: {part_b}
+    time: "00:10:00"
+    poll_s: 0.5
+    env: {{OMP_NUM_THREADS: "1"}}
+    scheduler_env: {{SLURM_CONF: {conf_b}}}
+"""
+
+
+def test_a_site_reached_over_ssh_gets_the_rounds_copied_there_and_its_updates_back(
+    two_slurm_clusters: tuple[SlurmCluster, SlurmCluster], ssh_server, tmp_path: Path
+) -> None:
+    b = two_slurm_clusters[1]
+    job = write_job(tmp_path, two_slurm_clusters)
+    text = job.read_text()
+    remote = tmp_path / "site-b-home"  # "on the site": only ssh and rsync reach it
+    ssh_site = SSH_SITE.format(reach=ssh_server.reach, remote=remote, key=ssh_server.key,
+                               options=json.dumps(ssh_server.options), python=sys.executable, part_b=b.partition,
+                               conf_b=b.conf)  # fmt: skip
+    job.write_text(text[: text.index("  - name: site-b")] + ssh_site)
+    run = sites_run(job)
+    _, err = run.communicate(timeout=240)
+    assert run.returncode == 0, err
+    assert re.search(r"round 2: site site-b: submitted job \d+ on 127.0.0.1", err), err
+    assert (remote / "job.yaml").read_text() == job.read_text()
+    assert (remote / "exchange" / "round-0002" / "global" / "manifest.json").exists()  # pushed there
+    assert (tmp_path / "exchange" / "round-0002" / "updates" / "site-b" / "manifest.json").exists()  # pulled back
+    assert list((remote / "sites" / "site-b").glob("round-0002-*.out"))  # the logs stay on the site
+    final = load_file(str(tmp_path / "runs" / "two-sites" / "model.safetensors"))
+    for name, expected in weighted_mean_of_round(tmp_path / "exchange", 2).items():
+        torch.testing.assert_close(final[name].double(), expected, rtol=0, atol=1e-6)
+    sim = Simulation.from_config(load_job(job, ["runtime.kind=simulation", "runtime.exchange=null", "sites=[]"]))
+    sim.run()
+    for name, tensor in sim.loop.global_params.tensors().items():
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-5)

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from fedfleet.errors import UserError
+from fedfleet.hpc.sites.remote import RemoteSite
 from fedfleet.hpc.sites.script import RoundJob, default_python, log_name, log_path, render
 from fedfleet.hpc.sites.site import Site
+from fedfleet.hpc.sites.ssh import SshTarget
 from fedfleet.hpc.sites.submit import SubmitError, Submitter, submitter_for
 from fedfleet.runtime.files.exchange import MANIFEST, Refused, read_manifest
 from fedfleet.runtime.files.runtime import FileRuntime
@@ -44,6 +46,7 @@ class SiteJob:
     submitted: float = field(default_factory=time.monotonic)
     state: str = "SUBMITTED"
     exit_code: int | None = None
+    asked: float = 0.0  # when the scheduler was last asked (time.monotonic)
 
     @property
     def active(self) -> bool:
@@ -77,7 +80,12 @@ class SiteRuntime(FileRuntime):
         if unknown:
             raise UserError(f"sites {', '.join(unknown)} are not parties of the session ({', '.join(self.parties)})")
         self.sites = {s.name: s for s in sites}
-        self.submitters = dict(submitters) if submitters is not None else {s.name: submitter_for(s) for s in sites}
+        self.remote = {s.name: RemoteSite(s, SshTarget.of(s), self.exchange) for s in sites if s.reach != "local"}
+        self.submitters = dict(submitters or {})
+        for site in sites:
+            if site.name not in self.submitters:
+                remote = self.remote.get(site.name)
+                self.submitters[site.name] = submitter_for(site, remote.target if remote else None)
         self.job_path = str(Path(job_path).resolve())
         self.options = list(options)
         self.scripts = Path(scripts)
@@ -90,9 +98,17 @@ class SiteRuntime(FileRuntime):
     def publish_global(self, rnd: int, params: Any, tasks: dict[str, dict]) -> str:
         digest = super().publish_global(rnd, params, tasks)
         for name in tasks:
+            if name in self.remote:
+                self.remote[name].send_job(self.job_path)
+                self.remote[name].push_global(rnd)
             if name in self.sites and not self._in_hand(name, rnd, digest):
                 self._submit(self.sites[name], rnd)
         return digest
+
+    def fetch(self, rnd: int, pending: set[str]) -> None:
+        for name in sorted(pending):
+            if name in self.remote:
+                self.remote[name].pull_update(rnd, at_most_every=self.sites[name].poll_s)
 
     def gone(self, rnd: int, pending: set[str]) -> dict[str, str]:
         lost = {}
@@ -100,7 +116,9 @@ class SiteRuntime(FileRuntime):
             job = self.jobs.get(name)
             if job is None or job.round != rnd or not job.active:
                 continue
-            self._follow(job)
+            self._follow(job, at_most_every=self.sites[name].poll_s)
+            if not job.active and name in self.remote:  # it may have published since the last pull
+                self.remote[name].pull_update(rnd)
             if job.active or (self.exchange.update_dir(rnd, name) / MANIFEST).exists():
                 continue  # a finished job's manifest is read at the next poll
             lost[name] = (
@@ -151,16 +169,29 @@ class SiteRuntime(FileRuntime):
     def _submit(self, site: Site, rnd: int) -> None:
         folder = (self.scripts / site.name).resolve()
         folder.mkdir(parents=True, exist_ok=True)
-        job = RoundJob(self.job_path, rnd, self.options)
-        workdir = site.workdir or self.workdir
-        text = render(site, job, log=str(folder / log_name(site, rnd)), workdir=workdir, python=default_python(site))
+        remote = self.remote.get(site.name)
+        if remote is None:
+            job, logs, workdir = RoundJob(self.job_path, rnd, self.options), folder, site.workdir or self.workdir
+        else:  # the site's own copies: its job file, exchange and log folder
+            job = RoundJob(remote.job_path, rnd, [*self.options, *remote.options()])
+            logs, workdir = remote.logs, site.workdir or remote.root
+        text = render(site, job, log=str(logs / log_name(site, rnd)), workdir=workdir, python=default_python(site))
         script = folder / f"round-{rnd:04d}.sh"
         script.write_text(text)
         job_id = self.submitters[site.name].submit(script)
-        self.jobs[site.name] = SiteJob(site.name, rnd, job_id, log_path(site, folder, rnd, job_id))
-        self.report(f"round {rnd}: site {site.name}: submitted job {job_id} ({script})")
+        self.jobs[site.name] = SiteJob(site.name, rnd, job_id, log_path(site, logs, rnd, job_id))
+        where = f" on {remote.target.host}" if remote else ""
+        self.report(f"round {rnd}: site {site.name}: submitted job {job_id}{where} ({script})")
 
-    def _follow(self, job: SiteJob) -> None:
+    def close(self) -> None:
+        """End the kept SSH connections."""
+        for remote in self.remote.values():
+            remote.target.close()
+
+    def _follow(self, job: SiteJob, at_most_every: float = 0.0) -> None:
+        if time.monotonic() - job.asked < at_most_every:
+            return
+        job.asked = time.monotonic()
         now = self.submitters[job.site].state(job.job_id)
         if now.state != job.state:
             took = time.monotonic() - job.submitted

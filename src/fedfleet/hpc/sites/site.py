@@ -30,7 +30,10 @@ class Site:
     ``scheduler_env``: the environment of the submit commands on this machine (``SLURM_CONF`` of a second cluster).
     ``workdir``: where the job runs (default: the folder ``fedfleet sites run`` runs in), ``python``: the
     interpreter there (default: this one for a local site, ``python3`` over SSH), ``launcher``: replaces the
-    scheduler's own, ``template``: a script template of the site's own (``docs/hpc.md``)."""
+    scheduler's own, ``template``: a script template of the site's own (``docs/hpc.md``), ``poll_s``: how often
+    the job's state is asked for (an update is picked up as soon as it is published, whatever this is).
+    Over SSH, ``remote_dir`` is the site's folder (the job file, its copy of the exchange, the logs; the jobs'
+    default working folder), ``ssh_key`` and ``ssh_options`` go to every ssh and rsync (``ssh.py``)."""
 
     name: str
     scheduler: Literal["slurm", "pbs", "flux"] = "slurm"
@@ -52,6 +55,11 @@ class Site:
     python: str | None = None
     launcher: str | None = None
     template: str | None = None
+    poll_s: float = 10.0  # seconds between squeue calls for a job of this site (sites throttle busy pollers)
+    # reach: ssh only
+    remote_dir: str | None = None  # the site's folder for the job file, its copy of the exchange, logs, the jobs' cwd
+    ssh_key: str | None = None  # the identity file (default: ssh's own choice, e.g. an agent)
+    ssh_options: tuple[str, ...] = ()  # more ssh -o options: UserKnownHostsFile=..., ProxyJump=...
 
     def __post_init__(self) -> None:
         where = f"sites[{self.name}]"
@@ -68,6 +76,15 @@ class Site:
                 raise ValueError(f"{where}.{key} must be at least 1, got {getattr(self, key)}")
         if self.gpus_per_node < 0 or (self.cpus_per_task is not None and self.cpus_per_task < 1):
             raise ValueError(f"{where}: gpus_per_node must be >= 0 and cpus_per_task >= 1")
+        remote_only = [k for k in ("remote_dir", "ssh_key") if getattr(self, k) is not None]
+        if self.ssh_options:
+            remote_only.append("ssh_options")
+        if self.reach == "local" and remote_only:
+            raise ValueError(f"{where}.{remote_only[0]} applies to reach: ssh:user@host only")
+        if self.reach != "local" and not (self.remote_dir or "").startswith("/"):
+            raise ValueError(f"{where}.remote_dir: a site reached over SSH needs the absolute path of its folder there")
+        if not 0.1 <= self.poll_s <= 3600:
+            raise ValueError(f"{where}.poll_s must be between 0.1 and 3600 seconds, got {self.poll_s}")
         if not _TIME.match(self.time):
             raise ValueError(f"{where}.time must be [D-]HH:MM:SS (e.g. 02:00:00 or 1-12:00:00), got {self.time!r}")
         for table in ("env", "scheduler_env"):
@@ -76,8 +93,8 @@ class Site:
                     raise ValueError(f"{where}.{table}: {key!r} is not an environment variable name")
                 if not isinstance(value, str | int | float) or isinstance(value, bool):
                     raise ValueError(f"{where}.{table}.{key} must be a string or a number, got {value!r}")
-        lines = {"directives": self.directives, "setup": self.setup}
-        single = {k: getattr(self, k) for k in ("workdir", "python", "launcher", "template")}
+        lines = {"directives": self.directives, "setup": self.setup, "ssh_options": self.ssh_options}
+        single = {k: getattr(self, k) for k in ("workdir", "python", "launcher", "template", "remote_dir", "ssh_key")}
         values = [*(v for vs in lines.values() for v in vs), *(v for v in single.values() if v is not None)]
         values += [str(v) for table in (self.env, self.scheduler_env) for v in table.values()]
         for value in values:

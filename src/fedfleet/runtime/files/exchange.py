@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -38,6 +39,19 @@ PARAMS = "params.safetensors"
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest lists a few files and metrics; anything bigger is not one of ours
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")  # file and party names: no paths, no hidden files
 _ROUND = re.compile(r"^round-(\d{4,})$")
+
+
+FIRST_POLL_S = 0.02  # a folder is looked at again after this, then 1.5 times later each time, up to poll_s
+
+
+def poll_delays(cap: float) -> Iterator[float]:
+    """The waits between looks at the folder: quick at first, so a round of a small model is not paced by the
+    poll interval (a fixed 1 s made every round take 1 s: benchmarks/sites_round_overhead.py), then backing off
+    to ``cap``, so a long wait (a batch queue) does not hammer a shared file system's metadata server."""
+    delay = min(FIRST_POLL_S, cap)
+    while True:
+        yield delay
+        delay = min(delay * 1.5, cap)
 
 
 class Refused(Exception):

@@ -16,7 +16,16 @@ from typing import Any
 
 from fedfleet.core.fit_config import FitConfig
 from fedfleet.errors import UserError
-from fedfleet.runtime.files.exchange import MANIFEST, Exchange, Published, Refused, publish, read_manifest, verify
+from fedfleet.runtime.files.exchange import (
+    MANIFEST,
+    Exchange,
+    Published,
+    Refused,
+    poll_delays,
+    publish,
+    read_manifest,
+    verify,
+)
 from fedfleet.runtime.files.runtime import ARBITER
 
 log = logging.getLogger("fedfleet.party")
@@ -86,6 +95,7 @@ def wait_for_global(
     expect = {"session": session, "party": ARBITER, "round": rnd, "kind": "global"}
     deadline = time.monotonic() + timeout
     last = f"no manifest at {path}"
+    delays = poll_delays(poll_s)
     while True:
         try:
             found = verify(path, expect, spec)
@@ -95,7 +105,7 @@ def wait_for_global(
             last = str(exc)
         if time.monotonic() >= deadline:
             raise GlobalMissingError(f"round {rnd}'s global model did not verify within {timeout:g} s: {last}")
-        time.sleep(poll_s)
+        time.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
 
 
 class FileParty:

@@ -30,6 +30,7 @@ from fedfleet.runtime.files.exchange import (
     file_sum,
     finite_weight,
     metrics_of,
+    poll_delays,
     prune,
     publish,
     read_manifest,
@@ -104,7 +105,9 @@ class FileRuntime:
         spec = global_params.spec
         pending, accepted, refused, lost = set(names), 0, 0, 0
         deadline = time.monotonic() + self.round_timeout
+        delays = poll_delays(self.poll_s)
         while pending:
+            self.fetch(rnd, pending)
             for name in sorted(pending):
                 path = self.exchange.update_dir(rnd, name) / MANIFEST
                 expect = {"session": self.session, "party": name, "round": rnd, "kind": "update"}
@@ -141,7 +144,7 @@ class FileRuntime:
             lost += len(gone)
             if gone and accepted + len(pending) < self.min_parties:
                 self.round_lost(rnd, gone)
-            time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
         self._metrics = {
             "parties": float(len(names)),
             "timed_out": float(len(pending)),
@@ -159,6 +162,10 @@ class FileRuntime:
                 f"round {rnd}: {accepted} good update(s), fewer than min_parties={self.min_parties} (refused "
                 f"{refused}, timed out {len(pending)}{late}) in {self.exchange.round_dir(rnd)}"
             )
+
+    def fetch(self, rnd: int, pending: set[str]) -> None:
+        """Before each look at the folder: bring in what pending parties published elsewhere (a site's copy of
+        the exchange, over SSH). Nothing by default: the folder is shared."""
 
     def gone(self, rnd: int, pending: set[str]) -> dict[str, str]:
         """The pending parties whose update will not come this round, and why (a site's batch job that ended

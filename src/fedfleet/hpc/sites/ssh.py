@@ -1,0 +1,134 @@
+"""Reaching a site over SSH: its scheduler's commands run on its login node, the exchange folder is copied both ways.
+
+One OpenSSH connection per site is kept open (``ControlMaster``/``ControlPersist``) and every command and copy goes
+through it; ``BatchMode`` means no prompt ever waits for a password. Files move with rsync over that connection:
+a round's global model to the site's ``remote_dir/exchange``, and the site's update back. Both sides look only for
+manifests, so a copy sends the data files first and the manifest last, and an update pulled from the site lands in
+a staging folder first, then its data files, then its manifest, go into place: a manifest never arrives before the
+files it lists (the reader would refuse them). The files are checked by their SHA-256 when read, as always.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedfleet.errors import UserError
+from fedfleet.hpc.sites.site import Site
+
+_REACH = re.compile(r"^ssh:(?P<user>[^@]+)@(?P<host>[^:]+)(?::(?P<port>\d+))?$")
+TIMEOUT_S = 300.0
+MANIFEST = "manifest.json"
+
+
+class RemoteError(UserError):
+    """A command or a copy over SSH failed; the message holds the site, what was run and what it printed."""
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    site: str
+    user: str
+    host: str
+    port: int | None
+    key: str | None
+    options: tuple[str, ...]
+    control_dir: str
+
+    @classmethod
+    def of(cls, site: Site) -> SshTarget:
+        found = _REACH.match(site.reach)
+        if found is None:
+            raise UserError(f"sites[{site.name}].reach {site.reach!r} is not ssh:user@host[:port]")
+        port = found.group("port")
+        # the control socket's path must be short (sun_path: 108 bytes): a folder of its own under /tmp
+        control = tempfile.mkdtemp(prefix="fedfleet-ssh-")
+        return cls(site.name, found.group("user"), found.group("host"), int(port) if port else None,
+                   site.ssh_key, tuple(site.ssh_options), control)  # fmt: skip
+
+    def ssh_options(self) -> list[str]:
+        argv = ["-o", "BatchMode=yes", "-o", "ControlMaster=auto", "-o", f"ControlPath={self.control_dir}/%C",
+                "-o", "ControlPersist=120", "-o", "ConnectTimeout=30"]  # fmt: skip
+        if self.port is not None:
+            argv += ["-p", str(self.port)]
+        if self.key is not None:
+            argv += ["-i", os.path.expanduser(self.key)]
+        for option in self.options:
+            argv += ["-o", option]
+        return argv
+
+    @property
+    def login(self) -> str:
+        return f"{self.user}@{self.host}"
+
+    def run(self, command: Sequence[str], *, stdin: str | None = None, check: bool = True, env: dict | None = None,
+            cwd: str | None = None) -> str:  # fmt: skip
+        """``command`` (an argv) run on the site, in ``cwd``, with ``env`` set; its stdout."""
+        line = shlex.join(command)
+        if env:
+            line = shlex.join(["env", *(f"{k}={v}" for k, v in env.items())]) + " " + line
+        if cwd is not None:
+            line = f"mkdir -p {shlex.quote(cwd)} && cd {shlex.quote(cwd)} && {line}"
+        done = self._call(["ssh", *self.ssh_options(), self.login, line], stdin=stdin, what=command[0])
+        if check and done.returncode != 0:
+            why = (done.stderr or done.stdout).strip()[-2000:]
+            raise RemoteError(
+                f"site {self.site}: {' '.join(command[:2])} on {self.host} failed ({done.returncode}): {why}"
+            )
+        return done.stdout
+
+    def push(self, local: Path, remote: str) -> None:
+        """The files of folder ``local`` into folder ``remote`` on the site: data files first, manifest last."""
+        self.run(["mkdir", "-p", remote])
+        self._rsync(["--exclude", MANIFEST, f"{local}/", f"{self.login}:{remote}/"])
+        if (local / MANIFEST).exists():
+            self._rsync([str(local / MANIFEST), f"{self.login}:{remote}/{MANIFEST}"])
+
+    def push_file(self, local: Path, remote: str) -> None:
+        self._rsync([str(local), f"{self.login}:{remote}"])
+
+    def pull_published(self, remote: str, staging: Path, target: Path) -> bool:
+        """Folder ``remote`` of the site into ``target``, once it holds a manifest: copied to ``staging``, then
+        the data files and last the manifest moved into ``target``. False while the site has no manifest there."""
+        listing = self.run(["ls", "-1", remote], check=False)
+        if MANIFEST not in listing.split():
+            return False
+        staging.mkdir(parents=True, exist_ok=True)
+        self._rsync([f"{self.login}:{remote}/", f"{staging}/"])
+        if not (staging / MANIFEST).exists():
+            return False
+        target.mkdir(parents=True, exist_ok=True)
+        for path in sorted(staging.iterdir()):
+            if path.name != MANIFEST and path.is_file():
+                os.replace(path, target / path.name)
+        os.replace(staging / MANIFEST, target / MANIFEST)
+        return True
+
+    def close(self) -> None:
+        """End the kept connection (it would end by itself ``ControlPersist`` seconds after the last use)."""
+        self._call(["ssh", *self.ssh_options(), "-O", "exit", self.login], stdin=None, what="ssh -O exit")
+        shutil.rmtree(self.control_dir, ignore_errors=True)  # the socket's folder, made by ``of``
+
+    def _rsync(self, args: list[str]) -> None:
+        shell = shlex.join(["ssh", *self.ssh_options()])
+        # -rt: files and folders with their times; no symlinks, devices, owners or modes (a site's folder could
+        # hold a link to a file of this machine: rsync skips it instead of copying it as a link)
+        done = self._call(["rsync", "-rt", "-e", shell, *args], stdin=None, what="rsync")
+        if done.returncode != 0:
+            why = (done.stderr or done.stdout).strip()[-2000:]
+            raise RemoteError(f"site {self.site}: rsync {' '.join(args[-2:])} failed ({done.returncode}): {why}")
+
+    def _call(self, argv: list[str], *, stdin: str | None, what: str) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+        except FileNotFoundError:
+            raise RemoteError(f"site {self.site}: {argv[0]} not found: install OpenSSH's client and rsync") from None
+        except subprocess.TimeoutExpired:
+            raise RemoteError(f"site {self.site}: {what} on {self.host} did not answer in {TIMEOUT_S:g} s") from None

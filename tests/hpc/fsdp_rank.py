@@ -23,6 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedfleet.hpc.fsdp import FSDPConfig
 from fedfleet.hpc.fsdp_party import FSDPParty
+from fedfleet.runtime.files import FileContext
 from fedfleet.sync import FedArguments, create_context
 
 PARTIES = [("guest", "9999"), ("host", "10000"), ("arbiter", "10000")]
@@ -97,7 +98,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--role", required=True)
     p.add_argument("--party-id", required=True)
-    p.add_argument("--address", required=True)
+    p.add_argument("--address", help="the arbiter's host:port (gRPC)")
+    p.add_argument("--exchange", help="sync through this folder instead (the file runtime): no network at all")
     p.add_argument("--out", required=True)
     p.add_argument("--strategy", default="FULL_SHARD")
     p.add_argument("--shard-size", type=int, default=None)
@@ -110,8 +112,11 @@ def main() -> None:
     p.add_argument("--model-seed", type=int, default=0)
     p.add_argument("--freeze-embeddings", action="store_true", help="exchange all but the token embeddings")
     a = p.parse_args()
-    ctx = create_context((a.role, a.party_id), PARTIES, "s-fsdp", a.address, insecure=True)
-    ctx = dataclasses.replace(ctx, connect_attempts=20, reconnect_max_s=1.0)  # a dead arbiter fails the test fast
+    if a.exchange:
+        ctx = FileContext(a.exchange, f"{a.role}-{a.party_id}", "s-fsdp", timeout=120, poll_s=0.2)
+    else:
+        ctx = create_context((a.role, a.party_id), PARTIES, "s-fsdp", a.address, insecure=True)
+        ctx = dataclasses.replace(ctx, connect_attempts=20, reconnect_max_s=1.0)  # a dead arbiter fails fast
     model = tiny_llama(a.model_seed)
     if a.freeze_embeddings:
         model.model.embed_tokens.weight.requires_grad_(False)

@@ -18,7 +18,7 @@ def files_arbiter(job: JobConfig, job_path: str, *, resume: bool, overwrite: boo
         file=sys.stderr,
         flush=True,
     )
-    return run_loop_in_folder(
+    code = run_loop_in_folder(
         arbiter.loop,
         job,
         resume_command=f"fedfleet arbiter {job_path}",
@@ -27,6 +27,9 @@ def files_arbiter(job: JobConfig, job_path: str, *, resume: bool, overwrite: boo
         quiet=quiet,
         checkpoint_every=1,  # a round on a batch site is costly: a crash loses at most one
     )
+    if code == 0:  # parties that sync at their own points (FileContext) end on the final params
+        arbiter.runtime.publish_final(arbiter.loop.global_params)
+    return code
 
 
 def files_party(job: JobConfig, name: str, rnd: int | None = None) -> int:

@@ -17,8 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedfleet.core.fit_config import FitConfig
+from fedfleet.core.loop import LoopConfig, RoundLoop
+from fedfleet.core.params import FlatParams, select_params
+from fedfleet.runtime.files import FileRuntime
+from fedfleet.select import build_selector
+from fedfleet.strategy import build_strategy
 from fedfleet.sync.arbiter import SyncArbiter, SyncSessionConfig
 from tests.grpc_jobs import free_port
+from tests.hpc.fsdp_rank import tiny_llama
 from tests.hpc.test_fsdp_processes import TORCHRUN_VARS, check
 from tests.paths import ROOT
 from tests.slurm_cluster import SlurmCluster
@@ -26,9 +33,10 @@ from tests.slurm_cluster import SlurmCluster
 pytestmark = pytest.mark.slow
 
 
-def batch_script(path: Path, role: str, pid: str, address: str, out: Path, *args: str) -> Path:
-    rank_argv = " ".join([sys.executable, "-m", "tests.hpc.fsdp_rank", "--role", role, "--party-id", pid,
-                          "--address", address, "--out", str(out), *args])  # fmt: skip
+def batch_script(path: Path, role: str, pid: str, link: list[str], out: Path, *args: str) -> Path:
+    """``link``: how the party reaches the others (``--address host:port`` or ``--exchange folder``)."""
+    rank_argv = " ".join([sys.executable, "-m", "tests.hpc.fsdp_rank", "--role", role, "--party-id", pid, *link,
+                          "--out", str(out), *args])  # fmt: skip
     path.write_text(
         "#!/bin/bash\n"
         "set -euo pipefail\n"
@@ -64,7 +72,7 @@ def test_two_facilities_of_two_srun_ranks_each_hold_the_weighted_mean_after_ever
     sites = {"guest-9999": (facility_a, guest), "host-10000": (facility_b, host)}
     jobs = {}
     for name, (cluster, (role, pid, *args)) in sites.items():
-        script = batch_script(tmp_path / f"{name}.sh", role, pid, address, out, *args)
+        script = batch_script(tmp_path / f"{name}.sh", role, pid, ["--address", address], out, *args)
         options = ["--ntasks=2", f"--output={tmp_path / name}-%j.out", "--time=00:10:00"]
         jobs[name] = (cluster, cluster.sbatch(script, options=options, cwd=ROOT))
     try:
@@ -82,3 +90,56 @@ def test_two_facilities_of_two_srun_ranks_each_hold_the_weighted_mean_after_ever
     assert len(records) == 2  # 2 epochs, a sync at the end of each
     logs = {name: [torch.load(out / f"{name}-rank{r}.pt") for r in range(2)] for name in sites}
     check(logs, {"guest-9999": 32.0, "host-10000": 24.0})
+
+
+def test_two_srun_facilities_sync_through_a_folder_and_hold_the_weighted_mean_after_every_sync(
+    two_slurm_clusters: tuple[SlurmCluster, SlurmCluster], tmp_path: Path
+) -> None:
+    """The same two facilities with no network at all: each FSDP party's syncs are rounds of a FileRuntime
+    (FileContext), whose round loop runs in this test from tiny_llama(0)'s params; its last sync loads the
+    session's final params, published once the last round is committed."""
+    exchange = tmp_path / "exchange"
+    initial = FlatParams.from_tensors({n: p.data for n, p in select_params(tiny_llama(0), "trainable")})
+    runtime = FileRuntime(exchange, session="s-fsdp", parties=["guest-9999", "host-10000"], min_parties=2,
+                          round_timeout=300, poll_s=0.2)  # fmt: skip
+    loop = RoundLoop(build_strategy("fedavg"), runtime, build_selector("uniform"), initial, FitConfig(),
+                     LoopConfig(rounds=2, cohort=2, seed=0, eval_every=0))  # fmt: skip
+    failures: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            loop.run()
+            runtime.publish_final(loop.global_params)
+        except BaseException as exc:  # seen by the assertion below
+            failures.append(exc)
+
+    thread = threading.Thread(target=drive, daemon=True)
+    thread.start()
+    out = tmp_path / "out"
+    out.mkdir()
+    facility_a, facility_b = two_slurm_clusters
+    guest = ["guest", "9999", "--strategy", "FULL_SHARD", "--examples", "32"]
+    host = ["host", "10000", "--strategy", "HYBRID_SHARD", "--shard-size", "1", "--examples", "24", "--model-seed", "1"]
+    sites = {"guest-9999": (facility_a, guest), "host-10000": (facility_b, host)}
+    jobs = {}
+    for name, (cluster, (role, pid, *args)) in sites.items():
+        script = batch_script(tmp_path / f"{name}.sh", role, pid, ["--exchange", str(exchange)], out, *args)
+        options = ["--ntasks=2", f"--output={tmp_path / name}-%j.out", "--time=00:10:00"]
+        jobs[name] = (cluster, cluster.sbatch(script, options=options, cwd=ROOT))
+    try:
+        for name, (cluster, job_id) in jobs.items():
+            state = cluster.wait(job_id, timeout=300)
+            log = (tmp_path / f"{name}-{job_id}.out").read_text()
+            assert state == ("COMPLETED", 0), f"{name} job {job_id} on {cluster.name}: {state}\n{log[-4000:]}"
+    finally:
+        for cluster, job_id in jobs.values():
+            cluster.command("scancel", job_id, check=False)
+    thread.join(30)
+    assert not failures, failures
+    assert [r.round for r in loop.history] == [0, 1]
+    assert sorted(p.name for p in exchange.iterdir()) == ["final", "round-0001", "round-0002"]
+    logs = {name: [torch.load(out / f"{name}-rank{r}.pt") for r in range(2)] for name in sites}
+    means = check(logs, {"guest-9999": 32.0, "host-10000": 24.0})
+    final = loop.global_params.tensors()
+    for name, tensor in means[-1].items():  # the arbiter's model is the mean the ranks hold
+        torch.testing.assert_close(final[name].double(), tensor, rtol=0, atol=2e-6)

@@ -12,6 +12,7 @@ from fedfleet.config import load_job
 from fedfleet.core.checkpoint import load_checkpoint
 from fedfleet.errors import ConfigError
 from fedfleet.jobs.simulation import Simulation
+from fedfleet.runtime.files.exchange import MANIFEST, verify
 from tests.runtime.files.file_jobs import JOB, PARTIES
 
 FILES = """\
@@ -45,13 +46,16 @@ def test_fedfleet_arbiter_and_party_with_a_files_runtime_end_at_the_simulated_mo
     for thread in threads:
         thread.join(20)
     assert not errors
-    assert sorted(p.name for p in (tmp_path / "exchange").iterdir()) == ["round-0001", "round-0002"]
+    # the rounds, and the final params for parties that sync at their own points (FileContext)
+    assert sorted(p.name for p in (tmp_path / "exchange").iterdir()) == ["final", "round-0001", "round-0002"]
     sim = Simulation.from_config(dataclasses.replace(job, runtime=dataclasses.replace(job.runtime, kind="simulation",
                                                                                       exchange=None)))  # fmt: skip
     sim.run()
     snap = load_checkpoint(tmp_path / "runs" / job.name / FILENAME, sim.loop.global_params, sim.loop.state)
     assert snap["round"] == 2
     assert snap["global"].allclose(sim.loop.global_params, rtol=0, atol=1e-5)
+    final = verify(tmp_path / "exchange" / "final" / MANIFEST, {"kind": "final"}, snap["global"].spec)
+    assert final is not None and final.params.allclose(snap["global"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -43,8 +43,9 @@ class RemoteSite:
     def push_global(self, rnd: int) -> None:
         self.target.push(self.exchange.global_dir(rnd), str(self.remote_exchange.global_dir(rnd)))
 
-    def pull_update(self, rnd: int, *, at_most_every: float = 0.0) -> bool:
-        """Bring the site's update of round ``rnd`` here if it has published one; whether it did."""
+    def pull_update(self, rnd: int, max_bytes: int, *, at_most_every: float = 0.0) -> bool:
+        """Bring the site's update of round ``rnd`` here if it has published one (its files at most ``max_bytes``
+        in all); whether it did."""
         if time.monotonic() - self._pulled_at < at_most_every:
             return False
         self._pulled_at = time.monotonic()
@@ -53,4 +54,5 @@ class RemoteSite:
             str(self.remote_exchange.update_dir(rnd, name)),
             self.exchange.root / STAGING / name / f"round-{rnd:04d}",
             self.exchange.update_dir(rnd, name),
+            max_bytes,
         )

@@ -93,10 +93,12 @@ class SiteRuntime(FileRuntime):
         self.resume_hint = resume_hint
         self.report = report
         self.jobs: dict[str, SiteJob] = {}  # each site's latest job
+        self._update_limit = 0  # the most bytes a site's update may bring over SSH (set as a round is published)
 
     # -- FileRuntime hooks --------------------------------------------------------------------------
     def publish_global(self, rnd: int, params: Any, tasks: dict[str, dict]) -> str:
         digest = super().publish_global(rnd, params, tasks)
+        self._update_limit = 2 * params.nbytes + (1 << 20)  # an update is the model's size (a delta, or whole)
         for name in tasks:
             if name in self.remote:
                 self.remote[name].send_job(self.job_path)
@@ -108,7 +110,7 @@ class SiteRuntime(FileRuntime):
     def fetch(self, rnd: int, pending: set[str]) -> None:
         for name in sorted(pending):
             if name in self.remote:
-                self.remote[name].pull_update(rnd, at_most_every=self.sites[name].poll_s)
+                self.remote[name].pull_update(rnd, self._update_limit, at_most_every=self.sites[name].poll_s)
 
     def gone(self, rnd: int, pending: set[str]) -> dict[str, str]:
         lost = {}
@@ -118,7 +120,7 @@ class SiteRuntime(FileRuntime):
                 continue
             self._follow(job, at_most_every=self.sites[name].poll_s)
             if not job.active and name in self.remote:  # it may have published since the last pull
-                self.remote[name].pull_update(rnd)
+                self.remote[name].pull_update(rnd, self._update_limit)
             if job.active or (self.exchange.update_dir(rnd, name) / MANIFEST).exists():
                 continue  # a finished job's manifest is read at the next poll
             lost[name] = (

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from fedfleet.errors import UserError
 from fedfleet.hpc.sites.site import Site
+from fedfleet.runtime.files.exchange import MANIFEST, MAX_MANIFEST_BYTES, PLAIN_NAME, Refused, read_manifest
 
 _REACH = re.compile(r"^ssh:(?P<user>[^@]+)@(?P<host>[^:]+)(?::(?P<port>\d+))?$")
 TIMEOUT_S = 300.0
-MANIFEST = "manifest.json"
 
 
 class RemoteError(UserError):
@@ -94,20 +94,31 @@ class SshTarget:
     def push_file(self, local: Path, remote: str) -> None:
         self._rsync([str(local), f"{self.login}:{remote}"])
 
-    def pull_published(self, remote: str, staging: Path, target: Path) -> bool:
-        """Folder ``remote`` of the site into ``target``, once it holds a manifest: copied to ``staging``, then
-        the data files and last the manifest moved into ``target``. False while the site has no manifest there."""
+    def pull_published(self, remote: str, staging: Path, target: Path, max_bytes: int) -> bool:
+        """Folder ``remote`` of the site into ``target``, once it holds a manifest. Only what the manifest lists
+        is copied (plain names, at most ``max_bytes`` in all: a site cannot fill this disk), into ``staging``
+        first; then the data files, and last the manifest, move into ``target``. A manifest that cannot be read
+        moves in alone, for the runtime to refuse with its reason. False while the site has no manifest there."""
         listing = self.run(["ls", "-1", remote], check=False)
         if MANIFEST not in listing.split():
             return False
         staging.mkdir(parents=True, exist_ok=True)
-        self._rsync([f"{self.login}:{remote}/", f"{staging}/"])
+        self._rsync(["--max-size", str(MAX_MANIFEST_BYTES), f"{self.login}:{remote}/{MANIFEST}", f"{staging}/"])
         if not (staging / MANIFEST).exists():
-            return False
+            return False  # bigger than a manifest can be: left on the site, named when it is refused there
+        names = _listed(staging / MANIFEST, max_bytes)
+        if names:
+            listing_file = staging.parent / f".{staging.name}.files"
+            listing_file.write_text("".join(f"{name}\n" for name in names))
+            try:
+                self._rsync(["--files-from", str(listing_file), "--max-size", str(max_bytes),
+                             f"{self.login}:{remote}/", f"{staging}/"])  # fmt: skip
+            finally:
+                listing_file.unlink(missing_ok=True)
         target.mkdir(parents=True, exist_ok=True)
-        for path in sorted(staging.iterdir()):
-            if path.name != MANIFEST and path.is_file():
-                os.replace(path, target / path.name)
+        for name in names:
+            if (staging / name).is_file():
+                os.replace(staging / name, target / name)
         os.replace(staging / MANIFEST, target / MANIFEST)
         return True
 
@@ -132,3 +143,19 @@ class SshTarget:
             raise RemoteError(f"site {self.site}: {argv[0]} not found: install OpenSSH's client and rsync") from None
         except subprocess.TimeoutExpired:
             raise RemoteError(f"site {self.site}: {what} on {self.host} did not answer in {TIMEOUT_S:g} s") from None
+
+
+def _listed(manifest: Path, max_bytes: int) -> list[str]:
+    """The data files ``manifest`` lists, if it is one of ours and they fit in ``max_bytes``; else none."""
+    try:
+        body = read_manifest(manifest)
+    except Refused:
+        return []
+    files = body.get("files") if isinstance(body, dict) else None
+    if not isinstance(files, dict):
+        return []
+    names = [n for n in files if isinstance(n, str) and PLAIN_NAME.match(n) and n != MANIFEST]
+    sizes = [entry.get("bytes") if isinstance(entry, dict) else None for entry in files.values()]
+    if len(names) != len(files) or not all(isinstance(b, int) and b >= 0 for b in sizes) or sum(sizes) > max_bytes:
+        return []
+    return names

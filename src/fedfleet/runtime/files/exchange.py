@@ -37,7 +37,8 @@ FORMAT = "fedfleet-exchange-1"
 MANIFEST = "manifest.json"
 PARAMS = "params.safetensors"
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest lists a few files and metrics; anything bigger is not one of ours
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")  # file and party names: no paths, no hidden files
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")  # file and party names: no paths, no hidden files
+_NAME = PLAIN_NAME
 _ROUND = re.compile(r"^round-(\d{4,})$")
 
 
@@ -79,6 +80,10 @@ class Exchange:
 
     def global_dir(self, rnd: int) -> Path:
         return self.round_dir(rnd) / "global"
+
+    def final_dir(self) -> Path:
+        """The session's final global params, published once its last round is committed."""
+        return self.root / "final"
 
     def update_dir(self, rnd: int, party: str) -> Path:
         if not _NAME.match(party):

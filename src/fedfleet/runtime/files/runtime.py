@@ -167,6 +167,13 @@ class FileRuntime:
         """Before each look at the folder: bring in what pending parties published elsewhere (a site's copy of
         the exchange, over SSH). Nothing by default: the folder is shared."""
 
+    def publish_final(self, params: FlatParams) -> Path:
+        """The session's final global params, for parties that sync at their own points (``FileContext``): their
+        last sync loads them. Returns the manifest's path."""
+        manifest = {"session": self.session, "party": ARBITER, "round": 0, "kind": "final"}
+        publish(self.exchange.final_dir(), params, manifest, self.shard_bytes)
+        return self.exchange.final_dir() / MANIFEST
+
     def gone(self, rnd: int, pending: set[str]) -> dict[str, str]:
         """The pending parties whose update will not come this round, and why (a site's batch job that ended
         without publishing one); checked between polls. A folder alone cannot tell: none by default."""

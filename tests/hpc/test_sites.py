@@ -130,13 +130,14 @@ def test_a_site_template_is_substituted_and_its_mistakes_named(tmp_path):
         script(Site("alpha", template=str(tmp_path / "missing.sh")))
 
 
-def test_the_job_file_refuses_sites_that_are_not_parties_or_without_the_file_exchange(tmp_path):
+def test_the_job_file_refuses_sites_that_are_not_parties_or_on_ray(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(JOB + "sites:\n  - {name: alpha}\n  - {name: gamma}\n")
     with pytest.raises(ConfigError, match=r"gamma not in network.parties \(alpha, beta\)"):
         load_job(path)
-    path.write_text(JOB.replace("runtime: {kind: files, exchange: ex}\n", "") + "sites:\n  - {name: alpha}\n")
-    with pytest.raises(ConfigError, match=r"runtime\.kind: files"):
+    on_ray = JOB.replace("runtime: {kind: files, exchange: ex}", "runtime: {kind: ray}")
+    path.write_text(on_ray + "sites:\n  - {name: alpha}\n")
+    with pytest.raises(ConfigError, match="sites are parties of a deployed session"):
         load_job(path)
     path.write_text(JOB + "sites:\n  - {name: alpha, partiton: gpu}\n")
     with pytest.raises(ConfigError, match=r"sites\[0\].partiton: unknown key \(did you mean 'partition'\?\)"):

@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any
 
 SITES_HELP = """\
-Run a federation whose parties are HPC facilities (the job file's sites: list, runtime.kind: files). Each
-round, the arbiter publishes the global model in runtime.exchange, writes each selected site's batch script
+Run a federation whose parties are HPC facilities (the job file's sites: list). With runtime.kind: files, each
+round the arbiter publishes the global model in runtime.exchange, writes each selected site's batch script
 (its scheduler's directives, the Hugging Face offline variables, the site's set-up lines, then
 `python -m fedfleet.cli.main party JOB --name SITE --round N`, behind srun when the site runs several ranks),
 submits it, follows the job (squeue, then scontrol: no accounting needed), folds the updates the jobs publish,
 and checkpoints the round. Scripts and job logs go to <output.dir>/<name>/sites/<site>/. A job that ends
 without its update stops the run with its id, state and log; Ctrl-C cancels the jobs still queued or running.
+Without runtime.kind: files (a gRPC session), each site gets one job for the whole run whose party dials
+network.address, and the arbiter runs here; those scripts and logs go to <output.dir>/<name>.sites/<site>/.
 
   fedfleet sites render job.yaml --site guest --round 1    # the script, to read or to submit by hand
   fedfleet sites run job.yaml                              # the whole run, from a login node or a laptop
@@ -30,7 +32,7 @@ remote_dir with rsync. PBS and Flux scripts are rendered for you to submit (docs
 def add_sites_parser(sub: Any) -> argparse.ArgumentParser:
     sites = sub.add_parser(
         "sites",
-        help="run a federation of HPC sites: one batch job per site per round (runtime.kind: files)",
+        help="run a federation of HPC sites as batch jobs (per round over a folder, or one each over gRPC)",
         description=SITES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -45,6 +47,10 @@ def add_sites_parser(sub: Any) -> argparse.ArgumentParser:
     mode.add_argument("--resume", action="store_true", help="continue from the last committed round")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     run.add_argument("--quiet", action="store_true", help="no progress bar or per-round table")
+    run.add_argument(
+        "--insecure", action="store_true",
+        help="gRPC sessions: plaintext, identities taken on trust (trusted networks only); passed on to the parties",
+    )  # fmt: skip
     for action in (render, run):
         action.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -92,6 +98,8 @@ def _render(job: Any, args: argparse.Namespace) -> int:
 
 
 def _run(job: Any, args: argparse.Namespace) -> int:
+    if job.runtime.kind != "files":
+        return _run_grpc(job, args)
     from fedfleet.cli.run_job import run_loop_in_folder
     from fedfleet.hpc.sites.runtime import SiteRuntime
     from fedfleet.jobs.files import build_file_arbiter
@@ -113,7 +121,7 @@ def _run(job: Any, args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        return run_loop_in_folder(
+        code = run_loop_in_folder(
             arbiter.loop,
             job,
             resume_command=command,
@@ -122,6 +130,27 @@ def _run(job: Any, args: argparse.Namespace) -> int:
             quiet=args.quiet,
             checkpoint_every=1,  # a round of batch jobs is costly: a failure loses at most one
         )
+        if code == 0:
+            runtime.publish_final(arbiter.loop.global_params)
+        return code
     finally:
         runtime.cancel_active()  # Ctrl-C, a failure: nothing fedfleet submitted is left queued or running
         runtime.close()
+
+
+def _run_grpc(job: Any, args: argparse.Namespace) -> int:
+    """One job per site for the whole session, its party dialling this arbiter; the arbiter runs here."""
+    from fedfleet.cli.deploy import arbiter_command
+    from fedfleet.hpc.sites.session import SessionJobs
+
+    options = _options(args) + (["--insecure"] if args.insecure else [])
+    # beside the run folder, not in it: the jobs start before the arbiter prepares its folder (a model-less
+    # arbiter waits for a party's initial model first), and a fresh run's folder must be empty then
+    scripts = Path(job.output.dir) / f"{job.name}.sites"
+    jobs = SessionJobs(job.sites, job_path=args.job, scripts=scripts, options=options)
+    jobs.start()
+    try:
+        return arbiter_command(args.job, args.overrides, insecure=args.insecure, certs=None, address=None,
+                               resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)  # fmt: skip
+    finally:
+        jobs.stop()  # the session is over (or failed, or Ctrl-C): nothing fedfleet submitted stays queued

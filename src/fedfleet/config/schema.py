@@ -224,7 +224,7 @@ class JobConfig:
     # (epsilon, delta) differential privacy: clipping, noise, an accountant (docs/differential-privacy.md)
     privacy: PrivacyConfig | None = None
     # facilities as parties: each site's scheduler, reach and directives; `fedfleet sites run` submits one batch
-    # job per selected site per round over runtime.kind: files (docs/hpc.md)
+    # job per selected site per round over runtime.kind: files, or one per site dialling the arbiter (docs/hpc.md)
     sites: tuple[Site, ...] = ()
 
     def __post_init__(self) -> None:
@@ -268,10 +268,10 @@ def check_sites(job: JobConfig) -> None:
             f"sites: {', '.join(strangers)} not in network.parties ({', '.join(job.network.parties) or 'empty'}): a "
             "site runs one party of the session"
         )
-    if job.runtime.kind != "files":
+    if job.runtime.kind == "ray":
         raise ValueError(
-            "sites run one batch job per site per round, exchanging through a folder: set runtime.kind: files and "
-            "runtime.exchange (compute nodes that dial out over gRPC run `fedfleet party` in a job of your own)"
+            "sites are parties of a deployed session: with runtime.kind: files one batch job per site per round "
+            "exchanges through a folder; without it (gRPC) one job per site dials network.address; not ray"
         )
 
 

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from fedfleet.config import load_job
 from fedfleet.jobs.simulation import Simulation
+from tests.grpc_jobs import free_port, make_certs
 from tests.paths import ROOT
 from tests.slurm_cluster import SlurmCluster
 
@@ -235,6 +236,36 @@ def test_a_site_reached_over_ssh_gets_the_rounds_copied_there_and_its_updates_ba
     for name, expected in weighted_mean_of_round(tmp_path / "exchange", 2).items():
         torch.testing.assert_close(final[name].double(), expected, rtol=0, atol=1e-6)
     sim = Simulation.from_config(load_job(job, ["runtime.kind=simulation", "runtime.exchange=null", "sites=[]"]))
+    sim.run()
+    for name, tensor in sim.loop.global_params.tensors().items():
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-5)
+
+
+def test_a_grpc_session_runs_one_job_per_site_whose_party_dials_the_arbiter(
+    two_slurm_clusters: tuple[SlurmCluster, SlurmCluster], tmp_path: Path
+) -> None:
+    a, b = two_slurm_clusters
+    job = write_job(tmp_path, two_slurm_clusters)
+    make_certs(tmp_path / "certs", SITES)
+    text = job.read_text().replace(
+        "runtime: {kind: files, exchange: " + str(tmp_path / "exchange") + "}\n", ""
+    ).replace(
+        "network: {session: two-sites,",
+        f"network: {{address: '127.0.0.1:{free_port()}', certs: {tmp_path / 'certs'}, session: two-sites,",
+    )
+    job.write_text(text.replace(f"    template: {tmp_path / 'site-b.sh.in'}\n", ""))
+    run = sites_run(job)
+    _, err = run.communicate(timeout=240)
+    assert run.returncode == 0, err
+    for site in SITES:
+        assert re.search(rf"site {site}: submitted job \d+", err) and f"site {site}: job" in err, err
+    assert not (tmp_path / "exchange").exists()  # nothing went through a folder
+    logs = sorted((tmp_path / "runs" / "two-sites.sites").glob("*/session-*.out"))
+    assert len(logs) == 2 and all("round 2: sent the update" in log.read_text() for log in logs)
+    for cluster in (a, b):  # the parties ended with the session: nothing is left queued or running
+        assert cluster.command("squeue", "-h", "-o", "%i %T").stdout.strip() == ""
+    final = load_file(str(tmp_path / "runs" / "two-sites" / "model.safetensors"))
+    sim = Simulation.from_config(load_job(job, ["sites=[]"]))
     sim.run()
     for name, tensor in sim.loop.global_params.tensors().items():
         torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-5)

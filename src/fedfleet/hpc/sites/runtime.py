@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedfleet.errors import UserError
+from fedfleet.hpc.sites.jobs import SiteJobs, stderr
 from fedfleet.hpc.sites.remote import RemoteSite
-from fedfleet.hpc.sites.script import RoundJob, default_python, log_name, log_path, render
+from fedfleet.hpc.sites.script import RoundJob
 from fedfleet.hpc.sites.site import Site
 from fedfleet.hpc.sites.ssh import SshTarget
-from fedfleet.hpc.sites.submit import SubmitError, Submitter, submitter_for
+from fedfleet.hpc.sites.submit import Submitter, submitter_for
 from fedfleet.runtime.files.exchange import MANIFEST, Refused, read_manifest
 from fedfleet.runtime.files.runtime import FileRuntime
 
@@ -35,26 +33,6 @@ log = logging.getLogger("fedfleet.sites")
 
 class SiteJobFailed(UserError):
     """A site's batch job ended without its update and the round cannot go on without it."""
-
-
-@dataclass
-class SiteJob:
-    site: str
-    round: int
-    job_id: str
-    log: Path
-    submitted: float = field(default_factory=time.monotonic)
-    state: str = "SUBMITTED"
-    exit_code: int | None = None
-    asked: float = 0.0  # when the scheduler was last asked (time.monotonic)
-
-    @property
-    def active(self) -> bool:
-        return self.exit_code is None
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 class SiteRuntime(FileRuntime):
@@ -69,7 +47,7 @@ class SiteRuntime(FileRuntime):
         workdir: str | Path | None = None,
         resume_hint: str = "",
         submitters: Mapping[str, Submitter] | None = None,
-        report: Callable[[str], None] = _stderr,
+        report: Callable[[str], None] = stderr,
         **file_runtime: Any,
     ) -> None:
         """``sites``: the facilities, by party name (parties without one are started by someone else).
@@ -81,18 +59,18 @@ class SiteRuntime(FileRuntime):
             raise UserError(f"sites {', '.join(unknown)} are not parties of the session ({', '.join(self.parties)})")
         self.sites = {s.name: s for s in sites}
         self.remote = {s.name: RemoteSite(s, SshTarget.of(s), self.exchange) for s in sites if s.reach != "local"}
-        self.submitters = dict(submitters or {})
+        chosen = dict(submitters or {})
         for site in sites:
-            if site.name not in self.submitters:
+            if site.name not in chosen:
                 remote = self.remote.get(site.name)
-                self.submitters[site.name] = submitter_for(site, remote.target if remote else None)
+                chosen[site.name] = submitter_for(site, remote.target if remote else None)
+        self.site_jobs = SiteJobs(chosen, report)
         self.job_path = str(Path(job_path).resolve())
         self.options = list(options)
         self.scripts = Path(scripts)
         self.workdir = str(Path(workdir or os.getcwd()).resolve())
         self.resume_hint = resume_hint
-        self.report = report
-        self.jobs: dict[str, SiteJob] = {}  # each site's latest job
+        self.jobs = self.site_jobs.jobs  # each site's latest job
         self._update_limit = 0  # the most bytes a site's update may bring over SSH (set as a round is published)
 
     # -- FileRuntime hooks --------------------------------------------------------------------------
@@ -118,15 +96,12 @@ class SiteRuntime(FileRuntime):
             job = self.jobs.get(name)
             if job is None or job.round != rnd or not job.active:
                 continue
-            self._follow(job, at_most_every=self.sites[name].poll_s)
+            self.site_jobs.follow(job, at_most_every=self.sites[name].poll_s)
             if not job.active and name in self.remote:  # it may have published since the last pull
                 self.remote[name].pull_update(rnd, self._update_limit)
             if job.active or (self.exchange.update_dir(rnd, name) / MANIFEST).exists():
                 continue  # a finished job's manifest is read at the next poll
-            lost[name] = (
-                f"job {job.job_id} on site {name} ended {job.state} (exit code {job.exit_code}) without publishing "
-                f"its update; its log: {job.log}"
-            )
+            lost[name] = f"{job.ended()}; it published no update"
         return lost
 
     def round_lost(self, rnd: int, gone: dict[str, str]) -> None:
@@ -140,19 +115,7 @@ class SiteRuntime(FileRuntime):
     # -- jobs ---------------------------------------------------------------------------------------
     def cancel_active(self) -> list[str]:
         """Cancel every job this runtime submitted that is still queued or running; their ids."""
-        cancelled = []
-        for job in self.jobs.values():
-            if not job.active:
-                continue
-            try:
-                self._follow(job)
-                if job.active:
-                    self.submitters[job.site].cancel(job.job_id)
-                    cancelled.append(job.job_id)
-                    self.report(f"site {job.site}: cancelled job {job.job_id} (round {job.round})")
-            except SubmitError as exc:
-                self.report(f"site {job.site}: could not cancel job {job.job_id}: {exc}")
-        return cancelled
+        return self.site_jobs.cancel_active()
 
     def _in_hand(self, name: str, rnd: int, digest: str) -> bool:
         """The site has this round's update already, or a job still working on it."""
@@ -164,39 +127,22 @@ class SiteRuntime(FileRuntime):
             return True
         job = self.jobs.get(name)
         if job is not None and job.round == rnd and job.active:
-            self._follow(job)
+            self.site_jobs.follow(job)
             return job.active
         return False
 
     def _submit(self, site: Site, rnd: int) -> None:
-        folder = (self.scripts / site.name).resolve()
-        folder.mkdir(parents=True, exist_ok=True)
+        scripts = (self.scripts / site.name).resolve()
         remote = self.remote.get(site.name)
         if remote is None:
-            job, logs, workdir = RoundJob(self.job_path, rnd, self.options), folder, site.workdir or self.workdir
+            job, logs, workdir = RoundJob(self.job_path, rnd, self.options), scripts, site.workdir or self.workdir
         else:  # the site's own copies: its job file, exchange and log folder
             job = RoundJob(remote.job_path, rnd, [*self.options, *remote.options()])
             logs, workdir = remote.logs, site.workdir or remote.root
-        text = render(site, job, log=str(logs / log_name(site, rnd)), workdir=workdir, python=default_python(site))
-        script = folder / f"round-{rnd:04d}.sh"
-        script.write_text(text)
-        job_id = self.submitters[site.name].submit(script)
-        self.jobs[site.name] = SiteJob(site.name, rnd, job_id, log_path(site, logs, rnd, job_id))
         where = f" on {remote.target.host}" if remote else ""
-        self.report(f"round {rnd}: site {site.name}: submitted job {job_id}{where} ({script})")
+        self.site_jobs.submit(site, job, scripts=scripts, logs=logs, workdir=workdir, where=where)
 
     def close(self) -> None:
         """End the kept SSH connections."""
         for remote in self.remote.values():
             remote.target.close()
-
-    def _follow(self, job: SiteJob, at_most_every: float = 0.0) -> None:
-        if time.monotonic() - job.asked < at_most_every:
-            return
-        job.asked = time.monotonic()
-        now = self.submitters[job.site].state(job.job_id)
-        if now.state != job.state:
-            took = time.monotonic() - job.submitted
-            self.report(f"round {job.round}: site {job.site}: job {job.job_id} {now.state} ({took:.1f} s after submit)")
-        job.state = now.state
-        job.exit_code = None if now.active else now.exit_code if now.exit_code is not None else -1

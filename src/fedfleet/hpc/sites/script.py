@@ -45,17 +45,18 @@ class RoundJob:
     run`` was given for the job (``--set``), passed on so that the party reads the same job."""
 
     job_path: str
-    round: int
+    round: int | None  # None: one job for the whole session (a party that dials the arbiter over gRPC)
     options: Sequence[str] = ()
 
 
-def log_name(site: Site, rnd: int) -> str:
+def log_name(site: Site, rnd: int | None) -> str:
     """The job's log file name, with the scheduler's job-id placeholder where it has one (sbatch's %j)."""
     marker = SCHEDULERS[site.scheduler].job_id_in_log
-    return f"round-{rnd:04d}-{marker}.out" if marker else f"round-{rnd:04d}.out"
+    stem = f"round-{rnd:04d}" if rnd is not None else "session"
+    return f"{stem}-{marker}.out" if marker else f"{stem}.out"
 
 
-def log_path(site: Site, folder: Path, rnd: int, job_id: str) -> Path:
+def log_path(site: Site, folder: Path, rnd: int | None, job_id: str) -> Path:
     """Where the log of job ``job_id`` is (its name with the job id filled in)."""
     marker = SCHEDULERS[site.scheduler].job_id_in_log
     name = log_name(site, rnd)
@@ -67,12 +68,14 @@ def default_python(site: Site) -> str:
     return site.python or (sys.executable if site.reach == "local" else "python3")
 
 
-def job_name(site: Site, rnd: int) -> str:
-    return f"fedfleet-{site.name}-r{rnd}"
+def job_name(site: Site, rnd: int | None) -> str:
+    return f"fedfleet-{site.name}" + (f"-r{rnd}" if rnd is not None else "")
 
 
 def party_command(site: Site, job: RoundJob, python: str) -> str:
-    argv = [python, "-m", "fedfleet.cli.main", "party", job.job_path, "--name", site.name, "--round", str(job.round)]
+    argv = [python, "-m", "fedfleet.cli.main", "party", job.job_path, "--name", site.name]
+    if job.round is not None:
+        argv += ["--round", str(job.round)]
     line = shlex.join([*argv, *job.options])
     prefix = launch_prefix(site)
     return f"{prefix} {line}" if prefix else line
@@ -87,7 +90,7 @@ def render(site: Site, job: RoundJob, *, log: str, workdir: str, python: str) ->
         "workdir": shlex.quote(workdir),
         "command": party_command(site, job, python),
         "site": site.name,
-        "round": str(job.round),
+        "round": str(job.round) if job.round is not None else "all",
     }
     text = _template_text(site)
     try:

@@ -1,0 +1,80 @@
+"""A gRPC session's sites: one batch job per site for the whole run, its party dialling the arbiter.
+
+Where compute nodes may open outbound connections, each site's job runs ``fedfleet party JOB --name SITE`` once:
+it dials ``network.address`` (mutual TLS from ``network.certs``, or ``--insecure``), trains whenever the arbiter
+asks, and ends when the session does. ``SessionJobs`` submits those jobs before the arbiter starts (a party
+redials until the arbiter listens), follows them in a thread, says when one changes state and when one ends
+while the session still runs (the arbiter then handles the party as gone: ``min_parties``, its round and join
+timeouts), and cancels what is still queued or running when the session ends, fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from fedfleet.errors import ConfigError
+from fedfleet.hpc.sites.jobs import SiteJobs, stderr
+from fedfleet.hpc.sites.script import RoundJob
+from fedfleet.hpc.sites.site import Site
+from fedfleet.hpc.sites.submit import SubmitError, submitter_for
+
+
+class SessionJobs:
+    def __init__(
+        self,
+        sites: Sequence[Site],
+        *,
+        job_path: str | Path,
+        scripts: str | Path,
+        options: Sequence[str] = (),
+        workdir: str | Path | None = None,
+        report: Callable[[str], None] = stderr,
+    ) -> None:
+        remote = [s.name for s in sites if s.reach != "local"]
+        if remote:
+            raise ConfigError(
+                f"sites {', '.join(remote)}: reach: ssh with a gRPC session is not built yet (the party's "
+                "certificates would have to go to the site too); use runtime.kind: files, or submit there yourself"
+            )
+        self.sites = list(sites)
+        self.jobs = SiteJobs({s.name: submitter_for(s) for s in sites}, report)
+        self.job_path = str(Path(job_path).resolve())
+        self.options = list(options)
+        self.scripts = Path(scripts)
+        self.workdir = str(Path(workdir or os.getcwd()).resolve())
+        self.report = report
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Submit every site's job and follow them until ``stop``."""
+        for site in self.sites:
+            folder = (self.scripts / site.name).resolve()
+            job = RoundJob(self.job_path, None, self.options)
+            self.jobs.submit(site, job, scripts=folder, logs=folder, workdir=site.workdir or self.workdir)
+        self._watcher = threading.Thread(target=self._watch, name="fedfleet-sites", daemon=True)
+        self._watcher.start()
+
+    def stop(self) -> list[str]:
+        """Stop following and cancel what is still queued or running; the cancelled job ids."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=30)
+        return self.jobs.cancel_active()
+
+    def _watch(self) -> None:
+        polls = {s.name: s.poll_s for s in self.sites}
+        while not self._stop.wait(min(polls.values())):
+            for job in list(self.jobs.jobs.values()):
+                if not job.active:
+                    continue
+                try:
+                    self.jobs.follow(job, at_most_every=polls[job.site])
+                except SubmitError as exc:  # the scheduler did not answer this time: ask again later
+                    self.report(f"site {job.site}: could not read job {job.job_id}'s state: {exc}")
+                    continue
+                if not job.active and not self._stop.is_set():
+                    self.report(f"site {job.site}: {job.ended()}; the arbiter goes on without that party")

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 SSHD = "/usr/sbin/sshd"
@@ -86,6 +87,21 @@ class SshServer:
             return self.ssh("true").returncode == 0
         except subprocess.TimeoutExpired:
             return False
+
+
+def serve(root: Path) -> Iterator[SshServer]:
+    """A started server for a fixture (skipping, with what is missing named, where OpenSSH or rsync is not
+    installed), stopped afterwards whatever happened."""
+    import pytest
+
+    if missing():
+        pytest.skip(f"OpenSSH server or rsync not installed (missing {', '.join(missing())}): .ci/run installs them")
+    server = SshServer(root)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def _free_port() -> int:

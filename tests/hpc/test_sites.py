@@ -54,7 +54,7 @@ def test_a_slurm_site_gets_its_directives_environment_setup_and_an_srun_line_for
     assert lines[-1] == ("srun /venv/bin/python -m fedfleet.cli.main party /jobs/job.yaml --name alpha --round 3 "
                          "--set client.lr=0.1")  # fmt: skip
     odd = next(line for line in lines if line.startswith("export ODD="))
-    out = subprocess.run(["bash", "-c", f"{odd}; printf %s \"$ODD\""], capture_output=True, text=True, check=True)
+    out = subprocess.run(["bash", "-c", f'{odd}; printf %s "$ODD"'], capture_output=True, text=True, check=True)
     assert out.stdout == "a b'c $HOME"  # quoted: the shell neither splits nor expands it
 
 

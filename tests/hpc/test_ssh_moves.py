@@ -16,21 +16,14 @@ from fedfleet.core.params import FlatParams
 from fedfleet.hpc.sites import Site
 from fedfleet.hpc.sites.ssh import SshTarget
 from fedfleet.runtime.files.exchange import MANIFEST, Refused, publish, verify
-from tests.ssh_server import SshServer, missing
+from tests.ssh_server import SshServer, serve
 
 EXPECT = {"session": "s", "party": "site-b", "round": 1, "kind": "update"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    if missing():
-        pytest.skip(f"OpenSSH server or rsync not installed (missing {', '.join(missing())}): .ci/run installs them")
-    server = SshServer(tmp_path_factory.mktemp("sshd"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve(tmp_path_factory.mktemp("sshd"))
 
 
 @pytest.fixture

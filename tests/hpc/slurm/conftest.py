@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_cluster import SlurmCluster, missing_binaries
-from tests.ssh_server import SshServer
-from tests.ssh_server import missing as missing_ssh
+from tests.ssh_server import SshServer, serve
 
 HERE = Path(__file__).parent
 
@@ -82,12 +81,4 @@ def two_slurm_clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
 @pytest.fixture
 def ssh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     """A real sshd on 127.0.0.1 with a key made for the test: a stand-in for a site's login node."""
-    missing = missing_ssh()
-    if missing:
-        pytest.skip(f"OpenSSH server or rsync not installed (missing {', '.join(missing)}): .ci/run installs them")
-    server = SshServer(tmp_path_factory.mktemp("sshd"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve(tmp_path_factory.mktemp("sshd"))

@@ -64,31 +64,10 @@ def test_two_facilities_of_two_srun_ranks_each_hold_the_weighted_mean_after_ever
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    out = tmp_path / "out"
-    out.mkdir()
-    facility_a, facility_b = two_slurm_clusters
-    guest = ["guest", "9999", "--strategy", "FULL_SHARD", "--examples", "32"]
-    host = ["host", "10000", "--strategy", "HYBRID_SHARD", "--shard-size", "1", "--examples", "24", "--model-seed", "1"]
-    sites = {"guest-9999": (facility_a, guest), "host-10000": (facility_b, host)}
-    jobs = {}
-    for name, (cluster, (role, pid, *args)) in sites.items():
-        script = batch_script(tmp_path / f"{name}.sh", role, pid, ["--address", address], out, *args)
-        options = ["--ntasks=2", f"--output={tmp_path / name}-%j.out", "--time=00:10:00"]
-        jobs[name] = (cluster, cluster.sbatch(script, options=options, cwd=ROOT))
-    try:
-        for name, (cluster, job_id) in jobs.items():
-            state = cluster.wait(job_id, timeout=300)
-            log = (tmp_path / f"{name}-{job_id}.out").read_text()
-            assert state == ("COMPLETED", 0), f"{name} job {job_id} on {cluster.name}: {state}\n{log[-4000:]}"
-            ranks = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
-            assert sorted((r["rank"], r["world"]) for r in ranks) == [(0, 2), (1, 2)], log[-2000:]
-    finally:
-        for cluster, job_id in jobs.values():
-            cluster.command("scancel", job_id, check=False)
+    logs = run_two_facilities(two_slurm_clusters, tmp_path, ["--address", address])
     thread.join(30)
     assert not failures, failures
     assert len(records) == 2  # 2 epochs, a sync at the end of each
-    logs = {name: [torch.load(out / f"{name}-rank{r}.pt") for r in range(2)] for name in sites}
     check(logs, {"guest-9999": 32.0, "host-10000": 24.0})
 
 
@@ -115,15 +94,31 @@ def test_two_srun_facilities_sync_through_a_folder_and_hold_the_weighted_mean_af
 
     thread = threading.Thread(target=drive, daemon=True)
     thread.start()
+    logs = run_two_facilities(two_slurm_clusters, tmp_path, ["--exchange", str(exchange)])
+    thread.join(30)
+    assert not failures, failures
+    assert [r.round for r in loop.history] == [0, 1]
+    assert sorted(p.name for p in exchange.iterdir()) == ["final", "round-0001", "round-0002"]
+    means = check(logs, {"guest-9999": 32.0, "host-10000": 24.0})
+    final = loop.global_params.tensors()
+    for name, tensor in means[-1].items():  # the arbiter's model is the mean the ranks hold
+        torch.testing.assert_close(final[name].double(), tensor, rtol=0, atol=2e-6)
+
+
+def run_two_facilities(
+    clusters: tuple[SlurmCluster, SlurmCluster], tmp_path: Path, link: list[str]
+) -> dict[str, list[dict]]:
+    """guest-9999 (FULL_SHARD, 32 examples) on the first cluster and host-10000 (HYBRID_SHARD as 2 replicas, 24
+    examples, another initial model) on the second, each an sbatch job of 2 srun ranks reaching the others by
+    ``link``; waits for both to complete and returns every rank's record."""
     out = tmp_path / "out"
     out.mkdir()
-    facility_a, facility_b = two_slurm_clusters
     guest = ["guest", "9999", "--strategy", "FULL_SHARD", "--examples", "32"]
     host = ["host", "10000", "--strategy", "HYBRID_SHARD", "--shard-size", "1", "--examples", "24", "--model-seed", "1"]
-    sites = {"guest-9999": (facility_a, guest), "host-10000": (facility_b, host)}
+    sites = {"guest-9999": (clusters[0], guest), "host-10000": (clusters[1], host)}
     jobs = {}
     for name, (cluster, (role, pid, *args)) in sites.items():
-        script = batch_script(tmp_path / f"{name}.sh", role, pid, ["--exchange", str(exchange)], out, *args)
+        script = batch_script(tmp_path / f"{name}.sh", role, pid, link, out, *args)
         options = ["--ntasks=2", f"--output={tmp_path / name}-%j.out", "--time=00:10:00"]
         jobs[name] = (cluster, cluster.sbatch(script, options=options, cwd=ROOT))
     try:
@@ -131,15 +126,9 @@ def test_two_srun_facilities_sync_through_a_folder_and_hold_the_weighted_mean_af
             state = cluster.wait(job_id, timeout=300)
             log = (tmp_path / f"{name}-{job_id}.out").read_text()
             assert state == ("COMPLETED", 0), f"{name} job {job_id} on {cluster.name}: {state}\n{log[-4000:]}"
+            ranks = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+            assert sorted((r["rank"], r["world"]) for r in ranks) == [(0, 2), (1, 2)], log[-2000:]
     finally:
         for cluster, job_id in jobs.values():
             cluster.command("scancel", job_id, check=False)
-    thread.join(30)
-    assert not failures, failures
-    assert [r.round for r in loop.history] == [0, 1]
-    assert sorted(p.name for p in exchange.iterdir()) == ["final", "round-0001", "round-0002"]
-    logs = {name: [torch.load(out / f"{name}-rank{r}.pt") for r in range(2)] for name in sites}
-    means = check(logs, {"guest-9999": 32.0, "host-10000": 24.0})
-    final = loop.global_params.tensors()
-    for name, tensor in means[-1].items():  # the arbiter's model is the mean the ranks hold
-        torch.testing.assert_close(final[name].double(), tensor, rtol=0, atol=2e-6)
+    return {name: [torch.load(out / f"{name}-rank{r}.pt") for r in range(2)] for name in sites}

@@ -29,6 +29,9 @@ remote_dir with rsync. PBS and Flux scripts are rendered for you to submit (docs
 """
 
 
+SESSION_END_GRACE_S = 60.0  # a finished session's party jobs exit by themselves: cancelled only after this
+
+
 def add_sites_parser(sub: Any) -> argparse.ArgumentParser:
     sites = sub.add_parser(
         "sites",
@@ -149,8 +152,10 @@ def _run_grpc(job: Any, args: argparse.Namespace) -> int:
     scripts = Path(job.output.dir) / f"{job.name}.sites"
     jobs = SessionJobs(job.sites, job_path=args.job, scripts=scripts, options=options)
     jobs.start()
+    code = 1
     try:
-        return arbiter_command(args.job, args.overrides, insecure=args.insecure, certs=None, address=None,
+        code = arbiter_command(args.job, args.overrides, insecure=args.insecure, certs=None, address=None,
                                resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)  # fmt: skip
-    finally:
-        jobs.stop()  # the session is over (or failed, or Ctrl-C): nothing fedfleet submitted stays queued
+        return code
+    finally:  # the session is over (or failed, or Ctrl-C): nothing fedfleet submitted stays queued
+        jobs.stop(grace_s=SESSION_END_GRACE_S if code == 0 else 0.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -58,11 +59,20 @@ class SessionJobs:
         self._watcher = threading.Thread(target=self._watch, name="fedfleet-sites", daemon=True)
         self._watcher.start()
 
-    def stop(self) -> list[str]:
-        """Stop following and cancel what is still queued or running; the cancelled job ids."""
+    def stop(self, grace_s: float = 0.0) -> list[str]:
+        """Stop following; give the jobs ``grace_s`` to end by themselves (after a finished session their parties
+        are told it is done and exit), then cancel what is still queued or running; the cancelled job ids."""
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(timeout=30)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(job.active for job in self.jobs.jobs.values()):
+            time.sleep(0.5)
+            for job in self.jobs.jobs.values():
+                try:
+                    self.jobs.follow(job)
+                except SubmitError:
+                    continue
         return self.jobs.cancel_active()
 
     def _watch(self) -> None:

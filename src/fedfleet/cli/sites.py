@@ -150,7 +150,8 @@ def _run_grpc(job: Any, args: argparse.Namespace) -> int:
     # beside the run folder, not in it: the jobs start before the arbiter prepares its folder (a model-less
     # arbiter waits for a party's initial model first), and a fresh run's folder must be empty then
     scripts = Path(job.output.dir) / f"{job.name}.sites"
-    jobs = SessionJobs(job.sites, job_path=args.job, scripts=scripts, options=options)
+    certs = None if args.insecure or job.network.insecure else job.network.certs
+    jobs = SessionJobs(job.sites, job_path=args.job, scripts=scripts, options=options, certs=certs)
     jobs.start()
     code = 1
     try:

@@ -247,9 +247,11 @@ def test_a_site_reached_over_ssh_gets_the_rounds_copied_there_and_its_updates_ba
     assert_the_mean_and_the_simulation(tmp_path, job)
 
 
+@pytest.mark.parametrize("site_b", ["local", "ssh"])
 def test_a_grpc_session_runs_one_job_per_site_whose_party_dials_the_arbiter(
-    two_slurm_clusters: tuple[SlurmCluster, SlurmCluster], tmp_path: Path
+    two_slurm_clusters: tuple[SlurmCluster, SlurmCluster], tmp_path: Path, site_b: str, request: pytest.FixtureRequest
 ) -> None:
+    """site-b's job is submitted on this machine, or over SSH with its own certificate and key copied there."""
     a, b = two_slurm_clusters
     job = write_job(tmp_path, two_slurm_clusters)
     make_certs(tmp_path / "certs", SITES)
@@ -261,7 +263,15 @@ def test_a_grpc_session_runs_one_job_per_site_whose_party_dials_the_arbiter(
             f"network: {{address: '127.0.0.1:{free_port()}', certs: {tmp_path / 'certs'}, session: two-sites,",
         )
     )
-    job.write_text(text.replace(f"    template: {tmp_path / 'site-b.sh.in'}\n", ""))
+    text = text.replace(f"    template: {tmp_path / 'site-b.sh.in'}\n", "")
+    remote = tmp_path / "site-b-home"
+    if site_b == "ssh":
+        ssh_server = request.getfixturevalue("ssh_server")
+        ssh_site = SSH_SITE.format(reach=ssh_server.reach, remote=remote, key=ssh_server.key,
+                                   options=json.dumps(ssh_server.options), python=sys.executable,
+                                   part_b=b.partition, conf_b=b.conf)  # fmt: skip
+        text = text[: text.index("  - name: site-b")] + ssh_site
+    job.write_text(text)
     run = sites_run(job)
     _, err = run.communicate(timeout=240)
     assert run.returncode == 0, err
@@ -269,7 +279,11 @@ def test_a_grpc_session_runs_one_job_per_site_whose_party_dials_the_arbiter(
         assert re.search(rf"site {site}: submitted job \d+", err) and f"site {site}: job" in err, err
     assert not (tmp_path / "exchange").exists()  # nothing went through a folder
     logs = sorted((tmp_path / "runs" / "two-sites.sites").glob("*/session-*.out"))
-    assert len(logs) == 2 and all("round 2: sent the update" in log.read_text() for log in logs)
+    if site_b == "ssh":  # its log stays on the site; only its own party's keys went there
+        logs += sorted((remote / "sites" / "site-b").glob("session-*.out"))
+        assert sorted(p.name for p in (remote / "certs").iterdir()) == ["ca.crt", "site-b.crt", "site-b.key"]
+        assert (remote / "certs" / "site-b.key").stat().st_mode & 0o077 == 0
+    assert len(logs) == 2 and all("round 2: sent the update" in log.read_text() for log in logs), err
     assert_queues_empty(a, b)  # the parties ended with the session: nothing is left queued or running
     assert "cancelled job" not in err  # they ended by themselves, within the grace given to them
     final = load_file(str(tmp_path / "runs" / "two-sites" / "model.safetensors"))

@@ -5,7 +5,9 @@ it dials ``network.address`` (mutual TLS from ``network.certs``, or ``--insecure
 asks, and ends when the session does. ``SessionJobs`` submits those jobs before the arbiter starts (a party
 redials until the arbiter listens), follows them in a thread, says when one changes state and when one ends
 while the session still runs (the arbiter then handles the party as gone: ``min_parties``, its round and join
-timeouts), and cancels what is still queued or running when the session ends, fails or is interrupted.
+timeouts), and cancels what is still queued or running when the session ends, fails or is interrupted. A site
+reached over SSH gets the job file and its own party's certificate, key and the CA certificate copied into its
+``remote_dir`` first (nothing else: not the other parties' keys, not the CA's key).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from fedfleet.errors import ConfigError
 from fedfleet.hpc.sites.jobs import SiteJobs, stderr
 from fedfleet.hpc.sites.script import RoundJob
 from fedfleet.hpc.sites.site import Site
+from fedfleet.hpc.sites.ssh import SshTarget
 from fedfleet.hpc.sites.submit import SubmitError, submitter_for
 
 
@@ -32,16 +35,15 @@ class SessionJobs:
         scripts: str | Path,
         options: Sequence[str] = (),
         workdir: str | Path | None = None,
+        certs: str | Path | None = None,
         report: Callable[[str], None] = stderr,
     ) -> None:
-        remote = [s.name for s in sites if s.reach != "local"]
-        if remote:
-            raise ConfigError(
-                f"sites {', '.join(remote)}: reach: ssh with a gRPC session is not built yet (the party's "
-                "certificates would have to go to the site too); use runtime.kind: files, or submit there yourself"
-            )
+        """``certs``: the session's certificate folder (None: plaintext); a site reached over SSH gets its own
+        party's certificate, key and the CA's certificate copied into ``remote_dir/certs``."""
         self.sites = list(sites)
-        self.jobs = SiteJobs({s.name: submitter_for(s) for s in sites}, report)
+        self.targets = {s.name: SshTarget.of(s) for s in sites if s.reach != "local"}
+        self.jobs = SiteJobs({s.name: submitter_for(s, self.targets.get(s.name)) for s in sites}, report)
+        self.certs = Path(certs) if certs is not None else None
         self.job_path = str(Path(job_path).resolve())
         self.options = list(options)
         self.scripts = Path(scripts)
@@ -54,8 +56,14 @@ class SessionJobs:
         """Submit every site's job and follow them until ``stop``."""
         for site in self.sites:
             folder = (self.scripts / site.name).resolve()
-            job = RoundJob(self.job_path, None, self.options)
-            self.jobs.submit(site, job, scripts=folder, logs=folder, workdir=site.workdir or self.workdir)
+            target = self.targets.get(site.name)
+            if target is None:
+                job = RoundJob(self.job_path, None, self.options)
+                self.jobs.submit(site, job, scripts=folder, logs=folder, workdir=site.workdir or self.workdir)
+                continue
+            job, logs = self._send_to(site, target)
+            self.jobs.submit(site, job, scripts=folder, logs=logs, workdir=site.workdir or site.remote_dir or "",
+                             where=f" on {target.host}")  # fmt: skip
         self._watcher = threading.Thread(target=self._watch, name="fedfleet-sites", daemon=True)
         self._watcher.start()
 
@@ -73,7 +81,27 @@ class SessionJobs:
                     self.jobs.follow(job)
                 except SubmitError:
                     continue
-        return self.jobs.cancel_active()
+        cancelled = self.jobs.cancel_active()
+        for target in self.targets.values():
+            target.close()
+        return cancelled
+
+    def _send_to(self, site: Site, target: SshTarget) -> tuple[RoundJob, Path]:
+        """Copy the job file (and the party's certificates) to the site; the job its party runs there, and
+        where its log goes."""
+        root = Path(site.remote_dir or "")
+        logs, certs = root / "sites" / site.name, root / "certs"
+        target.run(["mkdir", "-p", str(logs), str(certs)])
+        target.push_file(Path(self.job_path), str(root / "job.yaml"))
+        options = list(self.options)
+        if self.certs is not None:
+            for name in ("ca.crt", f"{site.name}.crt", f"{site.name}.key"):
+                if not (self.certs / name).is_file():
+                    raise ConfigError(f"site {site.name}: {self.certs / name} is missing (fedfleet certs issue ...)")
+                target.push_file(self.certs / name, str(certs / name))
+            target.run(["chmod", "600", str(certs / f"{site.name}.key")])
+            options += ["--certs", str(certs)]
+        return RoundJob(str(root / "job.yaml"), None, options), logs
 
     def _watch(self) -> None:
         polls = {s.name: s.poll_s for s in self.sites}

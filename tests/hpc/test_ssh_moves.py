@@ -74,3 +74,27 @@ def test_nothing_comes_before_the_site_has_a_manifest(target: SshTarget, tmp_pat
     here = tmp_path / "here"
     assert not target.pull_published(str(remote), tmp_path / "staging", here, max_bytes=1 << 16)
     assert not here.exists()
+
+
+def test_a_manifest_or_data_file_that_is_a_folder_on_the_site_brings_nothing_of_it(target: SshTarget, tmp_path: Path):
+    remote = tmp_path / "remote" / "update"
+    publish(remote, params(), dict(EXPECT))
+    (remote / "params.safetensors").unlink()
+    (remote / "params.safetensors").mkdir()  # listed by the manifest, but a folder with files in it
+    for i in range(50):
+        (remote / "params.safetensors" / f"f{i}").write_bytes(b"x" * 100)
+    here = tmp_path / "here"
+    assert target.pull_published(str(remote), tmp_path / "staging", here, max_bytes=1 << 16)
+    assert sorted(p.name for p in here.iterdir()) == [MANIFEST]  # the folder stayed on the site
+    with pytest.raises(Refused, match=r"params\.safetensors"):
+        verify(here / MANIFEST, EXPECT, params().spec)
+
+
+def test_a_listed_file_missing_on_the_site_is_refused_by_name_not_a_crash(target: SshTarget, tmp_path: Path):
+    remote = tmp_path / "remote" / "update"
+    publish(remote, params(), dict(EXPECT))
+    (remote / "params.safetensors").unlink()  # the manifest lists it, the site lost it
+    here = tmp_path / "here"
+    assert target.pull_published(str(remote), tmp_path / "staging", here, max_bytes=1 << 16)
+    with pytest.raises(Refused, match=r"params\.safetensors"):
+        verify(here / MANIFEST, EXPECT, params().spec)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fedfleet.hpc.sites.script import RoundJob, default_python, log_name, log_path, render
 from fedfleet.hpc.sites.site import Site
+from fedfleet.hpc.sites.ssh import RemoteError
 from fedfleet.hpc.sites.submit import SubmitError, Submitter
 
 
@@ -91,6 +92,6 @@ class SiteJobs:
                     cancelled.append(job.job_id)
                     self.report(f"site {job.site}: cancelled job {job.job_id}" + (
                         f" (round {job.round})" if job.round is not None else ""))  # fmt: skip
-            except SubmitError as exc:
+            except (SubmitError, RemoteError) as exc:
                 self.report(f"site {job.site}: could not cancel job {job.job_id}: {exc}")
         return cancelled

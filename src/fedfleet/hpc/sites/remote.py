@@ -8,13 +8,15 @@ as any other. Logs stay on the site (``remote_dir/sites/<site>/``).
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from fedfleet.hpc.sites.site import Site
-from fedfleet.hpc.sites.ssh import SshTarget
+from fedfleet.hpc.sites.ssh import RemoteError, SshTarget
 from fedfleet.runtime.files.exchange import Exchange
 
+log = logging.getLogger("fedfleet.sites")
 STAGING = ".incoming"  # beside the rounds in this machine's exchange: the round listing ignores it
 
 
@@ -50,6 +52,13 @@ class RemoteSite:
             return False
         self._pulled_at = time.monotonic()
         name = self.site.name
+        try:
+            return self._pull(rnd, name, max_bytes)
+        except RemoteError as exc:  # the login node did not answer this time: the next poll asks again
+            log.warning("site %s: could not look for its round-%d update: %s", name, rnd, exc)
+            return False
+
+    def _pull(self, rnd: int, name: str, max_bytes: int) -> bool:
         return self.target.pull_published(
             str(self.remote_exchange.update_dir(rnd, name)),
             self.exchange.root / STAGING / name / f"round-{rnd:04d}",

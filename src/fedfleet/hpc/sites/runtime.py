@@ -23,8 +23,8 @@ from fedfleet.hpc.sites.jobs import SiteJobs, stderr
 from fedfleet.hpc.sites.remote import RemoteSite
 from fedfleet.hpc.sites.script import RoundJob
 from fedfleet.hpc.sites.site import Site
-from fedfleet.hpc.sites.ssh import SshTarget
-from fedfleet.hpc.sites.submit import Submitter, submitter_for
+from fedfleet.hpc.sites.ssh import RemoteError, SshTarget
+from fedfleet.hpc.sites.submit import SubmitError, Submitter, submitter_for
 from fedfleet.runtime.files.exchange import MANIFEST, Refused, read_manifest
 from fedfleet.runtime.files.runtime import FileRuntime
 
@@ -96,7 +96,11 @@ class SiteRuntime(FileRuntime):
             job = self.jobs.get(name)
             if job is None or job.round != rnd or not job.active:
                 continue
-            self.site_jobs.follow(job, at_most_every=self.sites[name].poll_s)
+            try:
+                self.site_jobs.follow(job, at_most_every=self.sites[name].poll_s)
+            except (SubmitError, RemoteError) as exc:  # the scheduler or the login node did not answer: ask later
+                log.warning("site %s: could not read job %s's state: %s", name, job.job_id, exc)
+                continue
             if not job.active and name in self.remote:  # it may have published since the last pull
                 self.remote[name].pull_update(rnd, self._update_limit)
             if job.active or (self.exchange.update_dir(rnd, name) / MANIFEST).exists():

@@ -22,7 +22,7 @@ from fedfleet.errors import ConfigError
 from fedfleet.hpc.sites.jobs import SiteJobs, stderr
 from fedfleet.hpc.sites.script import RoundJob
 from fedfleet.hpc.sites.site import Site
-from fedfleet.hpc.sites.ssh import SshTarget
+from fedfleet.hpc.sites.ssh import RemoteError, SshTarget
 from fedfleet.hpc.sites.submit import SubmitError, submitter_for
 
 
@@ -79,7 +79,7 @@ class SessionJobs:
             for job in self.jobs.jobs.values():
                 try:
                     self.jobs.follow(job)
-                except SubmitError:
+                except (SubmitError, RemoteError):
                     continue
         cancelled = self.jobs.cancel_active()
         for target in self.targets.values():
@@ -111,7 +111,7 @@ class SessionJobs:
                     continue
                 try:
                     self.jobs.follow(job, at_most_every=polls[job.site])
-                except SubmitError as exc:  # the scheduler did not answer this time: ask again later
+                except (SubmitError, RemoteError) as exc:  # the scheduler did not answer this time: ask again later
                     self.report(f"site {job.site}: could not read job {job.job_id}'s state: {exc}")
                     continue
                 if not job.active and not self._stop.is_set():

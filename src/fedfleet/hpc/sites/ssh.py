@@ -87,7 +87,7 @@ class SshTarget:
     def push(self, local: Path, remote: str) -> None:
         """The files of folder ``local`` into folder ``remote`` on the site: data files first, manifest last."""
         self.run(["mkdir", "-p", remote])
-        self._rsync(["--exclude", MANIFEST, f"{local}/", f"{self.login}:{remote}/"])
+        self._rsync(["--exclude", MANIFEST, f"{local}/", f"{self.login}:{remote}/"], recursive=True)
         if (local / MANIFEST).exists():
             self._rsync([str(local / MANIFEST), f"{self.login}:{remote}/{MANIFEST}"])
 
@@ -113,6 +113,8 @@ class SshTarget:
             try:
                 self._rsync(["--files-from", str(listing_file), "--max-size", str(max_bytes),
                              f"{self.login}:{remote}/", f"{staging}/"])  # fmt: skip
+            except RemoteError:  # a listed file missing there (rsync exits 23): what came, and the manifest,
+                pass  # go in, and the runtime refuses the update naming the file that did not
             finally:
                 listing_file.unlink(missing_ok=True)
         target.mkdir(parents=True, exist_ok=True)
@@ -127,11 +129,13 @@ class SshTarget:
         self._call(["ssh", *self.ssh_options(), "-O", "exit", self.login], stdin=None, what="ssh -O exit")
         shutil.rmtree(self.control_dir, ignore_errors=True)  # the socket's folder, made by ``of``
 
-    def _rsync(self, args: list[str]) -> None:
+    def _rsync(self, args: list[str], recursive: bool = False) -> None:
+        """rsync over the kept connection. -t: files with their times; no owners, modes or links (a site's
+        folder could hold a link to a file of this machine: rsync skips it). Pulls never recurse: a listed name
+        that is a folder on the site is skipped, not copied with whatever it holds."""
         shell = shlex.join(["ssh", *self.ssh_options()])
-        # -rt: files and folders with their times; no symlinks, devices, owners or modes (a site's folder could
-        # hold a link to a file of this machine: rsync skips it instead of copying it as a link)
-        done = self._call(["rsync", "-rt", "-e", shell, *args], stdin=None, what="rsync")
+        flags = "-rt" if recursive else "-t"
+        done = self._call(["rsync", flags, "-e", shell, *args], stdin=None, what="rsync")
         if done.returncode != 0:
             why = (done.stderr or done.stdout).strip()[-2000:]
             raise RemoteError(f"site {self.site}: rsync {' '.join(args[-2:])} failed ({done.returncode}): {why}")

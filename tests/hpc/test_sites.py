@@ -186,3 +186,16 @@ def test_sites_render_prints_a_script_bash_can_parse(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)})  # fmt: skip
     assert bad.returncode == 2 and "--round 9 is not a round of this job (1 to 2)" in bad.stderr
     assert Path(tmp_path / "ex").exists() is False  # rendering publishes nothing
+
+
+def test_sites_render_of_a_grpc_session_is_one_job_for_every_round(tmp_path):
+    path = tmp_path / "job.yaml"
+    grpc = JOB.replace("runtime: {kind: files, exchange: ex}\n", "")
+    grpc = grpc.replace("network: {parties", "network: {certs: c, parties")
+    path.write_text(grpc + "sites:\n  - {name: alpha}\n")
+    argv = [sys.executable, "-m", "fedfleet.cli.main", "sites", "render", str(path)]
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "#SBATCH --job-name=fedfleet-alpha\n" in done.stdout and "session-%j.out" in done.stdout
+    assert done.stdout.rstrip().endswith("--name alpha")  # no --round: its party answers the whole session

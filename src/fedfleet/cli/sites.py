@@ -43,7 +43,8 @@ def add_sites_parser(sub: Any) -> argparse.ArgumentParser:
     render = actions.add_parser("render", help="print the batch script of a site (every site by default)")
     render.add_argument("job", help="the YAML job file with a sites: list")
     render.add_argument("--site", metavar="NAME", help="only this site")
-    render.add_argument("--round", type=int, default=1, metavar="N", help="the round the script answers (default 1)")
+    render.add_argument("--round", type=int, default=1, metavar="N",
+                        help="runtime.kind: files: the round the script answers (default 1)")  # fmt: skip
     run = actions.add_parser("run", help="run every round, submitting each selected site's job and following it")
     run.add_argument("job", help="the YAML job file with a sites: list")
     mode = run.add_mutually_exclusive_group()
@@ -89,10 +90,12 @@ def _render(job: Any, args: argparse.Namespace) -> int:
     chosen = [s for s in job.sites if args.site in (None, s.name)]
     if not chosen:
         raise ConfigError(f"--site {args.site}: no such site (sites: {', '.join(s.name for s in job.sites)})")
-    folder = Path(job.output.dir) / job.name / "sites"
+    per_round = job.runtime.kind == "files"  # else a gRPC session: one job per site, for every round
+    folder = Path(job.output.dir) / (f"{job.name}/sites" if per_round else f"{job.name}.sites")
+    rnd = args.round if per_round else None
     for site in chosen:
-        log = (folder / site.name).resolve() / log_name(site, args.round)
-        round_job = RoundJob(str(Path(args.job).resolve()), args.round, _options(args))
+        log = (folder / site.name).resolve() / log_name(site, rnd)
+        round_job = RoundJob(str(Path(args.job).resolve()), rnd, _options(args))
         if len(chosen) > 1:
             print(f"# ===== site {site.name} ({site.scheduler}) =====")
         script = render(site, round_job, log=str(log), workdir=site.workdir or os.getcwd(), python=default_python(site))

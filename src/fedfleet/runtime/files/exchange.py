@@ -203,7 +203,13 @@ def verify(path: Path, expect: dict[str, Any], spec: ParamSpec | None) -> Publis
         raise Refused(f"{path}: its params' layout is not the global model's")
     where: dict[str, Path] = {}
     params = None
-    if spec is not None and len(spec.sizes) == 1:
+    if "boxes" in body:  # pieces of tensors by name and offset, e.g. one file per rank (boxes.py)
+        from fedfleet.runtime.files.boxes import assemble
+
+        blobs = {file: read_listed(path.parent / file, entry) for file, entry in files.items()}  # all checked
+        params = assemble(path, {f: b for f, b in blobs.items() if f in names}, body["boxes"], spec)
+        where.update({name: path for name in params.spec.names})
+    elif spec is not None and len(spec.sizes) == 1:
         try:
             params = _in_place(path, files, names, spec, where)
         except _NotInPlace:

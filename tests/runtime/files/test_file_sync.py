@@ -58,5 +58,5 @@ def test_a_secure_session_and_a_missing_arbiter_are_told(tmp_path):
     with pytest.raises(ConfigError, match="secure aggregation needs the gRPC runtime"):
         FileContext(tmp_path, "guest-1", "s").channel(flat(0.0).spec, 2, secure=True)
     channel = FileContext(tmp_path, "guest-1", "s", timeout=0.3, poll_s=0.05).channel(flat(0.0).spec, 2)
-    with pytest.raises(GlobalMissingError, match=r"round 1's global params did not come in 0\.3 s"):
+    with pytest.raises(GlobalMissingError, match=r"round 1's global params did not verify within 0\.3 s"):
         channel.start(flat(0.0))

@@ -91,20 +91,31 @@ def wait_for_global(
 ) -> Published:
     """Round ``rnd``'s verified global params, once its manifest is there. A manifest that does not verify is
     looked at again until the timeout (the arbiter may be publishing the round again), then named in the error."""
-    path = exchange.global_dir(rnd) / MANIFEST
     expect = {"session": session, "party": ARBITER, "round": rnd, "kind": "global"}
+    found, _ = wait_for_first([(exchange.global_dir(rnd) / MANIFEST, expect)], spec, timeout=timeout, poll_s=poll_s,
+                              what=f"round {rnd}'s global model")  # fmt: skip
+    return found
+
+
+def wait_for_first(
+    looks: list[tuple[Path, dict[str, Any]]], spec: Any, *, timeout: float, poll_s: float, what: str
+) -> tuple[Published, int]:
+    """The first of ``looks`` (a manifest and the fields it must have) that verifies, and its index; polled from
+    quickly to every ``poll_s``, a manifest that does not verify looked at again until ``timeout``."""
     deadline = time.monotonic() + timeout
-    last = f"no manifest at {path}"
+    last = f"no manifest at {looks[0][0]}"
     delays = poll_delays(poll_s)
     while True:
-        try:
-            found = verify(path, expect, spec)
+        for index, (path, expect) in enumerate(looks):
+            try:
+                found = verify(path, expect, spec)
+            except Refused as exc:
+                last = str(exc)
+                continue
             if found is not None:
-                return found
-        except Refused as exc:
-            last = str(exc)
+                return found, index
         if time.monotonic() >= deadline:
-            raise GlobalMissingError(f"round {rnd}'s global model did not verify within {timeout:g} s: {last}")
+            raise GlobalMissingError(f"{what} did not verify within {timeout:g} s: {last}")
         time.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
 
 

@@ -12,7 +12,6 @@ session on nodes that see the folder; nothing dials anywhere. Secure aggregation
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ from fedfleet.core.params import FlatParams
 from fedfleet.core.pipeline import TransformContext
 from fedfleet.core.update import NO_STATS, TrainStats, Update
 from fedfleet.errors import ConfigError
-from fedfleet.runtime.files.exchange import MANIFEST, Exchange, Published, Refused, poll_delays, publish, verify
-from fedfleet.runtime.files.party import GlobalMissingError
+from fedfleet.runtime.files.exchange import MANIFEST, Exchange, Published, publish
+from fedfleet.runtime.files.party import GlobalMissingError, wait_for_first
 from fedfleet.runtime.files.runtime import ARBITER
 
 log = logging.getLogger("fedfleet.party")
@@ -107,25 +106,12 @@ class FileChannel:
 
     def _next(self, rnd: int, timeout: float | None) -> tuple[Published, bool]:
         """Round ``rnd``'s global params, or the session's final ones (True) when those come first."""
+        arbiter = {"session": self.ctx.session, "party": ARBITER}
+        looks = [
+            (self.exchange.global_dir(rnd) / MANIFEST, {**arbiter, "round": rnd, "kind": "global"}),
+            (self.exchange.final_dir() / MANIFEST, {**arbiter, "kind": "final"}),
+        ]
         wait = self.ctx.timeout if timeout is None else timeout
-        deadline = time.monotonic() + wait
-        looks = {
-            False: (self.exchange.global_dir(rnd) / MANIFEST, {"round": rnd, "kind": "global"}),
-            True: (self.exchange.final_dir() / MANIFEST, {"kind": "final"}),
-        }
-        last = f"no manifest at {looks[False][0]}"
-        delays = poll_delays(self.ctx.poll_s)
-        while True:
-            for final, (path, fields) in looks.items():
-                try:
-                    found = verify(path, {"session": self.ctx.session, "party": ARBITER, **fields}, self.spec)
-                except Refused as exc:
-                    last = str(exc)
-                    continue
-                if found is not None:
-                    return found, final
-            if time.monotonic() >= deadline:
-                raise GlobalMissingError(
-                    f"{self.ctx.name}: round {rnd}'s global params did not come in {wait:g} s: {last}"
-                )
-            time.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
+        found, index = wait_for_first(looks, self.spec, timeout=wait, poll_s=self.ctx.poll_s,
+                                      what=f"{self.ctx.name}: round {rnd}'s global params")  # fmt: skip
+        return found, index == 1

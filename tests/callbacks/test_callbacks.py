@@ -101,3 +101,32 @@ def test_progress_prints_plain_rows_off_a_terminal():
     lines = buf.getvalue().splitlines()
     assert lines[0].split() == ["round", "test_sum"]
     assert [line.split()[0] for line in lines[1:]] == ["1", "2"]
+
+
+def test_progress_column_follows_the_metric_the_task_reports():
+    """A click model's table shows its AUC once evaluated (the header printed again); a classifier's keeps accuracy."""
+    from io import StringIO
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from fedfleet.callbacks import OneOf
+    from fedfleet.core.loop import RoundRecord
+
+    def table(*rounds):
+        buf = StringIO()
+        column = OneOf(("test_auc", "test_accuracy"), until_seen="test_accuracy")
+        progress = ProgressCallback(Console(file=buf, width=100), columns=("train_loss", column))
+        loop = SimpleNamespace(unit="round", round=0, config=SimpleNamespace(rounds=len(rounds)))
+        progress.on_run_start(loop)
+        for i, metrics in enumerate(rounds):
+            progress.on_round_end(loop, RoundRecord(i, metrics))
+        return [line.split() for line in buf.getvalue().splitlines()]
+
+    clicks = table({"train_loss": 0.7}, {"train_loss": 0.6, "test_accuracy": 0.55, "test_auc": 0.71},
+                   {"train_loss": 0.5, "test_accuracy": 0.55, "test_auc": 0.74})  # fmt: skip
+    header = ["round", "train_loss"]
+    assert clicks == [[*header, "test_accuracy"], ["1", "0.7000"],
+                      [*header, "test_auc"], ["2", "0.6000", "0.7100"], ["3", "0.5000", "0.7400"]]  # fmt: skip
+    classes = table({"train_loss": 0.7}, {"train_loss": 0.6, "test_accuracy": 0.8})
+    assert classes == [["round", "train_loss", "test_accuracy"], ["1", "0.7000"], ["2", "0.6000", "80.00%"]]

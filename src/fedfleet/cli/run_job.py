@@ -16,6 +16,7 @@ from fedfleet.callbacks import (
     CheckpointCallback,
     EarlyStopping,
     MetricsFileCallback,
+    OneOf,
     ProgressCallback,
     TensorBoardCallback,
 )
@@ -110,7 +111,8 @@ def _callbacks(job: JobConfig, run: RunDir, quiet: bool, checkpoint_every: int, 
     callbacks.append(CheckpointCallback(run.path, every=checkpoint_every))
     if job.output.progress and not quiet:
         privacy = ("dp_epsilon",) if job.privacy is not None else ()  # the budget spent so far, every round
-        callbacks.append(ProgressCallback(columns=("train_loss", "test_loss", "test_accuracy", *privacy, clock)))
+        judged_by = OneOf(tuple(key for key, _, _ in HEADLINES), until_seen="test_accuracy")  # as the final line
+        callbacks.append(ProgressCallback(columns=("train_loss", "test_loss", judged_by, *privacy, clock)))
     return callbacks
 
 

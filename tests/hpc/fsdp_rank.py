@@ -110,6 +110,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--model-seed", type=int, default=0)
+    p.add_argument("--exchange-kind", default="auto", help="FSDPParty's exchange=: auto, sharded or gathered")
     p.add_argument("--freeze-embeddings", action="store_true", help="exchange all but the token embeddings")
     a = p.parse_args()
     if a.exchange:
@@ -121,7 +122,8 @@ def main() -> None:
     if a.freeze_embeddings:
         model.model.embed_tokens.weight.requires_grad_(False)
     config = FSDPConfig(a.strategy, a.shard_size, a.precision, a.checkpointing, a.accum, device="cpu")
-    party = FSDPParty(ctx, model, FedArguments("epoch", 1), config, sync_timeout=120)
+    party = FSDPParty(ctx, model, FedArguments("epoch", 1), config, sync_timeout=120,
+                       exchange=a.exchange_kind)
     log: dict = {"before": [], "after": [], "weights": []}
     record(party, log)
     party.fit(Tokens(a.examples, seed=int(a.party_id)), epochs=a.epochs, batch_size=a.batch_size, lr=5e-3)
@@ -131,6 +133,7 @@ def main() -> None:
         log["final_loss"] = float(party.model(input_ids=probe, labels=probe).loss)
     log["history"] = [dataclasses.asdict(r) for r in party.history]
     log["dtype"] = str(party.dtype)
+    log["exchange"], log["traffic"] = party.exchange, party.traffic
     rank = party.rank
     torch.save(log, Path(a.out) / f"{ctx.name}-rank{rank}.pt")
     party.destroy()

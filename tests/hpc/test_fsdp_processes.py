@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,8 +28,9 @@ pytestmark = pytest.mark.slow
 TORCHRUN_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
-def launch(role: str, pid: str, world: int, address: str, out: Path, *args: str) -> list[subprocess.Popen]:
-    """The party's ranks; a party of one rank runs with no torchrun variables at all."""
+def launch(role: str, pid: str, world: int, link: list[str], out: Path, *args: str) -> list[subprocess.Popen]:
+    """The party's ranks, reaching the others by ``link`` (``--address host:port`` or ``--exchange folder``); a
+    party of one rank runs with no torchrun variables at all."""
     base = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
     base.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     port = str(free_port())
@@ -39,7 +41,7 @@ def launch(role: str, pid: str, world: int, address: str, out: Path, *args: str)
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world))
             env.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
         cmd = [sys.executable, "-m", "tests.hpc.fsdp_rank", "--role", role, "--party-id", pid]
-        cmd += ["--address", address, "--out", str(out), *args]
+        cmd += [*link, "--out", str(out), *args]
         procs.append(
             subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )
@@ -63,17 +65,9 @@ def run_session(tmp_path: Path, guest: tuple[int, list[str]], host: tuple[int, l
     thread.start()
     out = tmp_path / "out"
     out.mkdir()
-    procs = launch("guest", "9999", guest[0], address, out, *guest[1])
-    procs += launch("host", "10000", host[0], address, out, *host[1])
-    try:
-        for proc in procs:
-            _, err = proc.communicate(timeout=300)
-            assert proc.returncode == 0, err[-4000:]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+    procs = launch("guest", "9999", guest[0], ["--address", address], out, *guest[1])
+    procs += launch("host", "10000", host[0], ["--address", address], out, *host[1])
+    wait_all(procs)
     thread.join(30)
     assert not failures, failures
     assert len(records) == 2  # 2 epochs, a sync at the end of each
@@ -81,6 +75,53 @@ def run_session(tmp_path: Path, guest: tuple[int, list[str]], host: tuple[int, l
         "guest-9999": [torch.load(out / f"guest-9999-rank{r}.pt") for r in range(guest[0])],
         "host-10000": [torch.load(out / f"host-10000-rank{r}.pt") for r in range(host[0])],
     }
+
+
+class FolderArbiter:
+    """A FileRuntime's round loop over ``exchange`` in a thread, from tiny_llama(0)'s params, publishing the
+    session's final params after its last round (what FileContext parties' last sync loads)."""
+
+    def __init__(self, exchange: Path, parties: list[str], rounds: int = 2, **runtime: Any) -> None:
+        from fedfleet.core.fit_config import FitConfig
+        from fedfleet.core.loop import LoopConfig, RoundLoop
+        from fedfleet.core.params import FlatParams, select_params
+        from fedfleet.runtime.files import FileRuntime
+        from fedfleet.select import build_selector
+        from fedfleet.strategy import build_strategy
+
+        self.initial = FlatParams.from_tensors({n: p.data for n, p in select_params(tiny_llama(0), "trainable")})
+        self.runtime = FileRuntime(exchange, session="s-fsdp", parties=parties, min_parties=len(parties),
+                                   round_timeout=300, poll_s=0.2, **runtime)  # fmt: skip
+        config = LoopConfig(rounds=rounds, cohort=len(parties), seed=0, eval_every=0)
+        self.loop = RoundLoop(build_strategy("fedavg"), self.runtime, build_selector("uniform"), self.initial,
+                              FitConfig(), config)  # fmt: skip
+        self.failures: list[BaseException] = []
+        self.thread = threading.Thread(target=self._drive, daemon=True)
+        self.thread.start()
+
+    def _drive(self) -> None:
+        try:
+            self.loop.run()
+            self.runtime.publish_final(self.loop.global_params)
+        except BaseException as exc:  # seen by join's assertion
+            self.failures.append(exc)
+
+    def join(self) -> None:
+        self.thread.join(30)
+        assert not self.failures, self.failures
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> None:
+    """Every rank exits 0 (its stderr's tail in the failure); any left running is killed."""
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, err[-4000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
 def assemble(ranks: list[dict], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:

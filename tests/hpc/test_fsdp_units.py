@@ -203,3 +203,27 @@ def test_an_evaluation_before_fit_does_not_stop_the_embeddings_and_head_from_tra
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_the_exchange_is_sharded_only_where_the_context_can_and_refuses_what_needs_the_whole_update(tmp_path):
+    """exchange='sharded' over a context whose syncs go through rank 0 is refused by name; over a folder it is the
+    default, and a party-side clip (which needs the whole update on one rank) is refused before any training."""
+    from fedfleet.hpc.fsdp_party import FSDPParty
+    from fedfleet.runtime.files import FileContext
+    from fedfleet.transforms.clip import ClipNorm
+
+    config = FSDPConfig(precision="fp32", device="cpu")
+    local = LocalFederation(1, timeout=60).context(0)
+    for exchange, match in [("sharded", "exchange='gathered'"), ("scattered", "auto, sharded, gathered")]:
+        with pytest.raises(ConfigError, match=match):
+            FSDPParty(local, tiny_llama(0), FedArguments("epoch", 1), config, exchange=exchange)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    ctx = FileContext(tmp_path / "exchange", "guest-9999", "s1", timeout=5, poll_s=0.1)
+    party = FSDPParty(ctx, tiny_llama(0), FedArguments("epoch", 1), config, update_transforms=[ClipNorm(1.0)])
+    try:
+        assert party.exchange == "sharded" and not hasattr(party.access, "params")  # no full-size buffer
+        with pytest.raises(ConfigError, match="update_transforms need the whole update"):
+            party.fit(Tokens(8, seed=3), epochs=1, batch_size=4)
+    finally:
+        party.destroy()

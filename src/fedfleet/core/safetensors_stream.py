@@ -45,6 +45,15 @@ _BLOCK = 64 << 20  # bytes handed to the hash and the file at a time
 
 def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> tuple[str, int]:
     """Write ``tensors`` (CPU; views of one buffer are fine) to ``path`` and fsync it; returns (sha256, size)."""
+    digest, size, _ = write_file_blocks(path, tensors, metadata)
+    return digest, size
+
+
+def write_file_blocks(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, block_bytes: int | None = None
+) -> tuple[str, int, list[str]]:
+    """:func:`write_file`, also returning the SHA-256 of every ``block_bytes`` of the file (the last one shorter;
+    none when ``block_bytes`` is None): a reader that needs only part of the file checks only the blocks it reads."""
     if sys.byteorder != "little":  # safetensors stores little-endian; torch's bytes are native
         raise RuntimeError("writing safetensors needs a little-endian machine")
     header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
@@ -56,13 +65,45 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     digest = hashlib.sha256()
+    blocks = BlockHashes(block_bytes) if block_bytes else None
     size = 0
     with open(path, "wb", buffering=0) as f:
         for chunk in _chunks(len(text).to_bytes(8, "little") + text, tensors):
             digest.update(chunk)
+            if blocks is not None:
+                blocks.update(chunk)
             size += f.write(chunk)
         os.fsync(f.fileno())
-    return digest.hexdigest(), size
+    return digest.hexdigest(), size, [] if blocks is None else blocks.finish()
+
+
+class BlockHashes:
+    """The SHA-256 of each consecutive ``block_bytes`` of a byte stream fed in pieces of any size."""
+
+    def __init__(self, block_bytes: int) -> None:
+        if block_bytes < 1:
+            raise ValueError(f"block_bytes must be positive, got {block_bytes}")
+        self.block_bytes = block_bytes
+        self._current = hashlib.sha256()
+        self._filled = 0
+        self.digests: list[str] = []
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            take = min(len(view), self.block_bytes - self._filled)
+            self._current.update(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == self.block_bytes:
+                self.digests.append(self._current.hexdigest())
+                self._current, self._filled = hashlib.sha256(), 0
+
+    def finish(self) -> list[str]:
+        if self._filled:
+            self.digests.append(self._current.hexdigest())
+            self._current, self._filled = hashlib.sha256(), 0
+        return self.digests
 
 
 def _chunks(head: bytes, tensors: dict[str, torch.Tensor]):

@@ -10,6 +10,9 @@ the master weight the optimizer steps and the next forward all-gathers. So:
   (every rank holds the whole aggregate after the driver's broadcast), and the optimizer's state and the
   next step's gathers see the new values.
 
+``DTensorBoxes`` is the sharded exchange's access instead: no full-size buffer at all, each rank reading and
+writing only its own boxes (``runtime/files/sharded_party.py``).
+
 Names are the model's own ``named_parameters`` (FSDP2 keeps them; a ``checkpoint_wrapper`` prefix is dropped),
 so a sharded party, a plain one and a party of another world size exchange the same layout.
 """
@@ -17,6 +20,7 @@ so a sharded party, a plain one and a party of another world size exchange the s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -69,6 +73,10 @@ class DTensorAccess:
                 raise ConfigError(f"{name}: its local shard {tuple(p.to_local().shape)} is not the box {box}")
 
     @property
+    def device(self) -> torch.device:
+        return self.params.device
+
+    @property
     def boxes(self) -> dict[str, tuple[slice, ...] | None]:
         """Each exchanged tensor's box on this rank (None: held whole); what a sharded exchange would key on."""
         return dict(self._boxes)
@@ -89,6 +97,56 @@ class DTensorAccess:
                 p.data.copy_(views[name].reshape(p.shape))
             else:
                 p.to_local().copy_(views[name][box])
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One rank's box of one exchanged tensor: its name, where it sits, its parameter and whether this rank
+    writes it (a replicated box is written once)."""
+
+    name: str
+    box: tuple[slice, ...]
+    param: torch.Tensor
+    writes: bool
+
+    @property
+    def local(self) -> torch.Tensor:
+        """The tensor holding the box: the optimizer's own, written in place (looked up at each use, not kept)."""
+        return _local(self.param).data
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return tuple(s.start for s in self.box)
+
+
+class DTensorBoxes:
+    """The exchanged params of an FSDP2 model as this rank's boxes only: what the sharded exchange reads and
+    writes. ``spec`` is the full layout (names, shapes, dtypes: nothing allocated)."""
+
+    sharded = True
+
+    def __init__(self, model: nn.Module, select: Selector = "trainable", rank: int = 0) -> None:
+        chosen = [(exchanged_name(n), p) for n, p in select_params(model, select)]
+        self.spec = ParamSpec([(name, tuple(p.shape), p.dtype) for name, p in chosen])
+        self.device = _local(chosen[0][1]).device
+        self.pieces: list[Piece] = []
+        for name, p in chosen:
+            if isinstance(p, DTensor):
+                box, local = local_box(p), p.to_local()
+                if tuple(s.stop - s.start for s in box) != tuple(local.shape):
+                    raise ConfigError(f"{name}: its local shard {tuple(local.shape)} is not the box {box}")
+                piece = Piece(name, box, p, _first_replica(p))
+            else:  # a plain parameter: every rank holds it whole; rank 0 writes it
+                piece = Piece(name, tuple(slice(0, n) for n in p.shape), p, rank == 0)
+            if piece.local.numel():  # an uneven split leaves some ranks nothing of a small tensor
+                self.pieces.append(piece)
+
+
+def _first_replica(p: DTensor) -> bool:
+    """Whether this rank is the first of the replicas holding its box (coordinate 0 on every replicated dim)."""
+    coordinate = p.device_mesh.get_coordinate()
+    if coordinate is None:
+        return False
+    return all(coordinate[d] == 0 for d, placement in enumerate(p.placements) if placement.is_replicate())
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,12 @@ Every rank of the party (torchrun, srun, or processes a script starts with the t
 
 The model is sharded (``fedfleet.hpc.fsdp``), trained by the loop below (micro-batches, one optimizer step per
 ``grad_accum_steps``), and synced by the same ``SyncDriver`` as the Hugging Face and DeepSpeed parties: the same
-schedules (``FedArguments``), the same arbiter and strategies, only the trainable params exchanged. Scripts
+schedules (``FedArguments``), the same arbiter and strategies, only the trainable params exchanged.
+
+How the params travel (``exchange=``): ``"sharded"``, the default where the context can (the folder's
+``FileContext``), has every rank write its own boxes of the update and read only its boxes of the next global,
+so no rank ever holds the whole model for a sync; ``"gathered"`` (gRPC today) all-gathers the exchanged params on
+every rank, rank 0 talks to the arbiter and broadcasts the aggregate. Scripts
 with a loop of their own call ``begin`` once and ``end_step`` after each optimizer step instead of ``fit``.
 
 Why not the HF Trainer's ``fsdp=``: on a CPU accelerate leaves the model unsharded (plain parameters, no
@@ -35,7 +40,7 @@ from fedfleet.core.params import Selector
 from fedfleet.core.update import TrainStats
 from fedfleet.errors import ConfigError
 from fedfleet.hpc.fsdp import FSDPConfig, build_mesh, init_distributed, party_device, shard_model
-from fedfleet.hpc.fsdp_access import DTensorAccess
+from fedfleet.hpc.fsdp_access import DTensorAccess, DTensorBoxes
 from fedfleet.hpc.precision import compute_dtype, mixed_precision_policy
 from fedfleet.sync.args import FedArguments
 from fedfleet.sync.driver import Ranks, SyncDriver
@@ -64,7 +69,8 @@ class FSDPParty:
     ``from_pretrained``; the session's first party's params are loaded into all of them anyway). ``select``: the
     exchanged params (``"trainable"``: those with ``requires_grad``, e.g. LoRA adapters). ``sync_timeout``: seconds
     to wait for the others at a sync. ``update_transforms``: the aggregation pipeline's party-side chain.
-    ``threads``: torch's CPU threads (None: 1 for a model under 10M params, as every party on a CPU)."""
+    ``threads``: torch's CPU threads (None: 1 for a model under 10M params, as every party on a CPU).
+    ``exchange``: ``"auto"`` (sharded where the context can), ``"sharded"`` or ``"gathered"`` (see above)."""
 
     def __init__(
         self,
@@ -76,6 +82,7 @@ class FSDPParty:
         sync_timeout: float | None = None,
         update_transforms: Sequence[Any] = (),
         threads: int | None = None,
+        exchange: str = "auto",
     ) -> None:
         if getattr(ctx, "is_arbiter", False):
             raise ConfigError("this context is the arbiter's: it does not train; run FedAvgServer(ctx).train() there")
@@ -93,9 +100,12 @@ class FSDPParty:
         self.size = sum(p.numel() for p in model.parameters())
         model.to(self.device)
         self.model = shard_model(model, self.config, self.mesh, mixed_precision_policy(self.dtype))
-        self.access = DTensorAccess(self.model, select)
+        self.exchange = _exchange_kind(exchange, ctx)
+        sharded = self.exchange == "sharded"  # no full-size buffer on any rank then
+        self.access = DTensorBoxes(self.model, select, self.rank) if sharded else DTensorAccess(self.model, select)
         self.driver = SyncDriver(ctx, self.fed_args, sync_timeout, update_transforms)
         self.history: list[SyncRecord] = []
+        self.traffic: dict[str, int] = {}  # bytes of published files this rank read and wrote (sharded exchange)
         self.start_seconds = 0.0  # joining the session and loading its initial params (waiting for the others)
         self.step = 0
         # since the last sync, on this rank: examples, micro-batches, and the loss sum (a tensor on the device: no
@@ -121,7 +131,7 @@ class FSDPParty:
         every rank (a collective). ``step``: where a resumed run starts. Build the optimizer from
         :meth:`trainable_params`."""
         reshard(self.model)  # the shards are what the sync reads and writes: no gathered copy may outlive them
-        ranks = Ranks(self.world, self.is_main, self.access.params.device)
+        ranks = Ranks(self.world, self.is_main, self.access.device, self.rank)
         self.driver.enter_turn(seed)  # in-process parties (a LocalFederation) train in turns; nothing over gRPC
         started = time.perf_counter()
         self.driver.start(self.access, ranks, total_steps, steps_per_epoch, step, seed)
@@ -141,7 +151,7 @@ class FSDPParty:
         self.step = self.step + 1 if step is None else step
         if not self.driver.due(self.step):
             return not self.driver.ended
-        device = self.access.params.device  # gloo reduces CPU tensors, NCCL GPU ones
+        device = self.access.device  # gloo reduces CPU tensors, NCCL GPU ones
         since = torch.tensor([self._examples, 0.0, self._batches], dtype=torch.float64, device=device)
         since[1] = self._loss_sum if isinstance(self._loss_sum, torch.Tensor) else float(self._loss_sum)
         if self.world > 1:  # the party's weight is every rank's examples
@@ -157,6 +167,9 @@ class FSDPParty:
 
     def close(self) -> None:
         """Leave the session (also after a failure, so the others do not wait for this party) and the turns."""
+        channel = self.driver.channel
+        if channel is not None and hasattr(channel, "bytes_read"):  # the sharded exchange counts this rank's I/O
+            self.traffic = {"read": channel.bytes_read, "written": channel.bytes_written}
         self.driver.close()
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -223,6 +236,22 @@ class FSDPParty:
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False
+
+
+EXCHANGES = ("auto", "sharded", "gathered")
+
+
+def _exchange_kind(exchange: str, ctx: Any) -> str:
+    """``exchange=`` resolved for ``ctx``: "sharded" needs a context with a ``sharded_channel``."""
+    if exchange not in EXCHANGES:
+        raise ConfigError(f"exchange={exchange!r}: one of {', '.join(EXCHANGES)}")
+    can = hasattr(ctx, "sharded_channel")
+    if exchange == "sharded" and not can:
+        raise ConfigError(
+            f"exchange='sharded' needs a context whose ranks reach the exchange themselves (the folder's "
+            f"FileContext); {type(ctx).__name__} syncs through rank 0: use exchange='gathered'"
+        )
+    return "sharded" if exchange == "sharded" or (exchange == "auto" and can) else "gathered"
 
 
 def reshard(model: nn.Module) -> None:

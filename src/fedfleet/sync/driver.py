@@ -15,6 +15,11 @@ framework:
 - turns: in-process parties (a ``LocalFederation``) take turns with their own random state.
 
 An adapter says only where the params live (a ``ParamAccess``) and what its ranks are (``Ranks``).
+
+A sharded access (``access.sharded``: an FSDP party's ``DTensorBoxes``) over a context with a
+``sharded_channel`` (the folder's ``FileContext``) takes the other path: nothing is gathered or broadcast, every
+rank reads and writes its own boxes, rank 0 announces the update once all have written, and a failure on any rank
+is raised on all of them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch.distributed as dist
 
 from fedfleet.core.pipeline import Pipeline
 from fedfleet.core.update import TrainStats
+from fedfleet.errors import ConfigError
 from fedfleet.sync.access import ParamAccess
 from fedfleet.sync.args import FedArguments, steps_text
 
@@ -51,6 +57,7 @@ class Ranks:
     world: int = 1
     is_main: bool = True
     device: torch.device = CPU
+    rank: int = 0
 
     @staticmethod
     def of(world_size: int, is_main: bool, device: torch.device) -> Ranks:
@@ -65,6 +72,14 @@ class Ranks:
     def all_reduce(self, tensor: torch.Tensor) -> None:
         if self.world > 1:
             dist.all_reduce(tensor)
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (small, picklable: made by fedfleet on the party's own ranks), in rank order."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
 
 class SyncDriver:
@@ -119,7 +134,8 @@ class SyncDriver:
         party's, for randomised transforms."""
         self.access, self.ranks = access, ranks
         self.schedule = self.fed_args.sync_steps(total_steps, steps_per_epoch, start=step)
-        spec = access.params.spec
+        sharded = self.sharded
+        spec = access.spec if sharded else access.params.spec
         log.info(
             "%s: %d syncs of %d tensors (%.2f MB), after optimizer steps %s",
             self.name,
@@ -128,6 +144,11 @@ class SyncDriver:
             spec.nbytes / 1e6,
             steps_text(self.schedule),
         )
+        if sharded:
+            self._check_sharded()
+            self.channel = self.ctx.sharded_channel(spec, self.rounds, ranks.rank)  # every rank its own
+            self._in_step(lambda: self.channel.start(access.pieces, self.timeout))
+            return
         if ranks.is_main:
             extra: dict[str, Any] = {"pipeline": self.pipeline, "seed": seed} if self.pipeline.client else {}
             if self.vocab:  # checked against the other parties' when joining
@@ -139,6 +160,11 @@ class SyncDriver:
 
     def sync(self, weight: float, stats: TrainStats, metrics: dict[str, float] | None = None) -> bool:
         """Send this round's params, load the aggregate on every rank; False once the session is over."""
+        if self.sharded:
+            going = self._sync_sharded(weight, stats, metrics)
+            self.syncs += 1
+            self.ended = self.ended or not going
+            return going
         params = self.access.params
         going = self._exchange(lambda: self.channel.sync(params, weight, metrics, self.timeout, stats=stats))
         self.syncs += 1
@@ -154,6 +180,48 @@ class SyncDriver:
         self.leave_turn()
 
     # -- internals -----------------------------------------------------------------------------------
+    @property
+    def sharded(self) -> bool:
+        """Whether every rank exchanges its own boxes (a sharded access and a context that can)."""
+        return bool(getattr(self.access, "sharded", False)) and hasattr(self.ctx, "sharded_channel")
+
+    def _check_sharded(self) -> None:
+        if self.pipeline.client:
+            raise ConfigError(
+                "update_transforms need the whole update on one rank; the sharded exchange never gathers it: "
+                "drop them, or exchange='gathered'"
+            )
+        if self.fed_args.secure:
+            raise ConfigError("secure aggregation needs the gRPC runtime and the gathered exchange")
+
+    def _sync_sharded(self, weight: float, stats: TrainStats, metrics: dict[str, float] | None) -> bool:
+        """Each rank writes its boxes; rank 0 announces them all; each rank loads its boxes of the next global."""
+        pieces = self.access.pieces
+        written = self._in_step(lambda: self.channel.write(pieces))
+        everyone = self.ranks.gather_objects(written)
+        main = self.ranks.is_main
+        self._in_step(lambda: self.channel.announce(everyone, weight, metrics, stats) if main else None)
+        return self._in_step(lambda: self.channel.next(pieces, self.timeout), agree=True)
+
+    def _in_step(self, work: Callable[[], Any], agree: bool = False) -> Any:
+        """``work`` on every rank, then one all-reduce: if it failed on any rank, it fails on all (each other rank
+        raises RankFailed, not a hang at the next collective). ``agree``: every rank's True or False must match."""
+        result, error = None, None
+        try:
+            result = work()
+        except BaseException as exc:
+            error = exc
+        flags = torch.tensor([error is not None, result is True, result is False], device=self.ranks.device)
+        self.ranks.all_reduce(flags)
+        failed, yes, no = (int(v) for v in flags.tolist())
+        if error is not None:
+            raise error
+        if failed:
+            raise RankFailed(f"{self.name}: {failed} other rank(s) failed to sync (their own errors say why)")
+        if agree and yes and no:
+            raise RankFailed(f"{self.name}: the ranks disagree on whether the session goes on")
+        return result
+
     def _exchange(self, talk: Callable[[], Any]) -> bool:
         """Gather on every rank, talk to the arbiter on rank 0, broadcast the outcome, scatter on every rank."""
         self.access.gather()

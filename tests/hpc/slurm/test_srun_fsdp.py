@@ -17,16 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedfleet.core.fit_config import FitConfig
-from fedfleet.core.loop import LoopConfig, RoundLoop
-from fedfleet.core.params import FlatParams, select_params
-from fedfleet.runtime.files import FileRuntime
-from fedfleet.select import build_selector
-from fedfleet.strategy import build_strategy
 from fedfleet.sync.arbiter import SyncArbiter, SyncSessionConfig
 from tests.grpc_jobs import free_port
-from tests.hpc.fsdp_rank import tiny_llama
-from tests.hpc.test_fsdp_processes import TORCHRUN_VARS, check
+from tests.hpc.test_fsdp_processes import TORCHRUN_VARS, FolderArbiter, check
 from tests.paths import ROOT
 from tests.slurm_cluster import SlurmCluster
 
@@ -78,29 +71,14 @@ def test_two_srun_facilities_sync_through_a_folder_and_hold_the_weighted_mean_af
     (FileContext), whose round loop runs in this test from tiny_llama(0)'s params; its last sync loads the
     session's final params, published once the last round is committed."""
     exchange = tmp_path / "exchange"
-    initial = FlatParams.from_tensors({n: p.data for n, p in select_params(tiny_llama(0), "trainable")})
-    runtime = FileRuntime(exchange, session="s-fsdp", parties=["guest-9999", "host-10000"], min_parties=2,
-                          round_timeout=300, poll_s=0.2)  # fmt: skip
-    loop = RoundLoop(build_strategy("fedavg"), runtime, build_selector("uniform"), initial, FitConfig(),
-                     LoopConfig(rounds=2, cohort=2, seed=0, eval_every=0))  # fmt: skip
-    failures: list[BaseException] = []
-
-    def drive() -> None:
-        try:
-            loop.run()
-            runtime.publish_final(loop.global_params)
-        except BaseException as exc:  # seen by the assertion below
-            failures.append(exc)
-
-    thread = threading.Thread(target=drive, daemon=True)
-    thread.start()
+    arbiter = FolderArbiter(exchange, ["guest-9999", "host-10000"])
     logs = run_two_facilities(two_slurm_clusters, tmp_path, ["--exchange", str(exchange)])
-    thread.join(30)
-    assert not failures, failures
-    assert [r.round for r in loop.history] == [0, 1]
+    arbiter.join()
+    assert [r.round for r in arbiter.loop.history] == [0, 1]
     assert sorted(p.name for p in exchange.iterdir()) == ["final", "round-0001", "round-0002"]
+    assert all(rank["exchange"] == "sharded" for ranks in logs.values() for rank in ranks)
     means = check(logs, {"guest-9999": 32.0, "host-10000": 24.0})
-    final = loop.global_params.tensors()
+    final = arbiter.loop.global_params.tensors()
     for name, tensor in means[-1].items():  # the arbiter's model is the mean the ranks hold
         torch.testing.assert_close(final[name].double(), tensor, rtol=0, atol=2e-6)
 

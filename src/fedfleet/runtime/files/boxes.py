@@ -5,7 +5,8 @@ tensor (FSDP) can publish one file per rank, each tensor of a file being a box o
 the manifest's ``boxes`` saying which. The arbiter assembles the full update and checks that the boxes cover every
 value of every param exactly once: a gap, an overlap, a box outside its tensor, a dtype that is not the layout's
 or a param the model has not is refused naming the file. Keyed by name and offset, never by rank, so parties of
-different world sizes fold together. Ranks writing their own boxes (the party's side) is not built yet.
+different world sizes fold together. An FSDP party's ranks each write their own file (``write_box_file``) and
+its rank 0 the manifest (``publish_box_manifest``): ``runtime/files/sharded_party.py``.
 
 Manifest::
 
@@ -31,22 +32,31 @@ Box = tuple[str, Sequence[int], torch.Tensor]  # (param, offsets, values)
 
 def publish_boxes(folder: Path, files: Mapping[str, Sequence[Box]], spec: ParamSpec, manifest: dict[str, Any]) -> dict:
     """Write each file's boxes (a tensor each, keyed ``param@offsets``), then the manifest listing them."""
+    written = [write_box_file(folder, file, pieces) for file, pieces in files.items()]
+    return publish_box_manifest(folder, written, spec, manifest)
+
+
+def write_box_file(folder: Path, file: str, pieces: Sequence[Box]) -> dict[str, Any]:
+    """One file of boxes (an FSDP rank writes its own); returns what the manifest lists of it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors, entries = {}, {}
+    for param, offsets, values in pieces:
+        key = f"{param}@{','.join(str(o) for o in offsets)}"
+        tensors[key] = values.detach().contiguous().cpu()
+        entries[key] = {"param": param, "offsets": [int(o) for o in offsets]}
+    tmp = folder / f".{file}.{os.getpid()}.tmp"
+    digest, size = write_file(tmp, tensors)
+    fsync_replace(tmp, folder / file)
+    return {"file": file, "sha256": digest, "bytes": size, "boxes": entries}
+
+
+def publish_box_manifest(folder: Path, written: Sequence[dict[str, Any]], spec: ParamSpec, manifest: dict) -> dict:
+    """The manifest of box files already written (``write_box_file``'s results, from any process), last."""
     from fedfleet.runtime.files.exchange import FORMAT, layout, write_manifest
 
-    folder.mkdir(parents=True, exist_ok=True)
-    listed, boxes = {}, {}
-    for file, pieces in files.items():
-        tensors, entries = {}, {}
-        for param, offsets, values in pieces:
-            key = f"{param}@{','.join(str(o) for o in offsets)}"
-            tensors[key] = values.contiguous()
-            entries[key] = {"param": param, "offsets": [int(o) for o in offsets]}
-        tmp = folder / f".{file}.{os.getpid()}.tmp"
-        digest, size = write_file(tmp, tensors)
-        fsync_replace(tmp, folder / file)
-        listed[file], boxes[file] = {"sha256": digest, "bytes": size}, entries
-    body = {"format": FORMAT, **manifest, "layout": layout(spec), "params": list(files), "files": listed,
-            "boxes": boxes}  # fmt: skip
+    listed = {w["file"]: {"sha256": w["sha256"], "bytes": w["bytes"]} for w in written}
+    body = {"format": FORMAT, **manifest, "layout": layout(spec), "params": [w["file"] for w in written],
+            "files": listed, "boxes": {w["file"]: w["boxes"] for w in written}}  # fmt: skip
     write_manifest(folder, body)
     return body
 

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 import torch
 
 from fedfleet.core.params import FlatParams, ParamSpec
-from fedfleet.core.safetensors_stream import header_length, parse_header, tensors_in, write_file
+from fedfleet.core.safetensors_stream import header_length, parse_header, tensors_in, write_file_blocks
 from fedfleet.core.serialize import fsync_replace
 
 FORMAT = "fedfleet-exchange-1"
@@ -104,11 +104,16 @@ def layout(spec: ParamSpec) -> list[list[Any]]:
 
 
 def publish(
-    folder: Path, params: FlatParams, manifest: dict[str, Any], shard_bytes: int | None = None
+    folder: Path,
+    params: FlatParams,
+    manifest: dict[str, Any],
+    shard_bytes: int | None = None,
+    block_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Write ``params`` (one file, or shards of at most ``shard_bytes`` each, a bigger tensor alone in its own) and
     then the manifest (with the files' sums and sizes added) into ``folder``; returns the manifest written. Each
-    file: temp name, fsync, rename, fsync of the folder."""
+    file: temp name, fsync, rename, fsync of the folder. ``block_bytes``: each file's entry also lists the SHA-256
+    of every block of that many bytes, so a rank reading only its shard checks only what it reads (slices.py)."""
     folder.mkdir(parents=True, exist_ok=True)
     groups = shard_groups(params, shard_bytes)
     names = [PARAMS] if len(groups) == 1 else [f"params-{i:05d}-of-{len(groups):05d}.safetensors"
@@ -116,12 +121,26 @@ def publish(
     files = {}
     for name, group in zip(names, groups, strict=True):
         tmp = folder / f".{name}.{os.getpid()}.tmp"
-        digest, size = write_file(tmp, group)  # straight from the flat buffer's views, hashed as written
+        block = _block_size(group, block_bytes)
+        digest, size, blocks = write_file_blocks(tmp, group, block_bytes=block)  # hashed as written
         fsync_replace(tmp, folder / name)
         files[name] = {"sha256": digest, "bytes": size}
+        if block:
+            files[name]["blocks"] = {"bytes": block, "sha256": blocks}
     body = {"format": FORMAT, **manifest, "layout": layout(params.spec), "params": names, "files": files}
     write_manifest(folder, body)
     return body
+
+
+MAX_BLOCKS = 4096  # per file: a manifest of a 30 GB model's block sums stays far under MAX_MANIFEST_BYTES
+
+
+def _block_size(group: dict[str, torch.Tensor], block_bytes: int | None) -> int | None:
+    """``block_bytes``, or larger (a multiple of it) when a file that big would need more than MAX_BLOCKS."""
+    if not block_bytes:
+        return None
+    total = sum(t.numel() * t.element_size() for t in group.values()) + (1 << 16)  # and its header
+    return block_bytes * max(1, math.ceil(total / (block_bytes * MAX_BLOCKS)))
 
 
 def shard_groups(params: FlatParams, shard_bytes: int | None) -> list[dict[str, Any]]:
@@ -184,23 +203,11 @@ def verify(path: Path, expect: dict[str, Any], spec: ParamSpec | None) -> Publis
 
     ``expect``: fields the manifest must have exactly (session, party, round, kind); ``spec``: the layout the params
     must have (None: any, taken from the file). Raises Refused naming the file that fails."""
-    found = _read_manifest(path)
+    found = checked_manifest(path, expect, spec)
     if found is None:
         return None
     body, digest = found
-    for key, want in expect.items():
-        if body.get(key) != want:
-            raise Refused(f"{path}: {key} is {_get(body, key)!r}, expected {want!r}")
-    files, names = body.get("files"), body.get("params")
-    if not isinstance(files, dict) or not isinstance(names, list) or not names:
-        raise Refused(f"{path}: lists no params files")
-    for file in [*files, *names]:
-        if not isinstance(file, str) or not _NAME.match(file):
-            raise Refused(f"{path}: file name {file!r} is not a plain name in the manifest's folder")
-    if unlisted := [n for n in names if n not in files]:
-        raise Refused(f"{path}: params file {unlisted[0]} has no sha256 and size in the manifest")
-    if spec is not None and body.get("layout") != layout(spec):
-        raise Refused(f"{path}: its params' layout is not the global model's")
+    files, names = body["files"], body["params"]
     where: dict[str, Path] = {}
     params = None
     if "boxes" in body:  # pieces of tensors by name and offset, e.g. one file per rank (boxes.py)
@@ -220,6 +227,29 @@ def verify(path: Path, expect: dict[str, Any], spec: ParamSpec | None) -> Publis
         bad = next(n for n, t in params.tensors().items() if not bool(torch.isfinite(t).all()))
         raise Refused(f"{where[bad]}: holds NaN or infinite values ({bad})")
     return Published(body, params, path, digest)
+
+
+def checked_manifest(path: Path, expect: dict[str, Any], spec: ParamSpec | None) -> tuple[dict[str, Any], str] | None:
+    """The manifest at ``path`` and the SHA-256 of its bytes once its fields are checked (``expect``'s values, plain
+    file names, every params file listed with a sum, the layout ``spec``'s); None when there is none yet."""
+    found = _read_manifest(path)
+    if found is None:
+        return None
+    body, digest = found
+    for key, want in expect.items():
+        if body.get(key) != want:
+            raise Refused(f"{path}: {key} is {_get(body, key)!r}, expected {want!r}")
+    files, names = body.get("files"), body.get("params")
+    if not isinstance(files, dict) or not isinstance(names, list) or not names:
+        raise Refused(f"{path}: lists no params files")
+    for file in [*files, *names]:
+        if not isinstance(file, str) or not _NAME.match(file):
+            raise Refused(f"{path}: file name {file!r} is not a plain name in the manifest's folder")
+    if unlisted := [n for n in names if n not in files]:
+        raise Refused(f"{path}: params file {unlisted[0]} has no sha256 and size in the manifest")
+    if spec is not None and body.get("layout") != layout(spec):
+        raise Refused(f"{path}: its params' layout is not the global model's")
+    return body, digest
 
 
 class _NotInPlace(Exception):
@@ -259,7 +289,7 @@ def _in_place(path: Path, files: dict, names: list, spec: ParamSpec, where: dict
 def _read_shard_into(file: Path, entry: Any, target: memoryview, cursor: int) -> tuple[bytes, memoryview]:
     """A listed shard's header bytes, and its data read into ``target`` at ``cursor``, once size and SHA-256 are
     the manifest's."""
-    size = _listed_size(file, entry)
+    size = listed_size(file, entry)
     with open_published(file) as f:
         prefix = f.read(8)
         try:
@@ -323,14 +353,14 @@ def _complete(flat: FlatParams, where: dict[str, Path], path: Path) -> FlatParam
 
 def read_listed(path: Path, entry: Any) -> bytearray:
     """The bytes of a file a manifest lists, once their size and SHA-256 are the manifest's."""
-    size = _listed_size(path, entry)
+    size = listed_size(path, entry)
     data = read_bytes(path)
     if len(data) != size or hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise Refused(f"{path}: its SHA-256 is not the manifest's (damaged or replaced)")
     return data
 
 
-def _listed_size(path: Path, entry: Any) -> int:
+def listed_size(path: Path, entry: Any) -> int:
     """The size a manifest entry gives, once the file has it."""
     if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not _count(entry.get("bytes")):
         raise Refused(f"{path}: its manifest entry has no sha256 and bytes")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,17 +99,24 @@ def wait_for_global(
 
 
 def wait_for_first(
-    looks: list[tuple[Path, dict[str, Any]]], spec: Any, *, timeout: float, poll_s: float, what: str
-) -> tuple[Published, int]:
+    looks: list[tuple[Path, dict[str, Any]]],
+    spec: Any,
+    *,
+    timeout: float,
+    poll_s: float,
+    what: str,
+    read: Callable[[Path, dict[str, Any], Any], Any] = verify,
+) -> tuple[Any, int]:
     """The first of ``looks`` (a manifest and the fields it must have) that verifies, and its index; polled from
-    quickly to every ``poll_s``, a manifest that does not verify looked at again until ``timeout``."""
+    quickly to every ``poll_s``, a manifest that does not verify looked at again until ``timeout``. ``read``: how a
+    manifest is verified and read (``verify``: the whole params; a rank's slices: ``slices.read_slices``)."""
     deadline = time.monotonic() + timeout
     last = f"no manifest at {looks[0][0]}"
     delays = poll_delays(poll_s)
     while True:
         for index, (path, expect) in enumerate(looks):
             try:
-                found = verify(path, expect, spec)
+                found = read(path, expect, spec)
             except Refused as exc:
                 last = str(exc)
                 continue

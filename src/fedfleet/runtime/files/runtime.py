@@ -41,6 +41,9 @@ from fedfleet.runtime.sim.sequential import client_seed
 log = logging.getLogger("fedfleet.arbiter")
 
 ARBITER = "arbiter"
+# global params are published with a SHA-256 per block of this many bytes: an FSDP party's rank reads and checks
+# only the blocks holding its shard (slices.py), at the cost of hashing the global twice as it is written
+BLOCK_BYTES = 4 << 20
 # the largest |value| x weight an update may bring to the running sum (float32 ends at 3.4e38), as over gRPC
 MAX_WEIGHTED_MAGNITUDE = 1e32
 
@@ -62,12 +65,15 @@ class FileRuntime:
         max_weight: float = 1.0e9,
         max_update_norm: float | None = None,
         shard_bytes: int | None = None,
+        block_bytes: int | None = BLOCK_BYTES,
     ) -> None:
         """``parties``: the session's parties, client ``k`` of the loop being ``parties[k]``. ``keep_last``: after
         publishing a round, remove the files this runtime's manifests list of rounds older than the last
         ``keep_last`` (None: keep everything). ``evaluator``: a central (trainer, test data) pair, or None. An update
         claiming a weight over ``max_weight``, or a delta longer (L2) than ``max_update_norm``, is refused.
-        ``shard_bytes``: the global params are written as safetensors shards of at most this size (None: one file)."""
+        ``shard_bytes``: the global params are written as safetensors shards of at most this size (None: one file);
+        ``block_bytes``: their manifest lists a SHA-256 per block of this size, for ranks that read only their
+        shard (None: none, and a sharded party is refused)."""
         self.exchange = exchange if isinstance(exchange, Exchange) else Exchange(exchange)
         self.session = session
         self.parties = list(parties)
@@ -84,6 +90,7 @@ class FileRuntime:
         self.max_weight = max_weight
         self.max_update_norm = max_update_norm
         self.shard_bytes = shard_bytes
+        self.block_bytes = block_bytes
         self.refusals: list[str] = []  # every refusal of the session, for whoever asks why
         self._metrics: dict[str, float] = {}
 
@@ -171,7 +178,7 @@ class FileRuntime:
         """The session's final global params, for parties that sync at their own points (``FileContext``): their
         last sync loads them. Returns the manifest's path."""
         manifest = {"session": self.session, "party": ARBITER, "round": 0, "kind": "final"}
-        publish(self.exchange.final_dir(), params, manifest, self.shard_bytes)
+        publish(self.exchange.final_dir(), params, manifest, self.shard_bytes, self.block_bytes)
         return self.exchange.final_dir() / MANIFEST
 
     def gone(self, rnd: int, pending: set[str]) -> dict[str, str]:
@@ -213,7 +220,7 @@ class FileRuntime:
                 published = None
             if published is not None and published.params.allclose(params, rtol=0, atol=0):
                 return published.sha256
-        publish(folder, params, manifest, self.shard_bytes)
+        publish(folder, params, manifest, self.shard_bytes, self.block_bytes)
         return file_sum(folder / MANIFEST)[0]
 
     def _check_bounds(self, update: Update, path: Path) -> None:

@@ -44,6 +44,12 @@ class FileContext:
             raise ConfigError("secure aggregation needs the gRPC runtime: the file exchange has no masking rounds")
         return FileChannel(self, spec, rounds, pipeline=extra.get("pipeline"), seed=int(extra.get("seed", 0)))
 
+    def sharded_channel(self, spec: Any, rounds: int, rank: int) -> Any:
+        """One rank's channel of the sharded exchange: it reads and writes only its own boxes (FSDP parties)."""
+        from fedfleet.runtime.files.sharded_party import ShardedFileChannel
+
+        return ShardedFileChannel(self, spec, rounds, rank)
+
 
 class FileChannel:
     def __init__(self, ctx: FileContext, spec: Any, rounds: int, pipeline: Any = None, seed: int = 0) -> None:

@@ -110,6 +110,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--model-seed", type=int, default=0)
+    p.add_argument("--sync-timeout", type=float, default=120.0, help="seconds a sync waits for the others")
     p.add_argument("--exchange-kind", default="auto", help="FSDPParty's exchange=: auto, sharded or gathered")
     p.add_argument("--freeze-embeddings", action="store_true", help="exchange all but the token embeddings")
     a = p.parse_args()
@@ -122,7 +123,7 @@ def main() -> None:
     if a.freeze_embeddings:
         model.model.embed_tokens.weight.requires_grad_(False)
     config = FSDPConfig(a.strategy, a.shard_size, a.precision, a.checkpointing, a.accum, device="cpu")
-    party = FSDPParty(ctx, model, FedArguments("epoch", 1), config, sync_timeout=120,
+    party = FSDPParty(ctx, model, FedArguments("epoch", 1), config, sync_timeout=a.sync_timeout,
                        exchange=a.exchange_kind)
     log: dict = {"before": [], "after": [], "weights": []}
     record(party, log)

@@ -16,6 +16,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from fedfleet.core.params import FlatParams, select_params
+from fedfleet.runtime.files.exchange import Exchange, publish
+from tests.hpc.fsdp_rank import tiny_llama
 from tests.hpc.test_fsdp_processes import FolderArbiter, check, launch, wait_all
 
 pytestmark = pytest.mark.slow
@@ -64,6 +67,33 @@ def test_three_fsdp_parties_of_1_and_2_ranks_exchange_only_their_shards_through_
     assert all(shard_bytes(rank["start"]) < 0.6 * full_bytes for rank in guest)  # half the model each
     assert [bool(rank["traffic"]["written"]) for rank in replicas] == [True, False]  # the second replica writes none
     assert all(rank["traffic"]["read"] < 3 * full_bytes for rank in guest)
+
+
+def test_a_block_only_one_rank_reads_fails_that_rank_and_the_other_rank_stops_too(tmp_path: Path) -> None:
+    """Round 1's global with one changed byte in the rows only rank 1 of a FULL_SHARD party reads (the end of the
+    head): rank 1 refuses the block until its timeout; rank 0, which read its own rows fine, does not wait for
+    ever in the next collective but stops at once with rank 1, saying another rank failed."""
+    exchange = Exchange(tmp_path / "exchange")
+    params = FlatParams.from_tensors({n: p.data for n, p in select_params(tiny_llama(0), "trainable")})
+    assert params.spec.names[-1] == "lm_head.weight"  # the last tensor: rank 1 holds its second half
+    manifest = {"session": "s-fsdp", "party": "arbiter", "round": 1, "kind": "global", "tasks": {}}
+    publish(exchange.global_dir(1), params, manifest, block_bytes=BLOCK)
+    path = exchange.global_dir(1) / "params.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 1
+    path.write_bytes(data)
+    out = tmp_path / "out"
+    out.mkdir()
+    procs = launch("guest", "9999", 2, ["--exchange", str(exchange.root)], out, "--strategy", "FULL_SHARD",
+                   "--sync-timeout", "4")  # fmt: skip
+    errors = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        errors.append(err)
+        assert proc.returncode != 0
+    assert "does not match the manifest's sum" in errors[1] and "within 4 s" in errors[1], errors[1][-2000:]
+    assert "1 other rank(s) failed to sync" in errors[0], errors[0][-2000:]
+    assert not list(out.iterdir())  # neither rank got as far as training and recording
 
 
 def shard_bytes(shards: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> int:

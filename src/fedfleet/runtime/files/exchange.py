@@ -36,7 +36,9 @@ from fedfleet.core.serialize import fsync_replace
 FORMAT = "fedfleet-exchange-1"
 MANIFEST = "manifest.json"
 PARAMS = "params.safetensors"
-MAX_MANIFEST_BYTES = 1 << 20  # a manifest lists a few files and metrics; anything bigger is not one of ours
+# a manifest lists files, metrics, block sums (up to MAX_BLOCKS: ~4.5 MB) and an FSDP party's boxes (a 7B model's
+# 291 tensors from 64 ranks: ~1.5 MB); anything bigger is not one of ours, and is refused before it is parsed
+MAX_MANIFEST_BYTES = 16 << 20
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")  # file and party names: no paths, no hidden files
 _NAME = PLAIN_NAME
 _ROUND = re.compile(r"^round-(\d{4,})$")
@@ -119,9 +121,9 @@ def publish(
     names = [PARAMS] if len(groups) == 1 else [f"params-{i:05d}-of-{len(groups):05d}.safetensors"
                                                   for i in range(1, len(groups) + 1)]  # fmt: skip
     files = {}
+    block = _block_size(groups, block_bytes)
     for name, group in zip(names, groups, strict=True):
         tmp = folder / f".{name}.{os.getpid()}.tmp"
-        block = _block_size(group, block_bytes)
         digest, size, blocks = write_file_blocks(tmp, group, block_bytes=block)  # hashed as written
         fsync_replace(tmp, folder / name)
         files[name] = {"sha256": digest, "bytes": size}
@@ -132,14 +134,14 @@ def publish(
     return body
 
 
-MAX_BLOCKS = 4096  # per file: a manifest of a 30 GB model's block sums stays far under MAX_MANIFEST_BYTES
+MAX_BLOCKS = 65536  # per manifest, all its files: 64 GB in 1 MiB blocks, ~4.5 MB of sums
 
 
-def _block_size(group: dict[str, torch.Tensor], block_bytes: int | None) -> int | None:
-    """``block_bytes``, or larger (a multiple of it) when a file that big would need more than MAX_BLOCKS."""
+def _block_size(groups: list[dict[str, torch.Tensor]], block_bytes: int | None) -> int | None:
+    """``block_bytes``, or larger (a multiple of it) when the files would need more than MAX_BLOCKS in all."""
     if not block_bytes:
         return None
-    total = sum(t.numel() * t.element_size() for t in group.values()) + (1 << 16)  # and its header
+    total = sum(t.numel() * t.element_size() + (1 << 16) for g in groups for t in g.values())  # headers, roughly
     return block_bytes * max(1, math.ceil(total / (block_bytes * MAX_BLOCKS)))
 
 

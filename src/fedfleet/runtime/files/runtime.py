@@ -42,8 +42,10 @@ log = logging.getLogger("fedfleet.arbiter")
 
 ARBITER = "arbiter"
 # global params are published with a SHA-256 per block of this many bytes: an FSDP party's rank reads and checks
-# only the blocks holding its shard (slices.py), at the cost of hashing the global twice as it is written
-BLOCK_BYTES = 4 << 20
+# only the blocks holding its shard (slices.py), at the cost of hashing the global twice as it is written. A rank
+# reads up to a block too many at either end of its rows of each tensor: 1 MiB keeps that small beside the shards
+# of a large model (benchmarks/fsdp_sharded_exchange.py: 4 MiB blocks read the whole of 4 MiB tensors)
+BLOCK_BYTES = 1 << 20
 # the largest |value| x weight an update may bring to the running sum (float32 ends at 3.4e38), as over gRPC
 MAX_WEIGHTED_MAGNITUDE = 1e32
 

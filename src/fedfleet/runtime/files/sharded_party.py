@@ -58,8 +58,12 @@ class ShardedFileChannel:
         """This rank's boxes of the update as its own file; None when it writes none (a second replica)."""
         if self.round == 0:
             raise RuntimeError("write() before start()")
-        mine = [(p.name, p.offsets, p.local.detach().float().sub(self._global[p.name]).to(p.local.dtype))
-                for p in pieces if p.writes]  # fmt: skip
+        mine = []
+        with torch.no_grad():
+            for p in pieces:
+                if p.writes:  # the delta in place of the global's copy: no second shard-sized buffer (next reloads)
+                    delta = self._global.pop(p.name).neg_().add_(p.local.float())
+                    mine.append((p.name, p.offsets, delta.to(p.local.dtype)))
         if not mine:
             return None
         written = write_box_file(self._folder(), f"rank-{self.rank:05d}.safetensors", mine)

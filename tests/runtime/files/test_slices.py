@@ -93,3 +93,20 @@ def test_non_finite_values_in_a_rank_slice_are_refused(tmp_path: Path, flat) -> 
     assert read_slices(tmp_path / MANIFEST, EXPECT, flat.spec, {"a": (slice(0, 5), slice(0, 5))}) is not None
     with pytest.raises(Refused, match="NaN"):
         read_slices(tmp_path / MANIFEST, EXPECT, flat.spec, {"a": BOXES["a"]})
+
+
+def test_a_large_models_block_sums_fit_a_manifest_and_an_oversized_manifest_is_refused_unparsed(tmp_path: Path):
+    """The block size grows so that a manifest never lists more than MAX_BLOCKS sums (a 30 GB model's stay a few
+    MB); a manifest file over MAX_MANIFEST_BYTES is refused by its size alone."""
+    from fedfleet.runtime.files import exchange
+
+    big = 100 << 30  # 100 GB of fp32, on the meta device: only the sizes are read
+    assert big > exchange.MAX_BLOCKS * (1 << 20)  # 1 MiB blocks alone would be too many
+    fake = [{"w": torch.empty((big // 4,), dtype=torch.float32, device="meta")}]
+    chosen = exchange._block_size(fake, 1 << 20)
+    assert chosen % (1 << 20) == 0 and big / chosen <= exchange.MAX_BLOCKS
+    assert (big / chosen) * 70 < exchange.MAX_MANIFEST_BYTES  # ~70 bytes a sum in the JSON
+    path = tmp_path / MANIFEST
+    path.write_bytes(b"{" + b" " * exchange.MAX_MANIFEST_BYTES + b"}")
+    with pytest.raises(Refused, match="more than a manifest"):
+        read_slices(path, EXPECT, FlatParams.from_tensors({"a": torch.zeros(1)}).spec, {})

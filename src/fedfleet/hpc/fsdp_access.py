@@ -113,6 +113,7 @@ class Piece:
     def local(self) -> torch.Tensor:
         """The tensor holding the box: the optimizer's own, written in place (looked up at each use, not kept)."""
         return _local(self.param).data
+
     @property
     def offsets(self) -> tuple[int, ...]:
         return tuple(s.start for s in self.box)

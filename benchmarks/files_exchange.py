@@ -4,7 +4,8 @@ A LLaMA-shaped model of about 1.1B params (22 layers, hidden 2048, intermediate 
 bf16 values, 2.2 GB) goes through one round of the files runtime's exchange as a site without network does it:
 
 1. the arbiter publishes the global model (``runtime.files.exchange.publish``: safetensors shards of 1 GB, each
-   written to a temp name, hashed, fsynced, renamed; the manifest last);
+   written to a temp name, hashed whole and per 1 MiB block as FileRuntime does, fsynced, renamed; the manifest
+   last), and once more without the block sums, side by side, for what they cost;
 2. the party reads it back cold (pages dropped first) through ``verify``: every shard's size and SHA-256 checked
    against the manifest before safetensors parses it, the layout checked, values checked finite;
 3. the party publishes its update (the same size) and the arbiter verifies it.
@@ -39,6 +40,7 @@ from benchmarks.disk import drop_cache, read_bandwidth, write_bandwidth  # noqa:
 
 from fedfleet.core.params import FlatParams, ParamSpec  # noqa: E402
 from fedfleet.runtime.files.exchange import publish, verify  # noqa: E402
+from fedfleet.runtime.files.runtime import BLOCK_BYTES  # noqa: E402
 
 FULL = {"layers": 22, "hidden": 2048, "intermediate": 5632, "vocab": 32000, "kv": 256}
 QUICK = {"layers": 4, "hidden": 1024, "intermediate": 2816, "vocab": 32000, "kv": 256}
@@ -92,7 +94,11 @@ def main() -> None:
         steps = {}
         manifest = {"session": "bench", "round": 1, "kind": "global"}
         glob = work / "round-0001" / "global"
-        _, steps["publish_global"] = timed(publish, glob, params, manifest, shard_bytes=shard)
+        # as FileRuntime publishes it: with a SHA-256 per block, for FSDP ranks reading only their rows
+        _, steps["publish_global"] = timed(publish, glob, params, manifest, shard_bytes=shard, block_bytes=BLOCK_BYTES)
+        plain = work / "plain-global"  # the same without block sums, side by side: what the second hash costs
+        _, plain_s = timed(publish, plain, params, manifest, shard_bytes=shard)
+        shutil.rmtree(plain)
         files = sorted(glob.glob("params*.safetensors"))
         cold = drop_cache(files)
         got, steps["verify_global"] = timed(verify, glob / "manifest.json", manifest, params.spec)
@@ -120,6 +126,8 @@ def main() -> None:
             "cache_drop_took": bool(cold["took"] and read_drop["took"]),
             **{f"{k}_s": round(v, 2) for k, v in steps.items()},
             "publish_fraction_of_write": round(nbytes / steps["publish_global"] / write_bw, 3),
+            "publish_global_without_block_sums_s": round(plain_s, 2),
+            "block_sums_cost_ratio": round(steps["publish_global"] / plain_s, 3),
             "verify_fraction_of_read": round(nbytes / steps["verify_global"] / read_bw, 3),
             "round_exchange_s": round(total, 2),
             "io_floor_s": round(floor, 2),

@@ -17,6 +17,7 @@ one holds only the rank's boxes.
 
     python benchmarks/fsdp_sharded_exchange.py            # 64M params (256 MB fp32), 4 syncs
     python benchmarks/fsdp_sharded_exchange.py --quick    # 16M params, 3 syncs (< 1 min on 2 cores)
+    python benchmarks/fsdp_sharded_exchange.py --quick --block-bytes 4194304   # coarser block sums
 """
 
 from __future__ import annotations
@@ -110,11 +111,12 @@ def run(kind: str, a: argparse.Namespace) -> list[dict]:
     from fedfleet.select import build_selector
     from fedfleet.strategy import build_strategy
 
+    blocks = {} if a.block_bytes is None else {"block_bytes": a.block_bytes}
     with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
         exchange = Path(tmp) / "exchange"
         initial = FlatParams.from_tensors({n: p.data for n, p in stacked(a.width, a.layers).named_parameters()})
         runtime = FileRuntime(exchange, session="bench", parties=[PARTY], min_parties=1, round_timeout=300,
-                              poll_s=0.05, keep_last=1)  # fmt: skip
+                              poll_s=0.05, keep_last=1, **blocks)  # fmt: skip
         loop = RoundLoop(build_strategy("fedavg"), runtime, build_selector("uniform"), initial, FitConfig(),
                          LoopConfig(rounds=a.syncs, cohort=1, seed=0, eval_every=0))  # fmt: skip
         del initial
@@ -153,6 +155,12 @@ def run(kind: str, a: argparse.Namespace) -> list[dict]:
     return sorted(results, key=lambda r: r["rank"])
 
 
+def _block_default() -> int:
+    from fedfleet.runtime.files.runtime import BLOCK_BYTES
+
+    return BLOCK_BYTES
+
+
 def ratio(sides: dict[str, list[dict]], rank: int) -> float:
     return round(sides["sharded"][rank]["sync_rss_mb"] / sides["gathered"][rank]["sync_rss_mb"], 3)
 
@@ -163,6 +171,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--syncs", type=int, default=None)
+    p.add_argument("--block-bytes", type=int, default=None, help="the global's block sums (default FileRuntime's)")
     p.add_argument("--tmp", default=None, help="where the exchange folder goes (default: the system's temp)")
     p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--exchange", help=argparse.SUPPRESS)
@@ -183,6 +192,7 @@ def main() -> None:
         "model_mb": params * 4 / 1e6,
         "ranks": 2,
         "syncs": a.syncs,
+        "block_bytes": a.block_bytes or _block_default(),
         **{
             f"{kind}_{key}_rank{r['rank']}": round(r[key], 3)
             for kind, ranks in sides.items()

@@ -141,7 +141,8 @@ def _block_size(groups: list[dict[str, torch.Tensor]], block_bytes: int | None) 
     """``block_bytes``, or larger (a multiple of it) when the files would need more than MAX_BLOCKS in all."""
     if not block_bytes:
         return None
-    total = sum(t.numel() * t.element_size() + (1 << 16) for g in groups for t in g.values())  # headers, roughly
+    headers = (1 << 20) * len(groups)  # a file's header is far smaller; bounding it keeps the count a bound
+    total = headers + sum(t.numel() * t.element_size() for g in groups for t in g.values())
     return block_bytes * max(1, math.ceil(total / (block_bytes * MAX_BLOCKS)))
 
 

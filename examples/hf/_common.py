@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,14 @@ def serve(ctx: Any) -> int:
     history = FedAvgServer(ctx).train()
     print(json.dumps({"rounds": len(history), "train_loss": [r.metrics.get("train_loss") for r in history]}))
     return 0
+
+
+def leave_ranks() -> None:
+    """Closes the process group the Trainer started under a launcher: a gloo group left to the interpreter's exit
+    can abort its rank (``terminate called without an active exception``) after the work is done."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no group (and no torch import for the arbiter)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def training_arguments(args: argparse.Namespace, output_dir: Path, **extra: Any) -> Any:

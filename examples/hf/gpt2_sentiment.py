@@ -25,7 +25,16 @@ import logging
 import sys
 from pathlib import Path
 
-from _common import add_session_args, context, data_owners, parties, review_split, serve, training_arguments
+from _common import (
+    add_session_args,
+    context,
+    data_owners,
+    leave_ranks,
+    parties,
+    review_split,
+    serve,
+    training_arguments,
+)
 
 SIZES = {  # GPT2Config fields
     "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
@@ -138,4 +147,8 @@ def share_of_reviews(args: argparse.Namespace, name: str, work: Path) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        leave_ranks()
+    sys.exit(code)

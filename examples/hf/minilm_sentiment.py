@@ -42,7 +42,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from _common import add_session_args, context, data_owners, parties, review_split, serve, training_arguments
+from _common import (
+    add_session_args,
+    context,
+    data_owners,
+    leave_ranks,
+    parties,
+    review_split,
+    serve,
+    training_arguments,
+)
 
 SPLITS = {"iid": "iid", "label-skew": "dirichlet"}  # --split: fedfleet partitioner
 
@@ -360,4 +369,8 @@ def run_party(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        leave_ranks()
+    sys.exit(code)

@@ -1,14 +1,16 @@
-"""The FSDP party's two exchanges through a folder, side by side: "gathered" vs "sharded" (issue 17, item 2).
+"""The FSDP party's two exchanges, side by side: "gathered" vs "sharded" (issue 17, item 2), through a folder or
+over gRPC (``--runtime``).
 
 One party of 2 CPU ranks (gloo), a model of stacked square ``Linear`` layers sharded with FSDP2 ``FULL_SHARD``,
-syncing every optimizer step with a FileRuntime arbiter (fedavg) in the launching process. No training: each
-step only counts examples, so a sync is all there is to time. Per rank and per exchange:
+syncing every optimizer step with an arbiter (fedavg) in the launching process: a FileRuntime's loop, or a
+``SyncArbiter`` on loopback (each rank of the sharded party on a stream of its own). No training: each step only
+counts examples, so a sync is all there is to time. Per rank and per exchange:
 
 - ``sync_rss_mb``: how far the rank's resident memory rose, at its highest (sampled every 2 ms from
   /proc/self/statm), above where it stood before the model was built: the model (built whole on every rank,
   then sharded), the shards and what the exchange holds, the first two the same for both exchanges;
-- ``read_mb`` / ``written_mb`` (sharded only: its own count of published-file bytes; the gathered exchange has
-  rank 0 read and write the whole model and the other rank nothing);
+- ``read_mb`` / ``written_mb`` (sharded only: its own count of published-file bytes, or of params bytes on its
+  stream; the gathered exchange has rank 0 move the whole model and the other rank nothing);
 - ``sync_s``: the median seconds of a sync, seen from the rank (the arbiter's fold and publishing included).
 
 The ratio to look at is each rank's ``sync_rss_mb``, sharded / gathered: the gathered exchange allocates a
@@ -18,6 +20,7 @@ one holds only the rank's boxes.
     python benchmarks/fsdp_sharded_exchange.py            # 64M params (256 MB fp32), 4 syncs
     python benchmarks/fsdp_sharded_exchange.py --quick    # 16M params, 3 syncs (< 1 min on 2 cores)
     python benchmarks/fsdp_sharded_exchange.py --quick --block-bytes 4194304   # coarser block sums
+    python benchmarks/fsdp_sharded_exchange.py --quick --runtime grpc           # over gRPC on loopback
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTY = "guest-9999"
+PARTIES = [("guest", "9999"), ("arbiter", "10000")]
 
 
 def stacked(width: int, layers: int) -> nn.Module:
@@ -55,7 +59,12 @@ def rank_main(a: argparse.Namespace) -> None:
     from fedfleet.sync import FedArguments
 
     torch.set_num_threads(1)
-    ctx = FileContext(a.exchange, PARTY, "bench", timeout=300, poll_s=0.05)
+    if a.address:
+        from fedfleet.sync import create_context
+
+        ctx = create_context(("guest", "9999"), PARTIES, "bench", arbiter_address=a.address, insecure=True)
+    else:
+        ctx = FileContext(a.exchange, PARTY, "bench", timeout=300, poll_s=0.05)
     config = FSDPConfig("FULL_SHARD", precision="fp32", device="cpu")
     gc.collect()
     sampler = RssSampler()  # from before the model: its construction (whole on each rank) is the same either way
@@ -102,8 +111,8 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run(kind: str, a: argparse.Namespace) -> list[dict]:
-    """One session: the arbiter's loop here, the party's 2 ranks as processes."""
+def folder_arbiter(a: argparse.Namespace, exchange: Path, failures: list) -> threading.Thread:
+    """A FileRuntime's round loop over ``exchange``, publishing the final params after the last round."""
     from fedfleet.core.fit_config import FitConfig
     from fedfleet.core.loop import LoopConfig, RoundLoop
     from fedfleet.core.params import FlatParams
@@ -112,34 +121,64 @@ def run(kind: str, a: argparse.Namespace) -> list[dict]:
     from fedfleet.strategy import build_strategy
 
     blocks = {} if a.block_bytes is None else {"block_bytes": a.block_bytes}
+    initial = FlatParams.from_tensors({n: p.data for n, p in stacked(a.width, a.layers).named_parameters()})
+    runtime = FileRuntime(exchange, session="bench", parties=[PARTY], min_parties=1, round_timeout=300,
+                          poll_s=0.05, keep_last=1, **blocks)  # fmt: skip
+    loop = RoundLoop(build_strategy("fedavg"), runtime, build_selector("uniform"), initial, FitConfig(),
+                     LoopConfig(rounds=a.syncs, cohort=1, seed=0, eval_every=0))  # fmt: skip
+
+    def drive() -> None:
+        try:
+            loop.run()
+            runtime.publish_final(loop.global_params)
+        except BaseException as exc:  # reported by run()
+            failures.append(exc)
+
+    return threading.Thread(target=drive, daemon=True)
+
+
+def grpc_arbiter(a: argparse.Namespace, address: str, failures: list) -> threading.Thread:
+    """A party-paced arbiter on loopback, from the model's initial params (no party is asked for them)."""
+    from fedfleet.core.params import FlatParams
+    from fedfleet.sync.arbiter import SyncArbiter, SyncSessionConfig
+
+    initial = FlatParams.from_tensors({n: p.data for n, p in stacked(a.width, a.layers).named_parameters()})
+    arbiter = SyncArbiter(SyncSessionConfig(session="bench", parties=[PARTY], address=address, certs=None,
+                                            initial=initial, round_timeout=300))  # fmt: skip
+
+    def drive() -> None:
+        try:
+            arbiter.serve()
+        except BaseException as exc:  # reported by run()
+            failures.append(exc)
+
+    return threading.Thread(target=drive, daemon=True)
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def run(kind: str, a: argparse.Namespace) -> list[dict]:
+    """One session: the arbiter here, the party's 2 ranks as processes."""
     with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
         exchange = Path(tmp) / "exchange"
-        initial = FlatParams.from_tensors({n: p.data for n, p in stacked(a.width, a.layers).named_parameters()})
-        runtime = FileRuntime(exchange, session="bench", parties=[PARTY], min_parties=1, round_timeout=300,
-                              poll_s=0.05, keep_last=1, **blocks)  # fmt: skip
-        loop = RoundLoop(build_strategy("fedavg"), runtime, build_selector("uniform"), initial, FitConfig(),
-                         LoopConfig(rounds=a.syncs, cohort=1, seed=0, eval_every=0))  # fmt: skip
-        del initial
+        address = f"127.0.0.1:{free_port()}"
         failures: list[BaseException] = []
-
-        def drive() -> None:
-            try:
-                loop.run()
-                runtime.publish_final(loop.global_params)
-            except BaseException as exc:  # reported below
-                failures.append(exc)
-
-        thread = threading.Thread(target=drive, daemon=True)
+        if a.runtime == "grpc":
+            thread, where = grpc_arbiter(a, address, failures), ["--address", address]
+        else:
+            thread, where = folder_arbiter(a, exchange, failures), ["--exchange", str(exchange)]
         thread.start()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = str(s.getsockname()[1])
+        port = free_port()
         procs = []
         for rank in range(2):
             env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
                    "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}  # fmt: skip
             env["OMP_NUM_THREADS"] = "1"
-            cmd = [sys.executable, __file__, "--rank-worker", "--exchange", str(exchange), "--exchange-kind", kind,
+            cmd = [sys.executable, __file__, "--rank-worker", *where, "--exchange-kind", kind,
                    "--width", str(a.width), "--layers", str(a.layers), "--syncs", str(a.syncs)]  # fmt: skip
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True))  # fmt: skip
@@ -173,8 +212,10 @@ def main() -> None:
     p.add_argument("--syncs", type=int, default=None)
     p.add_argument("--block-bytes", type=int, default=None, help="the global's block sums (default FileRuntime's)")
     p.add_argument("--tmp", default=None, help="where the exchange folder goes (default: the system's temp)")
+    p.add_argument("--runtime", choices=("files", "grpc"), default="files", help="through a folder, or over gRPC")
     p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--exchange", help=argparse.SUPPRESS)
+    p.add_argument("--address", help=argparse.SUPPRESS)
     p.add_argument("--exchange-kind", default="sharded", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.width = a.width or (1024 if a.quick else 2048)
@@ -192,7 +233,8 @@ def main() -> None:
         "model_mb": params * 4 / 1e6,
         "ranks": 2,
         "syncs": a.syncs,
-        "block_bytes": a.block_bytes or _block_default(),
+        "runtime": a.runtime,
+        **({"block_bytes": a.block_bytes or _block_default()} if a.runtime == "files" else {}),
         **{
             f"{kind}_{key}_rank{r['rank']}": round(r[key], 3)
             for kind, ranks in sides.items()

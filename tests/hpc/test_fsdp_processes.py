@@ -175,6 +175,34 @@ def check(logs: dict[str, list[dict]], weights: dict[str, float], freeze_embeddi
     return means
 
 
+CHUNK_HEADER = 200  # bytes of a chunk's safetensors header, at most (one chunk per dtype at these sizes)
+
+
+def check_streams(logs: dict[str, list[dict]], syncs: int = 2) -> None:
+    """Every rank exchanged over a stream of its own, moving only its rows: it received its shard three times
+    (the start, the second round, the final params) and the party's ranks sent its params once per sync between
+    them (a replica's rows by the first holder only), once more from the party that gave the initial params.
+    Nothing of another rank's rows went over its stream."""
+    initial = []
+    for party, ranks in logs.items():
+        sent = 0
+        for rank in ranks:
+            assert rank["exchange"] == "sharded", (party, rank["exchange"])
+            own = sum(local.numel() * 4 for _, local in rank["start"].values())  # fp32 master weights
+            assert 3 * own <= rank["traffic"]["read"] <= 3 * (own + CHUNK_HEADER), (party, rank["traffic"], own)
+            sent += rank["traffic"]["written"]
+        total = sum(local.numel() * 4 for _, local in assemble_boxes(ranks).values())
+        sends = [n for n in (syncs, syncs + 1) if n * total <= sent <= n * (total + len(ranks) * CHUNK_HEADER)]
+        assert sends, (party, sent, total)
+        initial += [party] if sends[0] > syncs else []
+    assert len(initial) == 1, initial  # the model-less arbiter asked one party for its initial params
+
+
+def assemble_boxes(ranks: list[dict]) -> dict[tuple[str, tuple[int, ...]], tuple]:
+    """Each distinct box of the party's tensors once (replicas hold the same boxes)."""
+    return {(name, offset): (offset, local) for rank in ranks for name, (offset, local) in rank["start"].items()}
+
+
 def loss_of_plain_model(mean: dict[str, torch.Tensor], dtype: torch.dtype, seed: int = 0) -> float:
     """The loss the mean gives in a plain, unsharded model: what the party's sharded forward must compute."""
     model = tiny_llama(seed)
@@ -192,6 +220,8 @@ def test_two_parties_of_two_ranks_hold_the_weighted_mean_after_every_sync(tmp_pa
     host = ["--strategy", "HYBRID_SHARD", "--shard-size", "1", "--examples", "24", "--model-seed", "1"]
     logs = run_session(tmp_path, (2, guest), (2, host))
     means = check(logs, {"guest-9999": 32.0, "host-10000": 24.0})
+    check_streams(logs)
+    assert logs["host-10000"][1]["traffic"]["written"] == 0  # the second replica: its rows are the first's
     assert logs["guest-9999"][0]["dtype"] == "torch.bfloat16" and logs["host-10000"][0]["dtype"] == "torch.float32"
     assert [h["step"] for h in logs["guest-9999"][0]["history"]] == [2, 4]  # 32 / 2 ranks / 4 per batch / 2 accum
     assert [h["step"] for h in logs["host-10000"][0]["history"]] == [3, 6]
@@ -211,6 +241,7 @@ def test_a_party_of_one_rank_and_one_of_two_federate_their_trainable_params(tmp_
     logs = run_session(tmp_path, (1, guest), (2, host))
     assert all("model.embed_tokens.weight" not in rank["before"][0] for p in logs.values() for rank in p)
     means = check(logs, {"guest-9999": 16.0, "host-10000": 40.0}, freeze_embeddings=True)
+    check_streams(logs)
     # the frozen embeddings stayed each party's own (both seed 0 here), so one plain model checks both parties
     fp32 = loss_of_plain_model(means[-1], torch.float32, seed=0)
     assert all(abs(rank["final_loss"] - fp32) < 1e-5 for p in logs.values() for rank in p)
@@ -223,6 +254,7 @@ def test_a_hybrid_party_of_two_replicas_of_two_shards_and_a_party_of_one_rank(tm
     host = ["--strategy", "FULL_SHARD", "--examples", "24", "--model-seed", "1"]
     logs = run_session(tmp_path, (4, guest), (1, host))
     means = check(logs, {"guest-9999": 32.0, "host-10000": 24.0})
+    check_streams(logs)
     assert [h["step"] for h in logs["guest-9999"][0]["history"]] == [2, 4]
     fp32 = loss_of_plain_model(means[-1], torch.float32, seed=1)
     assert all(abs(rank["final_loss"] - fp32) < 1e-5 for p in logs.values() for rank in p)

@@ -10,10 +10,11 @@ The model is sharded (``fedfleet.hpc.fsdp``), trained by the loop below (micro-b
 ``grad_accum_steps``), and synced by the same ``SyncDriver`` as the Hugging Face and DeepSpeed parties: the same
 schedules (``FedArguments``), the same arbiter and strategies, only the trainable params exchanged.
 
-How the params travel (``exchange=``): ``"sharded"``, the default where the context can (the folder's
-``FileContext``), has every rank write its own boxes of the update and read only its boxes of the next global,
-so no rank ever holds the whole model for a sync; ``"gathered"`` (gRPC today) all-gathers the exchanged params on
-every rank, rank 0 talks to the arbiter and broadcasts the aggregate. Scripts
+How the params travel (``exchange=``): ``"sharded"``, the default where the context can (the gRPC ``Context``:
+every rank on a stream of its own; the folder's ``FileContext``), has every rank send or write its own boxes of
+the update and receive or read only its boxes of the next global, so no rank ever holds the whole model for a
+sync; ``"gathered"`` all-gathers the exchanged params on every rank, rank 0 talks to the arbiter and broadcasts
+the aggregate. Scripts
 with a loop of their own call ``begin`` once and ``end_step`` after each optimizer step instead of ``fit``.
 
 Why not the HF Trainer's ``fsdp=``: on a CPU accelerate leaves the model unsharded (plain parameters, no

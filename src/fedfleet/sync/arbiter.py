@@ -56,6 +56,8 @@ class SyncSessionConfig(SessionSettings):
     # SecAgg+: None as the parties ask (all the same, checked once they joined), True with the settings the parties
     # derive from their count (secagg.config.for_parties), a SecAggConfig with these, False plain only
     secure_aggregation: SecAggConfig | bool | None = None
+    # the most ranks a sharded (FSDP) party may have, each exchanging its own shard on a stream of its own
+    rank_streams: int = 8
 
 
 class SyncArbiter:
@@ -83,6 +85,7 @@ class SyncArbiter:
             credentials=credentials,
             **config.server_limits(),
             mode=JoinMode.SYNC,
+            rank_streams=config.rank_streams,
             secure_aggregation=offer,
             verifier=None if config.certs is None else Verifier(config.certs, config.parties),
             parties_decide=wish is None,

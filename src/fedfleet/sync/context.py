@@ -92,11 +92,27 @@ class Context:
         derive from the number of parties (``secagg.config.for_parties``), a ``SecAggConfig`` fixes them."""
         if self.is_arbiter:
             raise ConfigError("the arbiter does not train; use FedAvgServer(ctx) on the arbiter")
-        from fedfleet.runtime.grpc import Connection, SyncParty  # grpc and torch only for a party that trains
+        from fedfleet.runtime.grpc import SyncParty  # grpc and torch only for a party that trains
+
+        stages = self._secure_stages(secure, seed) if secure else None
+        return SyncParty(spec, self._connection(), rounds=rounds, pipeline=pipeline, seed=seed, vocab=vocab,
+                         secure=stages)  # fmt: skip
+
+    def sharded_channel(self, spec: Any, rounds: int, rank: int, world: int = 1) -> Any:
+        """One rank's stream of the sharded exchange (an FSDP party): it sends and receives only its own boxes
+        of the params laid out as ``spec``; every rank of the party calls this (``runtime/grpc/sharded_party``)."""
+        if self.is_arbiter:
+            raise ConfigError("the arbiter does not train; use FedAvgServer(ctx) on the arbiter")
+        from fedfleet.runtime.grpc.sharded_party import ShardedGrpcChannel
+
+        return ShardedGrpcChannel(self._connection(), spec, rounds, rank, world)
+
+    def _connection(self) -> Any:
+        from fedfleet.runtime.grpc import Connection
         from fedfleet.runtime.grpc.tls import channel_credentials
 
         credentials = None if self.certs is None else channel_credentials(self.certs, self.name)
-        connection = Connection(
+        return Connection(
             self.arbiter_address,
             self.session_id,
             self.name,
@@ -106,8 +122,6 @@ class Context:
             max_attempts=self.connect_attempts,
             give_up_s=self.give_up_s,
         )
-        stages = self._secure_stages(secure, seed) if secure else None
-        return SyncParty(spec, connection, rounds=rounds, pipeline=pipeline, seed=seed, vocab=vocab, secure=stages)
 
     def _secure_stages(self, secure: bool | SecAggConfig, seed: int) -> Any:
         """This party's side of secure rounds: with certificates it signs its adverts with its own and checks its

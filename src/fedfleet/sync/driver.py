@@ -17,9 +17,9 @@ framework:
 An adapter says only where the params live (a ``ParamAccess``) and what its ranks are (``Ranks``).
 
 A sharded access (``access.sharded``: an FSDP party's ``DTensorBoxes``) over a context with a
-``sharded_channel`` (the folder's ``FileContext``) takes the other path: nothing is gathered or broadcast, every
-rank reads and writes its own boxes, rank 0 announces the update once all have written, and a failure on any rank
-is raised on all of them.
+``sharded_channel`` (the folder's ``FileContext``, the gRPC ``Context``) takes the other path: nothing is gathered
+or broadcast, every rank reads and writes (or receives and sends, on a stream of its own) its own boxes, rank 0
+announces the update (its weight and metrics) once all have written, and a failure on any rank is raised on all.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class SyncDriver:
         )
         if sharded:
             self._check_sharded()
-            self.channel = self.ctx.sharded_channel(spec, self.rounds, ranks.rank)  # every rank its own
+            self.channel = self.ctx.sharded_channel(spec, self.rounds, ranks.rank, ranks.world)  # every rank its own
             self._in_step(lambda: self.channel.start(access.pieces, self.timeout))
             return
         if ranks.is_main:
@@ -192,7 +192,7 @@ class SyncDriver:
                 "drop them, or exchange='gathered'"
             )
         if self.fed_args.secure:
-            raise ConfigError("secure aggregation needs the gRPC runtime and the gathered exchange")
+            raise ConfigError("secure aggregation masks the whole update on one rank: exchange='gathered'")
 
     def _sync_sharded(self, weight: float, stats: TrainStats, metrics: dict[str, float] | None) -> bool:
         """Each rank writes its boxes; rank 0 announces them all; each rank loads its boxes of the next global."""

@@ -17,7 +17,7 @@ from fedfleet.errors import ConfigError
 from fedfleet.jobs.deploy import Access, build_arbiter
 from fedfleet.jobs.simulation import Simulation
 from fedfleet.runtime.grpc import Party
-from fedfleet.runtime.grpc.wire import Failure, Reject, Welcome
+from fedfleet.runtime.grpc.wire import PROTOCOL, Failure, Reject, Welcome
 from tests.rogue import RawStream, wait_for
 from tests.runtime.grpc.secure_helpers import FOUR, PARTIES4, secure_federation, secure_job
 from tests.runtime.grpc.test_hostile_party import join_frame
@@ -104,7 +104,7 @@ def test_a_party_of_another_protocol_or_without_secure_aggregation_is_refused_at
     try:
         values = {"neighbours": None, "threshold": 0.5, "clip": 1.0, "bits": 16, "max_weight": 1000.0}
         cases = [
-            ({"protocol": 5, "secure_aggregation": values}, "protocol 5 is not this arbiter's 6"),
+            ({"protocol": 5, "secure_aggregation": values}, f"protocol 5 is not this arbiter's {PROTOCOL}"),
             ({}, "this arbiter's job has secure_aggregation .* and host-10002's does not"),
             ({"secure_aggregation": {**values, "bits": 8}}, "host-10002's job has secure_aggregation .*'bits': 8"),
         ]

@@ -44,7 +44,7 @@ class FileContext:
             raise ConfigError("secure aggregation needs the gRPC runtime: the file exchange has no masking rounds")
         return FileChannel(self, spec, rounds, pipeline=extra.get("pipeline"), seed=int(extra.get("seed", 0)))
 
-    def sharded_channel(self, spec: Any, rounds: int, rank: int) -> Any:
+    def sharded_channel(self, spec: Any, rounds: int, rank: int, world: int = 1) -> Any:
         """One rank's channel of the sharded exchange: it reads and writes only its own boxes (FSDP parties)."""
         from fedfleet.runtime.files.sharded_party import ShardedFileChannel
 

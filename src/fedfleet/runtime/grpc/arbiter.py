@@ -26,12 +26,19 @@ import grpc
 
 from fedfleet.core.params import FlatParams, ParamSpec
 from fedfleet.core.vocab import SessionVocabulary
-from fedfleet.runtime.grpc.budgets import BAD_MESSAGES_PER_STREAM, JOIN_DEADLINE_S, MessageBudget, StreamLimits
+from fedfleet.runtime.grpc.budgets import (
+    BAD_MESSAGES_PER_STREAM,
+    JOIN_DEADLINE_S,
+    STREAMS_PER_PARTY,
+    MessageBudget,
+    StreamLimits,
+)
 from fedfleet.runtime.grpc.buffers import ReceiveBuffers, Upload
 from fedfleet.runtime.grpc.chunks import ParamsReceiver, describe_spec
 from fedfleet.runtime.grpc.gate import Refusal, Rejection, RoundGate, check_values
 from fedfleet.runtime.grpc.joins import JoinChecks
 from fedfleet.runtime.grpc.links import PartyLink
+from fedfleet.runtime.grpc.rank_groups import Assembly, MemberLink, RankedStreams, send_params
 from fedfleet.runtime.grpc.service import add_handler, server_options
 from fedfleet.runtime.grpc.settings import DEFAULTS
 from fedfleet.runtime.grpc.tls import peer_identity
@@ -75,7 +82,7 @@ class Event:
     stage: Any = None  # STAGE: the secagg message it carries (secagg.messages), attributed to ``party``
 
 
-class ArbiterServer(JoinChecks):
+class ArbiterServer(RankedStreams, JoinChecks):
     def __init__(
         self,
         *,
@@ -89,7 +96,10 @@ class ArbiterServer(JoinChecks):
         receive_buffers: int = DEFAULTS.receive_buffers,
         upload_stall_s: float = DEFAULTS.upload_stall_s,
         mode: JoinMode = JoinMode.TASKS,
+        rank_streams: int = 1,
     ) -> None:
+        """``rank_streams``: the most ranks a sharded party may have, each on a stream of its own (``rank_groups``);
+        1: every party holds one stream."""
         self.session = session
         self.parties = list(parties)
         self.index = {name: i for i, name in enumerate(self.parties)}
@@ -110,7 +120,8 @@ class ArbiterServer(JoinChecks):
         self.vocabulary = SessionVocabulary()  # what token ids mean, fixed by the first party with a tokenizer
         self.events: queue.Queue[Event] = queue.Queue()
         self._warnings: Counter[str] = Counter()  # per party: see _warn
-        self._streams = StreamLimits()
+        self._streams = StreamLimits(STREAMS_PER_PARTY * rank_streams)
+        self._init_ranks(rank_streams)
         if spec is not None:
             self._adopt(spec)
         self._links: dict[str, PartyLink] = {}
@@ -118,9 +129,10 @@ class ArbiterServer(JoinChecks):
         self._generation = 0
         self.changed = threading.Condition()  # notified when a party joins or leaves
         self.current_round = 0
-        # a handler thread per stream: each party's live one and its replacement (budgets.STREAMS_PER_PARTY), and
-        # a few for callers being refused; beyond that a call is refused at once (RESOURCE_EXHAUSTED, retried)
-        workers = 2 * len(self.parties) + 8
+        # a handler thread per stream: each party's live one and its replacement (budgets.STREAMS_PER_PARTY), per
+        # rank of a sharded party, and a few for callers being refused; beyond that a call is refused at once
+        # (RESOURCE_EXHAUSTED, retried)
+        workers = STREAMS_PER_PARTY * rank_streams * len(self.parties) + 8
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=workers), options=server_options(), maximum_concurrent_rpcs=workers
         )
@@ -185,6 +197,22 @@ class ArbiterServer(JoinChecks):
         link.outbox.drain(grace)
         link.outbox.close()
 
+    def send_params(self, name: str, params: FlatParams, chunk_bytes: int) -> None:
+        """``params`` after the task just sent to ``name``: whole, or each rank its boxes of a sharded party."""
+        send_params(self.link(name), params, chunk_bytes)
+
+    def _refuse_members(self, name: str, reason: str, joining: PartyLink) -> None:
+        """Refuse every connected rank of a sharded party (its ranks' boxes do not fit together); ``joining``'s
+        handler tells its own."""
+        with self.changed:
+            members = [m for m in self._members.pop(name, {}).values() if m is not joining]
+            self.refused[name] = reason
+            self.changed.notify_all()
+        log.warning("refused %s: %s", name, reason)
+        for m in members:
+            m.outbox.send(Reject(reason=reason))
+            m.outbox.drain(2.0)
+
     def broadcast(self, msg: Message) -> None:
         with self.changed:
             links = list(self._links.values())
@@ -220,10 +248,24 @@ class ArbiterServer(JoinChecks):
             self._warn(claimed or "?", "refused a party (%s): %s", context.peer(), reason)
             yield Reject(reason=reason)
             return
+        member = None
+        if join.ranks != 1 or join.rank != 0 or join.boxes:  # a rank of a sharded party (perhaps its only one)
+            member, reason = self._member(name, join)
+            if reason:
+                self._warn(name, "refused %s (%s): %s", name, context.peer(), reason)
+                yield Reject(reason=reason)
+                return
         if not self.secure:
             self._limit_streams(name, context)
         self.rounds_wanted[name] = join.rounds  # before the join is seen: the announced rounds are counted then
-        link = self._attach(name)
+        if member is None:
+            link = self._attach(name)
+        else:
+            link, problem = member, self._attach_member(member)
+            if problem:
+                self._refuse_members(name, problem, member)
+                yield Reject(reason=problem)
+                return
         context.add_callback(link.outbox.close)
         reader = threading.Thread(target=self._read, args=(link, requests), name=f"read-{name}", daemon=True)
         self._readers = [t for t in self._readers if t.is_alive()] + [reader]
@@ -248,14 +290,19 @@ class ArbiterServer(JoinChecks):
         log.info("%s joined%s", name, " (replacing its previous connection)" if old else "")
         return link
 
-    def _detach(self, link: PartyLink) -> None:
+    def _detach(self, link: PartyLink, close: bool = True) -> None:
+        """``link``'s stream ended (or, ``close`` False, a sharded party lost a rank: its other ranks stay)."""
+        if isinstance(link, MemberLink):
+            self._detach_member(link)
+            return
         with self.changed:
             if self._links.get(link.name) is link:
                 del self._links[link.name]
                 self.events.put(Event(EventKind.GONE, link.name, self.gate.round))
                 log.info("%s left", link.name)
             self.changed.notify_all()
-        link.outbox.close()
+        if close:
+            link.outbox.close()
 
     def _read(self, link: PartyLink, requests: Iterator[Message | Garbled]) -> None:
         state = _Receiving()
@@ -291,7 +338,9 @@ class ArbiterServer(JoinChecks):
             self._end_upload(state, "incomplete")
             self._refuse(link, state.result, Refusal(Rejection.CHUNKS, "params ended before every byte arrived"), state)
         state.discarding = False
-        if isinstance(msg, Result):
+        if isinstance(msg, Result) and isinstance(link, MemberLink):
+            self._rank_result(link, msg, state)
+        elif isinstance(msg, Result):
             refusal = self.gate.admit(link.name, msg)
             if refusal:
                 self._refuse(link, msg, refusal, state, counted=True)
@@ -349,15 +398,25 @@ class ArbiterServer(JoinChecks):
             if refusal is not None:
                 self.buffers.abandon(upload, str(refusal))
             complete = refusal is None and state.receiver.complete
-            buffer = self.buffers.finish(upload) if complete else None
+            ranked = isinstance(link, MemberLink)
+            buffer = self.buffers.finish(upload) if complete and not ranked else None
         if refusal is not None:
-            state.upload = state.receiver = None
+            if state.assembly is not None:  # one rank's part is bad: the party's whole update is
+                self._void(link.name, state.assembly.task_id, str(refusal), only=state.assembly)
+            state.upload = state.receiver = state.assembly = None
             state.discarding = True
             self._refuse(link, result, refusal, state)
             return
         if not complete:
             return
+        if ranked:  # one rank's spans: the party's update is complete once all its writers' are
+            self._rank_arrived(link, state)
+            return
         state.upload = state.receiver = state.result = None
+        self._received(link.name, result, buffer, link, state)
+
+    def _received(self, party: str, result: Result, buffer: FlatParams, link: PartyLink, state: _Receiving) -> None:
+        """A party's complete params: checked, then handed to the round loop."""
         # masked values look uniformly random: the party checked them before masking (secagg.SecAggParty)
         norm = self.max_update_norm if result.is_delta else None
         masked = buffer.spec == self.gate.upload_spec
@@ -366,7 +425,7 @@ class ArbiterServer(JoinChecks):
             self.release(buffer)
             self._refuse(link, result, refusal, state)
         else:
-            self.events.put(Event(EventKind.UPDATE, link.name, result.round, result, buffer))
+            self.events.put(Event(EventKind.UPDATE, party, result.round, result, buffer))
 
     def _check_stall(self, link: PartyLink, state: _Receiving) -> None:
         """An upload that only sends heartbeats loses its buffer once it has stood still for ``upload_stall_s``."""
@@ -384,10 +443,12 @@ class ArbiterServer(JoinChecks):
         self._refuse(link, state.result, refusal, state)
 
     def _end_upload(self, state: _Receiving, reason: str) -> None:
-        if state.upload is not None:
+        if state.assembly is not None:  # a rank's part broke: the party's whole update with it
+            self._void(state.assembly.upload.party, state.assembly.task_id, reason, only=state.assembly)
+        elif state.upload is not None:
             with state.upload.lock:
                 self.buffers.abandon(state.upload, reason)
-        state.upload = state.receiver = None
+        state.upload = state.receiver = state.assembly = None
 
     def _warn(self, party: str, message: str, *args: object) -> None:
         """A warning about one party's messages, at most ``WARNINGS_PER_PARTY`` of them: a party flooding the
@@ -418,5 +479,6 @@ class _Receiving:
         self.result: Result | None = None
         self.upload: Upload | None = None
         self.receiver: ParamsReceiver | None = None
+        self.assembly: Assembly | None = None  # a sharded party's update this rank's spans fill
         self.discarding = False  # the rest of a refused upload's chunks are dropped unread
         self.bad = 0  # refused or unexpected messages on this stream

@@ -57,10 +57,10 @@ def iter_chunks(params: FlatParams, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> I
         for start in range(0, raw.numel(), per_chunk):
             piece = raw[start : start + per_chunk]
             data = piece.cpu().view(torch.uint8).numpy()  # a view on CPU: the frame's join is the one copy
-            yield Chunk(payload=_safetensors_blob(dtype, start, piece.numel(), data))
+            yield Chunk(payload=safetensors_blob(dtype, start, piece.numel(), data))
 
 
-def _safetensors_blob(dtype: torch.dtype, offset: int, count: int, data: np.ndarray) -> tuple:
+def safetensors_blob(dtype: torch.dtype, offset: int, count: int, data: np.ndarray) -> tuple:
     header = {
         "__metadata__": {"buffer": dtype_name(dtype), "offset": str(offset)},
         "data": {"dtype": DTYPE_CODES[dtype], "shape": [count], "data_offsets": [0, data.nbytes]},
@@ -71,18 +71,24 @@ def _safetensors_blob(dtype: torch.dtype, offset: int, count: int, data: np.ndar
 
 
 class ParamsReceiver:
-    """Writes incoming chunks into ``target`` and says when every byte of every buffer has arrived."""
+    """Writes incoming chunks into ``target`` and says when every byte of every buffer has arrived.
 
-    def __init__(self, target: FlatParams, min_chunk_bytes: int = MIN_CHUNK_BYTES) -> None:
+    ``sizes``: the elements each dtype's chunks number (the target's buffers by default); a subclass that maps
+    them elsewhere (``rank_layout.LayoutReceiver``) says where each chunk goes in ``_write``."""
+
+    def __init__(
+        self, target: FlatParams, min_chunk_bytes: int = MIN_CHUNK_BYTES, sizes: dict[torch.dtype, int] | None = None
+    ) -> None:
         self.target = target
         self.min_chunk_bytes = min_chunk_bytes
-        self._by_name = {dtype_name(d): d for d in target.buffers}
-        self._cursor = dict.fromkeys(target.buffers, 0)
+        self._numel = dict(sizes) if sizes is not None else {d: b.numel() for d, b in target.buffers.items()}
+        self._by_name = {dtype_name(d): d for d in self._numel}
+        self._cursor = dict.fromkeys(self._numel, 0)
         self._bytes = {d: b.view(torch.uint8) if b.device.type == "cpu" else None for d, b in target.buffers.items()}
 
     @property
     def complete(self) -> bool:
-        return all(self._cursor[d] == b.numel() for d, b in self.target.buffers.items())
+        return all(self._cursor[d] == n for d, n in self._numel.items())
 
     def add(self, chunk: Chunk) -> None:
         """Copy one chunk into place; ``WireError`` names what is wrong with a malformed or misplaced one."""
@@ -90,23 +96,30 @@ class ParamsReceiver:
         if dtype not in self._by_name:
             raise WireError(f"chunk for a {dtype} buffer, but the params have {sorted(self._by_name)}")
         dt = self._by_name[dtype]
-        buf = self.target.buffers[dt]
+        numel = self._numel[dt]
         if offset != self._cursor[dt]:
             raise WireError(f"{dtype} chunk at element {offset}, expected {self._cursor[dt]} (gap or overlap)")
-        if offset + count > buf.numel():
-            raise WireError(f"{dtype} chunk ends at element {offset + count}, past the buffer's {buf.numel()}")
-        item = buf.element_size()
-        if len(data) != count * item:
+        if offset + count > numel:
+            raise WireError(f"{dtype} chunk ends at element {offset + count}, past the buffer's {numel}")
+        if len(data) != count * self.target.buffers[dt].element_size():
             raise WireError(f"{dtype} chunk holds {len(data)} bytes for {count} elements")
-        if offset + count < buf.numel() and len(data) < self.min_chunk_bytes:
+        if offset + count < numel and len(data) < self.min_chunk_bytes:
             raise WireError(f"{dtype} chunk of {len(data)} bytes before the buffer's end (min {self.min_chunk_bytes})")
-        flat_bytes = self._bytes[dt]
-        incoming = np.frombuffer(data, dtype=np.uint8)
-        if flat_bytes is not None:
-            flat_bytes.numpy()[offset * item : (offset + count) * item] = incoming
-        else:  # a GPU target: stage through a small host tensor
-            buf.view(torch.uint8)[offset * item : (offset + count) * item].copy_(torch.tensor(incoming))
+        self._write(dt, offset, count, data)
         self._cursor[dt] = offset + count
+
+    def _write(self, dtype: torch.dtype, offset: int, count: int, data: memoryview) -> None:
+        """Put ``count`` elements (``data``) at element ``offset`` of the target's ``dtype`` buffer."""
+        self._place(dtype, offset, np.frombuffer(data, dtype=np.uint8))
+
+    def _place(self, dtype: torch.dtype, offset: int, incoming: np.ndarray) -> None:
+        buf = self.target.buffers[dtype]
+        item = buf.element_size()
+        flat_bytes = self._bytes[dtype]
+        if flat_bytes is not None:
+            flat_bytes.numpy()[offset * item : offset * item + len(incoming)] = incoming
+        else:  # a GPU target: stage through a small host tensor
+            buf.view(torch.uint8)[offset * item : offset * item + len(incoming)].copy_(torch.tensor(incoming))
 
 
 def _parse_blob(blob: bytes | memoryview) -> tuple[str, int, int, memoryview]:

@@ -137,6 +137,16 @@ class RoundGate:
                 self.rejected[refusal.kind.value] += 1
             return refusal
 
+    def expects(self, party: str, result: Result) -> Refusal | None:
+        """None when ``result`` answers the task ``party`` was given in the open round (a sharded party's other
+        ranks: rank 0's result is the one admitted); otherwise why not (counted once rank 0's is refused)."""
+        with self._lock:
+            if result.round != self.round or not self._open:
+                return Refusal(Rejection.LATE, f"round {result.round + 1} is not open")
+            if result.task_id != self._tasks.get(party) or result.task != self._kind:
+                return Refusal(Rejection.REPLAY, f"task {str(result.task_id)[:40]!r} is not the task {party} was given")
+            return None
+
     def admit_stage(self, party: str, msg: SecAggMessage) -> Refusal | None:
         """None when a secure stage's message belongs to the secure round (its round, the party's task, the session,
         the party's id); otherwise why not (and it is counted). Which stage may speak is the round driver's call."""

@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +104,8 @@ class PartySession:
         self.secure_aggregation: dict | None = None  # the job's secure-aggregation settings, told at join
         self._outbox: Outbox | None = None
         self._channel: grpc.Channel | None = None
+        self.bytes_received = 0  # params bytes of the arbiter's chunks (the frames' payloads)
+        self.bytes_sent = 0  # params bytes of this party's chunks, as they are written
 
     def join_message(self) -> Join:
         return Join(
@@ -208,8 +210,12 @@ class PartySession:
                 elif isinstance(msg, Task):
                     self.on_task_header(msg)
                     task, receiver = msg, ParamsReceiver(self.inbox)
+                    if receiver.complete:  # params of no elements (a rank holding nothing): no chunk comes
+                        self.on_task(task, outbox)
+                        task = receiver = None
                 elif isinstance(msg, Chunk) and receiver is not None and task is not None:
                     receiver.add(msg)
+                    self.bytes_received += len(msg.payload)
                     if receiver.complete:
                         self.on_task(task, outbox)
                         task = receiver = None
@@ -238,7 +244,17 @@ class PartySession:
 
     def send_params(self, outbox: Outbox, header: Result, params: FlatParams) -> None:
         outbox.send(header)
-        outbox.send(iter_chunks(params, self.conn.chunk_bytes))
+        outbox.send(self._counted(iter_chunks(params, self.conn.chunk_bytes)))
+
+    def _counted(self, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+        for chunk in chunks:
+            payload = chunk.payload
+            self.bytes_sent += _joined(payload) if isinstance(payload, tuple) else memoryview(payload).nbytes
+            yield chunk
+
+
+def _joined(parts: tuple) -> int:
+    return sum(memoryview(p).nbytes for p in parts)
 
 
 class Party(PartySession):

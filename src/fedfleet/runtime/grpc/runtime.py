@@ -29,7 +29,7 @@ from fedfleet.core.params import FlatParams
 from fedfleet.core.update import Partial, TrainStats, Update
 from fedfleet.errors import UserError
 from fedfleet.runtime.grpc.arbiter import ArbiterServer, Event, EventKind
-from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES, iter_chunks
+from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES
 from fedfleet.runtime.grpc.links import PartyLink
 from fedfleet.runtime.grpc.wire import Done, JoinMode, Notice, Task, TaskKind
 from fedfleet.runtime.sim.sequential import client_seed
@@ -115,7 +115,7 @@ class GrpcRuntime:
                 local = dataclasses.replace(config, seed=client_seed(config, self.server.index[name]))
                 task = Task(task_id=task_id, round=config.round, task=TaskKind.FIT, config=dataclasses.asdict(local))
             self._send(name, task)
-            self._send(name, iter_chunks(global_params, self.chunk_bytes))
+            self.server.send_params(name, global_params, self.chunk_bytes)
         pending, accepted, lost = set(tasks), 0, 0
         for event in self._events(pending, config.round, links):
             if event.kind == EventKind.UPDATE:
@@ -215,7 +215,7 @@ class GrpcRuntime:
         if self.sync_mode and final_params is not None:
             for name in self.server.connected():
                 self._send(name, Task(task_id=uuid.uuid4().hex, round=self._round + 1, task=TaskKind.FINAL))
-                self._send(name, iter_chunks(final_params, self.chunk_bytes))
+                self.server.send_params(name, final_params, self.chunk_bytes)
         self.server.broadcast(Done(reason=reason, failed=failed))
 
     @property
@@ -265,7 +265,7 @@ class GrpcRuntime:
         links = self.links(tasks)
         for name, task_id in tasks.items():
             self._send(name, Task(task_id=task_id, round=self._round, task=TaskKind.EVALUATE))
-            self._send(name, iter_chunks(global_params, self.chunk_bytes))
+            self.server.send_params(name, global_params, self.chunk_bytes)
         answers = {}
         for event in self._events(set(tasks), self._round, links):
             if event.kind == EventKind.EVALUATED:

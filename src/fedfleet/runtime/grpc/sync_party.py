@@ -150,7 +150,7 @@ class SyncParty(PartySession):
         transforms, masked on a secure session. The caller holds the condition, so no task's params arrive into
         the inbox meanwhile."""
         self._answered = (task.round, answer)
-        delta = self.inbox.mul_(-1.0).add_(params)  # local - global, in the receive buffer
+        delta = self._delta(params)
         update = Update(delta, answer.weight, answer.metrics, self.conn.name, True, answer.stats)
         update = self.pipeline.on_party(update, TransformContext(task.round, self.conn.name, self.seed))
         if self.secure is None:
@@ -214,8 +214,20 @@ class SyncParty(PartySession):
                                  self.conn.name, task.round + 1)  # fmt: skip
                         self._answer(task, params, answered[1], self._outbox)
                     continue
-                params.copy_(self.inbox)
+                self._load(params)
                 return task.task != TaskKind.FINAL
+
+    # -- where the training loop's params are (a sharded party's rank keeps them in its shards: sharded_party.py)
+    def _delta(self, params: FlatParams) -> FlatParams:
+        """``params`` minus the round's global params, computed in the receive buffer (which holds the latter)."""
+        return self.inbox.mul_(-1.0).add_(params)
+
+    def _load(self, params: FlatParams) -> None:
+        params.copy_(self.inbox)
+
+    def _live_params(self) -> FlatParams:
+        """What an INIT request is answered with: the training loop's params (the inbox before it gave any)."""
+        return self._live if self._live is not None else self.inbox
 
     def _arrived(self) -> bool:
         """A task whose params are complete (no next one being written into the inbox), the end, or an error."""
@@ -242,7 +254,7 @@ class SyncParty(PartySession):
 
     def on_task(self, task: Task, outbox: object) -> None:
         if task.task == TaskKind.INIT:
-            live = self._live if self._live is not None else self.inbox
+            live = self._live_params()
             header = Result(
                 task_id=task.task_id,
                 round=task.round,

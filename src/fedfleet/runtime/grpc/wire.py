@@ -18,8 +18,9 @@ from enum import Enum
 from typing import Any, ClassVar
 
 # bumped when a message changes incompatibly; checked at join (5: notices, the join's vocabulary; 6: secure
-# aggregation's stage messages, the join's secure_aggregation, a result's session and secagg_party)
-PROTOCOL = 6
+# aggregation's stage messages, the join's secure_aggregation, a result's session and secagg_party; 7: a join's
+# rank, ranks, boxes and writes, for the ranks of a sharded party)
+PROTOCOL = 7
 # a header is a few hundred bytes (a result's metrics are at most 64 short names); parsing JSON costs many times
 # its size in Python objects, so a longer one is refused before it is parsed
 MAX_HEADER_BYTES = 64 << 10
@@ -87,6 +88,13 @@ class Join(Message):
     rounds: int = 0  # sync mode: how many times the party will sync (0 = the arbiter decides)
     vocab: str = ""  # a hash of the party's token ids (``hf.data.vocab_fingerprint``); "" when it has no tokenizer
     secure_aggregation: dict[str, Any] | None = None  # the party's job's SecAggConfig values; None: plain updates
+    # a sharded party (FSDP): each of its ``ranks`` holds a stream of its own, carrying only the rows ``boxes``
+    # lists: ``[[tensor index in the layout, first row, rows, sends], ...]`` (the rank's compact layout,
+    # ``rank_layout.py``); ``sends`` is 1 for the rows it sends (a replicated box is sent by its first holder).
+    # Indices, not names: a 70B model's ~700 tensors fit the header. No boxes: the party's one stream, whole params
+    rank: int = 0
+    ranks: int = 1
+    boxes: list[Any] = field(default_factory=list)
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from fedfleet.hf import FedArguments, create_context
+from fedfleet.sync import end_process_group
 from tests.hf_parties import make_client, review_shares
 
 
@@ -63,4 +64,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    end_process_group()  # the model's and the Trainer's cycles freed while the interpreter is whole
+    sys.exit(code)

@@ -56,11 +56,12 @@ def serve(ctx: Any) -> int:
 
 
 def leave_ranks() -> None:
-    """Closes the process group the Trainer started under a launcher: a gloo group left to the interpreter's exit
-    can abort its rank (``terminate called without an active exception``) after the work is done."""
-    dist = sys.modules.get("torch.distributed")  # not imported: no group (and no torch import for the arbiter)
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Closes the process group the Trainer started under a launcher, and frees what holds it, before the exit: a
+    gloo group left to the interpreter's teardown can abort its rank (SIGABRT) after the work is done."""
+    if "torch.distributed" in sys.modules:  # not imported: no group (and no torch import for the arbiter)
+        from fedfleet.sync import end_process_group
+
+        end_process_group()
 
 
 def training_arguments(args: argparse.Namespace, output_dir: Path, **extra: Any) -> Any:

@@ -196,3 +196,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from fedfleet.sync import end_process_group
+
+    end_process_group()  # every rank, last: the process group freed before the interpreter's exit

@@ -24,7 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fedfleet.hpc.fsdp import FSDPConfig
 from fedfleet.hpc.fsdp_party import FSDPParty
 from fedfleet.runtime.files import FileContext
-from fedfleet.sync import FedArguments, create_context
+from fedfleet.sync import FedArguments, create_context, end_process_group
 
 PARTIES = [("guest", "9999"), ("host", "10000"), ("arbiter", "10000")]
 VOCAB, SEQ = 128, 16
@@ -123,8 +123,9 @@ def main() -> None:
     if a.freeze_embeddings:
         model.model.embed_tokens.weight.requires_grad_(False)
     config = FSDPConfig(a.strategy, a.shard_size, a.precision, a.checkpointing, a.accum, device="cpu")
-    party = FSDPParty(ctx, model, FedArguments("epoch", 1), config, sync_timeout=a.sync_timeout,
-                       exchange=a.exchange_kind)
+    party = FSDPParty(
+        ctx, model, FedArguments("epoch", 1), config, sync_timeout=a.sync_timeout, exchange=a.exchange_kind
+    )
     log: dict = {"before": [], "after": [], "weights": []}
     record(party, log)
     party.fit(Tokens(a.examples, seed=int(a.party_id)), epochs=a.epochs, batch_size=a.batch_size, lr=5e-3)
@@ -143,3 +144,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # the mesh and the model's cycles freed while the interpreter is whole

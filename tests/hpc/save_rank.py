@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 from fedfleet.hpc.fsdp import FSDPConfig, build_mesh, shard_model
 from fedfleet.hpc.hf_save import save_hf_checkpoint
 from fedfleet.hpc.precision import mixed_precision_policy
+from fedfleet.sync import end_process_group
 from tests.hpc.fsdp_rank import Tokens, tiny_llama
 
 
@@ -56,3 +57,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # the mesh and the model's cycles freed while the interpreter is whole

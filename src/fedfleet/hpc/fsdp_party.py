@@ -233,7 +233,8 @@ class FSDPParty:
         return self.history
 
     def destroy(self) -> None:
-        """End the process group if this party started it (call once, at the script's end, on every rank)."""
+        """End the process group if this party started it (call once, at the script's end, on every rank; then
+        ``fedfleet.sync.end_process_group()`` once the model is out of scope, or in place of this)."""
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False

@@ -9,7 +9,8 @@ aggregation as a server-driven job.
 
 from fedfleet.sync.args import FedArguments
 from fedfleet.sync.context import Context, create_context
+from fedfleet.sync.driver import end_process_group
 from fedfleet.sync.local import LocalFederation
 from fedfleet.sync.server import FedAvgServer
 
-__all__ = ["Context", "FedArguments", "FedAvgServer", "LocalFederation", "create_context"]
+__all__ = ["Context", "FedArguments", "FedAvgServer", "LocalFederation", "create_context", "end_process_group"]

@@ -25,6 +25,7 @@ announces the update (its weight and metrics) once all have written, and a failu
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -80,6 +81,20 @@ class Ranks:
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+
+def end_process_group() -> None:
+    """End this process's torch.distributed group and free what still holds it, while the interpreter is whole.
+
+    Call it last on every rank (after ``main()`` returns, when the model is out of scope). Why: FSDP modules and
+    device meshes sit in reference cycles, so without a collection their gloo group is freed only during the
+    interpreter's exit; a gloo worker thread ending then is killed by ``pthread_exit`` through a C++ frame that
+    may not unwind, and the process dies of SIGABRT ("terminate called without an active exception": seen in gdb,
+    thread ``pt_gloo_runloop`` in ``__do_cancel`` during ``Py_FinalizeEx``), turning a finished job into exit code
+    -6, which a scheduler reports as a failure. About 1 exit in 20 did so on a 2-core machine before this."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 class SyncDriver:

@@ -1,8 +1,9 @@
 """Secure aggregation (SecAgg+) costs, each beside what bounds it, in one process.
 
 (a) Party side, one core: masking a 10M-param update with k = 8 neighbours (8 pairwise masks + 1 self mask,
-    AES-256-CTR) in GB/s of fp32 params, beside the raw AES-256-CTR keystream speed and numpy's PCG64 generator
-    (Generator.integers, uint32) measured in the same run; the keystream ceiling for 9 masks is keystream / 9.
+    AES-128-CTR as the protocol derives its mask keys, and AES-256-CTR beside it) in GB/s of fp32 params, beside the
+    raw AES-128-CTR and AES-256-CTR keystream speeds and numpy's PCG64 generator (Generator.integers, uint32)
+    measured in the same run; the keystream ceiling for 9 masks is keystream / 9.
     Then the whole masked_input (quantise + masks + key agreements), the mask chunk size that add_masks
     defaults to, and the upload expansion (MaskedInput bytes / fp32 bytes).
 (b) A whole round in memory (fedfleet.secagg.run_round's steps, timed per stage): 1,000 clients x 100K params,
@@ -28,7 +29,7 @@ import time
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from fedfleet.secagg import SecAggConfig, SecAggParty, SecAggServer, Stage
+from fedfleet.secagg import SecAggConfig, SecAggParty, SecAggServer, Stage, crypto
 from fedfleet.secagg import quantize as quantize_module
 from fedfleet.secagg.masks import add_masks
 from fedfleet.secagg.quantize import quantize
@@ -57,8 +58,8 @@ def cpu() -> str:
         return platform.processor() or "unknown"
 
 
-def keystream_gbps(nbytes: int, repeats: int) -> float:
-    enc = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(bytes(16))).encryptor()
+def keystream_gbps(nbytes: int, repeats: int, key_bytes: int) -> float:
+    enc = Cipher(algorithms.AES(os.urandom(key_bytes)), modes.CTR(bytes(16))).encryptor()
     chunk = 1 << 20
     zeros, out = np.zeros(chunk, np.uint8), np.empty(chunk, np.uint8)
 
@@ -87,14 +88,17 @@ def masked_party(m: int, k: int) -> tuple[SecAggParty, list, SecAggConfig]:
 
 
 def party_side(m: int, k: int, repeats: int) -> dict:
-    ks = keystream_gbps(m * 4, repeats)
+    ks = keystream_gbps(m * 4, repeats, crypto.KEY_LENGTHS[crypto.PAIR_MASK])
+    ks256 = keystream_gbps(m * 4, repeats, 32)
     pcg = pcg64_gbps(m, repeats)
-    keys = [(os.urandom(32), 1 if j % 2 else -1) for j in range(k + 1)]
+    keys = [(os.urandom(crypto.KEY_LENGTHS[crypto.PAIR_MASK]), 1 if j % 2 else -1) for j in range(k + 1)]
+    keys256 = [(os.urandom(32), sign) for _, sign in keys]
     acc = np.zeros(m, np.uint32)
     chunks = {}
     for chunk in (1 << 16, 1 << 18, 1 << 20, 1 << 22):
         chunks[chunk >> 10] = m * 4 / best(lambda c=chunk: add_masks(acc, keys, c), repeats) / 1e9
     mask_gbps = m * 4 / best(lambda: add_masks(acc, keys), repeats) / 1e9
+    mask256_gbps = m * 4 / best(lambda: add_masks(acc, keys256), repeats) / 1e9
     values = (np.random.default_rng(0).standard_normal(m) * 0.3).astype(np.float32)
     rng = np.random.default_rng(1)
     quant = {}
@@ -114,11 +118,15 @@ def party_side(m: int, k: int, repeats: int) -> dict:
         "params": m,
         "neighbours": k,
         "masks": k + 1,
-        "aes256_ctr_keystream_GBps": round(ks, 3),
+        "mask_cipher": f"AES-{8 * crypto.KEY_LENGTHS[crypto.PAIR_MASK]}-CTR",
+        "aes128_ctr_keystream_GBps": round(ks, 3),
+        "aes256_ctr_keystream_GBps": round(ks256, 3),
         "pcg64_uint32_GBps": round(pcg, 3),
         "keystream_ceiling_params_GBps": round(ceiling, 3),
         "masking_params_GBps": round(mask_gbps, 3),
         "masking_vs_ceiling": round(mask_gbps / ceiling, 3),
+        "masking_aes256_params_GBps": round(mask256_gbps, 3),
+        "masking_aes128_vs_aes256": round(mask_gbps / mask256_gbps, 3),
         "aes_vs_pcg64": round(ks / pcg, 3),
         "chunk_KiB_to_params_GBps": {str(c): round(v, 3) for c, v in chunks.items()},
         "quantise_params_GBps": round(quant_gbps, 3),

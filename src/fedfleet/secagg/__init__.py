@@ -26,7 +26,7 @@ Public API (``from fedfleet.secagg import ...``):
   in the arbiter's process (the simulation, ``LocalFederation``): each round is an ``InProcessSecureSum``.
 
 Modules: config (settings, plan), quantize (fixed point, stochastic rounding, the error bound), shamir (secret
-sharing over GF(2**521 - 1)), crypto (X25519, HKDF-SHA256, AES-256-GCM), masks (AES-256-CTR mask streams added
+sharing over GF(2**521 - 1)), crypto (X25519, HKDF-SHA256, AES-256-GCM), masks (AES-128-CTR mask streams added
 in place), graph (the seeded k-regular share graph), messages, party, server, local, errors, in_process.
 
 What the server cannot check under the masks (finite values, norms), the party checks before masking:

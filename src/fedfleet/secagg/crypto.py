@@ -1,8 +1,11 @@
-"""The protocol's primitives, all from ``cryptography``: X25519 agreement, HKDF-SHA256 and AES-256-GCM.
+"""The protocol's primitives, all from ``cryptography``: X25519 agreement, HKDF-SHA256, AES-256-GCM, AES-128-CTR.
 
 Every key is derived with HKDF from a full 32-byte secret (an X25519 agreement or a self-mask seed) and a
 context that names the session, the round, the parties and the purpose, so no key serves two purposes, two
-rounds or two pairs, and a message sealed for one context does not open in another.
+rounds or two pairs, and a message sealed for one context does not open in another. Share keys are 256-bit
+(AES-256-GCM); mask keys are 128-bit (AES-128-CTR keystreams, ``masks.py``): masking a 10M-param update with
+k = 8 neighbours is 9 keystreams of the model's size, the keystream is the masking's bottleneck, and AES-128 makes
+masking 1.26x faster on AES-NI (benchmarks/secagg.py) at the security level of the 128-bit X25519 agreement itself.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from fedfleet.secagg.errors import SecAggRefused
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
-PROTOCOL = b"fedfleet-secagg-v1"
+PROTOCOL = b"fedfleet-secagg-v2"  # v2: 128-bit mask keys
 
 # purposes of derived keys
 SHARE = "share"  # AES-GCM key of the shares one party sends another (directed: sender, receiver)
 PAIR_MASK = "pair-mask"  # AES-CTR key of the pairwise mask of two parties (undirected: lower id first)
 SELF_MASK = "self-mask"  # AES-CTR key of a party's self mask (one party)
+KEY_LENGTHS = {SHARE: 32, PAIR_MASK: 16, SELF_MASK: 16}  # bytes of each purpose's derived key
 
 _RAW = {"encoding": serialization.Encoding.Raw, "format": serialization.PublicFormat.Raw}
 
@@ -66,8 +70,9 @@ def context(session: str, round: int, parties: tuple[int, ...], purpose: str) ->
 
 
 def derive(secret: bytes, session: str, round: int, parties: tuple[int, ...], purpose: str) -> bytes:
-    """A 32-byte key from a 32-byte secret for one (session, round, parties, purpose)."""
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=context(session, round, parties, purpose))
+    """A key (``KEY_LENGTHS[purpose]`` bytes) from a 32-byte secret for one (session, round, parties, purpose)."""
+    info = context(session, round, parties, purpose)
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_LENGTHS[purpose], salt=None, info=info)
     return hkdf.derive(secret)
 
 

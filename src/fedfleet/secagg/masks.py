@@ -1,8 +1,8 @@
-"""The mask generator: AES-256-CTR keystreams added into a ring vector, in place.
+"""The mask generator: AES-CTR keystreams added into a ring vector, in place.
 
-A mask is the keystream of AES-256-CTR under a 32-byte key derived from a full secret (``crypto.derive``), read
-as little-endian ring elements (uint32 or uint64). Each key serves one stream only, so the counter starts at
-zero. Why this shape:
+A mask is the keystream of AES-128-CTR under a 16-byte key derived from a full 32-byte secret (``crypto.derive``;
+a 32-byte key gives AES-256-CTR), read as little-endian ring elements (uint32 or uint64). Each key serves one
+stream only, so the counter starts at zero. Why this shape:
 - the keystream is written into one preallocated buffer with ``update_into`` (no allocation per chunk), and
   numpy adds it into the accumulator in place; unsigned arithmetic wraps mod 2**32 (2**64), which is the ring;
 - the accumulator is walked in chunks (256 KiB by default, as measured in benchmarks/secagg.py) and every

@@ -79,9 +79,9 @@ def connection(address: str, name: str) -> Connection:
     return Connection(address, "s1", name, credentials=None, heartbeat_s=0.5, max_attempts=20, reconnect_max_s=0.5)
 
 
-def rank_party(address: str, boxes: list, rank: int, rounds: int = 0) -> RankParty:
-    """Rank ``rank`` of 2 of the guest, holding and sending ``boxes``."""
-    return RankParty(SPEC, boxes, [b[0] for b in boxes], rank, 2, connection(address, NAMES[0]), rounds)
+def rank_party(address: str, boxes: list, rank: int, rounds: int = 0, kind: type = RankParty) -> RankParty:
+    """Rank ``rank`` of 2 of the guest, holding and sending ``boxes`` (a ``kind``: RankParty or a rogue one)."""
+    return kind(SPEC, boxes, [b[0] for b in boxes], rank, 2, connection(address, NAMES[0]), rounds)
 
 
 class Rank:
@@ -127,12 +127,10 @@ def serve(address: str, **kw) -> tuple[SyncArbiter, dict]:
     return arbiter, result
 
 
-def test_two_ranks_of_one_party_and_a_plain_party_fold_the_weighted_mean_each_rank_moving_only_its_rows():
-    """guest: two rank streams (weight 10, +2 per round); host: one plain stream (weight 30, +6 per round). Every
-    rank ends on the weighted mean of its own rows (+5 a round), and sent and received only its rows' bytes."""
-    address = f"127.0.0.1:{free_port()}"
-    arbiter, result = serve(address)
-    ranks = [Rank(rank_party(address, HALVES[r], r, rounds=2), 10.0, 2.0) for r in range(2)]
+def run_session(address: str, result: dict, streams: list[type]) -> tuple[list[Rank], Rank]:
+    """The guest's two ranks (of the ``streams`` classes: weight 10, +2 a round) and the host's one plain stream
+    (weight 30, +6 a round), two rounds to the end, each without an error."""
+    ranks = [Rank(rank_party(address, HALVES[r], r, rounds=2, kind=streams[r]), 10.0, 2.0) for r in range(2)]
     host = Rank(SyncParty(SPEC, connection(address, NAMES[1]), rounds=2), 30.0, 6.0)
     for r in [*ranks, host]:
         r.thread.start()
@@ -140,6 +138,15 @@ def test_two_ranks_of_one_party_and_a_plain_party_fold_the_weighted_mean_each_ra
         r.thread.join(90)
         assert r.error is None, r.error
     result["thread"].join(30)
+    return ranks, host
+
+
+def test_two_ranks_of_one_party_and_a_plain_party_fold_the_weighted_mean_each_rank_moving_only_its_rows():
+    """guest: two rank streams (weight 10, +2 per round); host: one plain stream (weight 30, +6 per round). Every
+    rank ends on the weighted mean of its own rows (+5 a round), and sent and received only its rows' bytes."""
+    address = f"127.0.0.1:{free_port()}"
+    arbiter, result = serve(address)
+    ranks, host = run_session(address, result, [RankParty, RankParty])
     assert "error" not in result, result.get("error")
     assert len(result["history"]) == 2
     for r in [*ranks, host]:
@@ -208,8 +215,7 @@ class SendsTooMuch(RankParty):
 def test_a_join_with_unreadable_boxes_is_refused_saying_what_a_box_is():
     address = f"127.0.0.1:{free_port()}"
     arbiter, _ = serve(address, wait_timeout=5)
-    boxes = HALVES[0]
-    rank = Rank(GarbledBoxes(SPEC, boxes, [b[0] for b in boxes], 0, 2, connection(address, NAMES[0])), 10.0, 1.0)
+    rank = Rank(rank_party(address, HALVES[0], 0, kind=GarbledBoxes), 10.0, 1.0)
     rank.thread.start()
     rank.thread.join(30)
     assert isinstance(rank.error, PartyRejected) and "[tensor index, first row, rows, sends]" in str(rank.error)
@@ -223,18 +229,7 @@ def test_a_rank_that_answers_twice_or_sends_rows_it_does_not_hold_costs_only_its
     and the means are those of both parties; rows past the rank's boxes refuse the guest's update."""
     address = f"127.0.0.1:{free_port()}"
     _, result = serve(address, min_parties=1)
-    streams = [RankParty, rogue]
-    ranks = [
-        Rank(streams[r](SPEC, HALVES[r], [b[0] for b in HALVES[r]], r, 2, connection(address, NAMES[0]), 2), 10.0, 2.0)
-        for r in range(2)
-    ]
-    host = Rank(SyncParty(SPEC, connection(address, NAMES[1]), rounds=2), 30.0, 6.0)
-    for r in [*ranks, host]:
-        r.thread.start()
-    for r in [*ranks, host]:
-        r.thread.join(90)
-        assert r.error is None, r.error
-    result["thread"].join(30)
+    ranks, host = run_session(address, result, [RankParty, rogue])
     history = result["history"]
     step = 5.0 if rogue is AnswersTwice else 6.0  # both parties' mean, or the host's update alone
     assert [float(p.buffers[torch.float32].mean()) for p in host.seen] == pytest.approx([0.0, step, 2 * step])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from fedfleet.runtime.grpc.arbiter import ArbiterServer, _Receiving
 
 log = logging.getLogger("fedfleet.arbiter")
+
+SETTLED_KEPT = 8  # tasks per party remembered as done: a party is sent one task a round
 
 
 class MemberLink(PartyLink):
@@ -108,7 +111,8 @@ class RankedStreams:
         self.rank_streams = rank_streams  # the most ranks a sharded party may have
         self._members: dict[str, dict[int, MemberLink]] = {}
         self._assemblies: dict[str, Assembly] = {}
-        self._settled: dict[str, str] = {}  # each sharded party's last task whose update is complete or void
+        # each sharded party's last few tasks whose update is complete or void: a late part must not start another
+        self._settled: dict[str, deque[str]] = {}
         self._assembling = threading.Lock()  # guards the dicts above; never held while waiting for a buffer
         self._starting: dict[str, threading.Lock] = {}  # per party: one of its ranks starts its assembly at a time
 
@@ -193,7 +197,7 @@ class RankedStreams:
             if member.rank == 0 or refusal.kind.final:
                 self._void(member.name, msg.task_id, str(refusal))
             return
-        if self._settled.get(member.name) == msg.task_id:  # it would start an update that can never complete
+        if msg.task_id in self._settled.get(member.name, ()):  # it would start an update that can never complete
             refusal = Refusal(Rejection.DUPLICATE, "the party's update for this task is complete, or was refused")
             self._refuse(member, msg, refusal, state)
             state.discarding = True
@@ -267,7 +271,7 @@ class RankedStreams:
         with self._assembling:
             if self._assemblies.get(member.name) is assembly:
                 del self._assemblies[member.name]
-            self._settled[member.name] = assembly.task_id
+            self._settle(member.name, assembly.task_id)
         with assembly.upload.lock:
             buffer = self.buffers.finish(assembly.upload)
         if buffer is None:
@@ -278,8 +282,14 @@ class RankedStreams:
     def _void(self: ArbiterServer, name: str, task_id: str, reason: str, only: Assembly | None = None) -> None:
         """``name``'s update for ``task_id`` will not be folded: its buffer goes back, later parts are refused."""
         with self._assembling:
-            self._settled[name] = task_id
-            self._drop_assembly(name, reason, locked=True, only=only)
+            self._settle(name, task_id)
+            current = self._assemblies.get(name)
+            if current is not None and current.task_id == task_id:  # a stale task's refusal leaves the current one
+                self._drop_assembly(name, reason, locked=True, only=only)
+
+    def _settle(self: ArbiterServer, name: str, task_id: str) -> None:
+        """Remember ``task_id`` as done for ``name`` (the caller holds ``_assembling``)."""
+        self._settled.setdefault(name, deque(maxlen=SETTLED_KEPT)).append(task_id)
 
     def _drop_assembly(
         self: ArbiterServer, name: str, reason: str, locked: bool = False, only: Assembly | None = None

@@ -10,7 +10,6 @@ party's streams may cost (streams, time to join, messages) is rationed in ``budg
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -34,7 +33,7 @@ from fedfleet.runtime.grpc.budgets import (
     StreamLimits,
 )
 from fedfleet.runtime.grpc.buffers import ReceiveBuffers, Upload
-from fedfleet.runtime.grpc.chunks import ParamsReceiver, describe_spec
+from fedfleet.runtime.grpc.chunks import ParamsReceiver, layout_json
 from fedfleet.runtime.grpc.gate import Refusal, Rejection, RoundGate, check_values
 from fedfleet.runtime.grpc.joins import JoinChecks
 from fedfleet.runtime.grpc.links import PartyLink
@@ -150,7 +149,7 @@ class ArbiterServer(RankedStreams, JoinChecks):
         self.spec = spec
         self.gate = RoundGate(spec, self.max_weight)
         self.buffers = ReceiveBuffers(spec, self.receive_buffers, self.upload_stall_s)
-        self._layout_bytes = len(json.dumps(describe_spec(spec), separators=(",", ":")))
+        self._layout_bytes = len(layout_json(spec))
         self.spec_known.set()
 
     # -- lifecycle ----------------------------------------------------------------------------------

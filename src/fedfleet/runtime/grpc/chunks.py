@@ -146,6 +146,11 @@ def describe_spec(spec: ParamSpec) -> list[list]:
     return [[e.name, list(e.shape), dtype_name(e.dtype)] for e in spec.entries]
 
 
+def layout_json(spec: ParamSpec) -> bytes:
+    """``describe_spec`` as a join's payload: compact JSON."""
+    return json.dumps(describe_spec(spec), separators=(",", ":")).encode()
+
+
 def spec_from_description(rows: list) -> ParamSpec:
     by_name = {dtype_name(d): d for d in DTYPE_CODES}
     try:

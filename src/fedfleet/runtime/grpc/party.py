@@ -10,7 +10,6 @@ session, unknown certificate) is not retried at all.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -25,7 +24,7 @@ from fedfleet.core.params import FlatParams
 from fedfleet.errors import TrainingDivergedError, UserError
 from fedfleet.runtime.grpc import handshake
 from fedfleet.runtime.grpc.backoff import backoff_delays
-from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES, ParamsReceiver, describe_spec, dtype_name, iter_chunks
+from fedfleet.runtime.grpc.chunks import DEFAULT_CHUNK_BYTES, ParamsReceiver, dtype_name, iter_chunks, layout_json
 from fedfleet.runtime.grpc.links import Outbox
 from fedfleet.runtime.grpc.secure_wire import config_values
 from fedfleet.runtime.grpc.service import channel_options, connect_stub
@@ -115,7 +114,7 @@ class PartySession:
             mode=self.mode,
             vocab=self.vocab,
             secure_aggregation=self.secure_aggregation,
-            payload=json.dumps(describe_spec(self.spec), separators=(",", ":")).encode(),
+            payload=layout_json(self.spec),
         )
 
     def on_task(self, task: Task, outbox: Outbox) -> None:

@@ -12,7 +12,7 @@ params are read from and written to its FSDP shards in place.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ import torch
 from fedfleet.core.params import FlatParams, ParamSpec
 from fedfleet.core.update import TrainStats
 from fedfleet.errors import ConfigError
-from fedfleet.runtime.grpc.chunks import describe_spec
+from fedfleet.runtime.grpc.chunks import layout_json
 from fedfleet.runtime.grpc.links import Outbox
 from fedfleet.runtime.grpc.party import Connection
 from fedfleet.runtime.grpc.rank_layout import Box, RankLayout, to_wire
@@ -52,7 +52,7 @@ class RankParty(SyncParty):
     def join_message(self) -> Join:
         join = super().join_message()  # the session's layout is checked as any party's; the boxes say which part
         join.spec_digest = self.full_spec.digest
-        join.payload = _layout_json(self.full_spec)
+        join.payload = layout_json(self.full_spec)
         join.rank, join.ranks = self.rank, self.ranks
         join.boxes = to_wire(self.full_spec, self.boxes, set(self.written))
         return join
@@ -71,20 +71,23 @@ class RankParty(SyncParty):
     def _delta(self, params: Shards | FlatParams) -> FlatParams:
         if isinstance(params, FlatParams):
             return super()._delta(params)
-        views = self.inbox.tensors()
         with torch.no_grad():
-            for name, piece in zip(self.spec.names, params.pieces, strict=True):
-                views[name].mul_(-1.0).add_(piece.local.to(views[name].device, views[name].dtype))
+            for view, local in self._pairs(params):
+                view.mul_(-1.0).add_(local.to(view.device, view.dtype))
         return self.inbox
 
     def _load(self, params: Shards | FlatParams) -> None:
         if isinstance(params, FlatParams):
             return super()._load(params)
-        views = self.inbox.tensors()
         with torch.no_grad():
-            for name, piece in zip(self.spec.names, params.pieces, strict=True):
-                piece.local.copy_(views[name].to(piece.local.device))
+            for view, local in self._pairs(params):
+                local.copy_(view.to(local.device))
         return None
+
+    def _pairs(self, shards: Shards) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each box's view in the inbox beside the shard that holds it in training."""
+        views = self.inbox.tensors()
+        return ((views[name], piece.local) for name, piece in zip(self.spec.names, shards.pieces, strict=True))
 
     def _live_params(self) -> FlatParams:
         live = self._live
@@ -159,9 +162,3 @@ def _row_box(piece: Any) -> Box:
     if any(s.start != 0 or s.stop != n for s, n in zip(rest, shape[1:], strict=True)):
         raise ConfigError(f"{piece.name}: sharded along another dim than 0 ({piece.box}); exchange='gathered'")
     return piece.name, first.start, first.stop - first.start
-
-
-def _layout_json(spec: ParamSpec) -> bytes:
-    import json
-
-    return json.dumps(describe_spec(spec), separators=(",", ":")).encode()

@@ -91,7 +91,8 @@ class Join(Message):
     # a sharded party (FSDP): each of its ``ranks`` holds a stream of its own, carrying only the rows ``boxes``
     # lists: ``[[tensor index in the layout, first row, rows, sends], ...]`` (the rank's compact layout,
     # ``rank_layout.py``); ``sends`` is 1 for the rows it sends (a replicated box is sent by its first holder).
-    # Indices, not names: a 70B model's ~700 tensors fit the header. No boxes: the party's one stream, whole params
+    # Indices, not names: a LLaMA-70B rank's 723 boxes take 15.6 KB of the 64 KiB header (names: 40.6 KB).
+    # No boxes: the party's one stream, whole params
     rank: int = 0
     ranks: int = 1
     boxes: list[Any] = field(default_factory=list)

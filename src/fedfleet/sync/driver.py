@@ -214,7 +214,8 @@ class SyncDriver:
         """Each rank writes its boxes; rank 0 announces them all; each rank loads its boxes of the next global."""
         pieces = self.access.pieces
         written = self._in_step(lambda: self.channel.write(pieces))
-        everyone = self.ranks.gather_objects(written)
+        # the folder's manifest lists every rank's file; over gRPC each rank sends its own part: nothing to gather
+        everyone = self.ranks.gather_objects(written) if self.channel.lists_rank_files else []
         main = self.ranks.is_main
         self._in_step(lambda: self.channel.announce(everyone, weight, metrics, stats) if main else None)
         return self._in_step(lambda: self.channel.next(pieces, self.timeout), agree=True)

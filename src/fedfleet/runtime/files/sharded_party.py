@@ -36,6 +36,8 @@ log = logging.getLogger("fedfleet.party")
 class ShardedFileChannel:
     """One rank's side of a party's syncs through the folder (``ctx``: the party's ``FileContext``)."""
 
+    lists_rank_files = True  # rank 0's announce needs every rank's ``write`` (the driver gathers them)
+
     def __init__(self, ctx: Any, spec: ParamSpec, rounds: int, rank: int) -> None:
         self.ctx = ctx
         self.exchange = Exchange(ctx.exchange)

@@ -114,6 +114,8 @@ class RankParty(SyncParty):
 class ShardedGrpcChannel:
     """One rank's side of an FSDP party's syncs over gRPC (what the ``SyncDriver``'s sharded path calls)."""
 
+    lists_rank_files = False  # each rank sends its own part: rank 0 announces only the weight and metrics
+
     def __init__(self, connection: Connection, spec: ParamSpec, rounds: int, rank: int, world: int) -> None:
         self.connection, self.spec, self.rounds, self.rank, self.world = connection, spec, rounds, rank, world
         self.party: RankParty | None = None

@@ -37,3 +37,16 @@ def test_memory_is_independent_of_the_number_of_updates():
         agg.add(update)
     assert len(agg.__dict__) == before
     assert agg._sum.nbytes == like.nbytes  # one running sum, nothing kept per update
+
+
+def test_updates_sharing_one_params_fold_once_as_if_each_were_added():
+    shared = vec(1.5, -2.0, 0.25)
+    updates = [Update(shared, weight=w, metrics={"loss": m}) for w, m in ((1.0, 2.0), (3.0, 4.0), (0.5, 1.0))]
+    one_by_one, at_once = WeightedMean(vec(0.0, 0.0, 0.0)), WeightedMean(vec(0.0, 0.0, 0.0))
+    for update in updates:
+        one_by_one.add(update)
+    at_once.add_same(shared, updates)
+    a, b = one_by_one.finish(), at_once.finish()
+    assert torch.allclose(a.params.tensors()["w"], b.params.tensors()["w"])
+    assert (a.weight, a.count, a.metrics) == (b.weight, b.count, b.metrics)
+    assert (b.weight, b.count) == (4.5, 3) and abs(b.metrics["loss"] - 14.5 / 4.5) < 1e-12

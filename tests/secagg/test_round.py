@@ -3,8 +3,11 @@ stage parties drop out at, for the complete graph and k-regular ones."""
 
 import numpy as np
 import pytest
+import torch
 
-from fedfleet.secagg import SecAggConfig, SecAggFailed, Stage, graph, run_round
+from fedfleet.core.params import FlatParams
+from fedfleet.secagg import SecAggConfig, SecAggFailed, SecAggParty, SecAggServer, Stage, graph, run_round
+from fedfleet.secagg.in_process import flatten, mean_params
 from tests.secagg.helpers import make_inputs, plain_total, true_mean
 
 
@@ -155,3 +158,40 @@ def test_a_cohort_of_hundreds_with_k_two_log2_n_and_scattered_dropouts():
     drop = {Stage.SHARE: set(picked[:3]), Stage.MASKED_INPUT: set(picked[3:7]), Stage.UNMASK: set(picked[7:])}
     result = run_round(inputs, weights, config, drop=drop, seed=1)
     check_exact(inputs, weights, config, result, set(inputs) - set(picked[:7]), seed=1)
+
+
+def test_the_mean_written_into_params_a_chunk_at_a_time_is_mean_bit_for_bit():
+    like = FlatParams.from_tensors({"a": torch.zeros(700), "b": torch.zeros(5, dtype=torch.float64),
+                                    "c": torch.zeros(13, 11, dtype=torch.bfloat16)})  # fmt: skip
+    inputs, weights = make_inputs(6, like.numel)
+    result = run_round(inputs, weights, SecAggConfig(neighbours=3, threshold=2))
+    mean = result.mean()
+    params = mean_params(result, like, chunk=64)  # chunks that straddle the dtype buffers' ends
+    offset = 0
+    for dtype in sorted(params.buffers, key=str):  # flatten's order
+        buffer = params.buffers[dtype]
+        assert torch.equal(buffer, torch.from_numpy(mean[offset : offset + buffer.numel()]).to(dtype))
+        offset += buffer.numel()
+    assert offset == mean.size and np.array_equal(flatten(params), flatten(mean_params(result, like)))
+
+
+def test_a_party_masks_into_a_buffer_it_is_given_and_refuses_one_of_the_wrong_shape():
+    inputs, weights = make_inputs(3, 50)
+    config = SecAggConfig()
+    server = SecAggServer("s", 0, config, [1, 2, 3], 5, length=50)
+    parties = {i: SecAggParty(i, "s", 0, config, server.plan, seed=(0, 0, i)) for i in inputs}  # plain_total's
+    for party in parties.values():
+        server.receive_advert(party.advertise())
+    for i, roster in server.rosters().items():
+        server.receive_shares(i, parties[i].share_keys(roster))
+    inbox = server.inboxes()
+    with pytest.raises(ValueError, match="out must be a flat 51 x uint32"):
+        parties[1].masked_input(inputs[1], weights[1], inbox[1], out=np.zeros(50, np.uint32))
+    for i in inputs:
+        given = np.full(51, 7, dtype=np.uint32)  # what an earlier round left in it
+        masked = parties[i].masked_input(inputs[i], weights[i], inbox[i], out=given)
+        assert masked.data is given
+        server.receive_masked_input(masked)
+    for i, request in server.unmask_requests().items():
+        server.receive_unmask_reply(parties[i].unmask(request))
+    assert server.result().total.tolist() == plain_total(inputs, weights, config, set(inputs)).tolist()

@@ -8,6 +8,7 @@ updates are and move one model-sized partial instead of one update per client.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
 
 from fedfleet.core.params import FlatParams
@@ -66,6 +67,19 @@ class WeightedMean:
         self._weight += float(update.weight)
         self._count += 1
         self._metrics.add(shown(update), float(update.weight))
+
+    def add_same(self, params: FlatParams, updates: Sequence[Update]) -> None:
+        """``add`` of each of ``updates``, which all carry ``params`` (their own are not read): one multiply-add
+        with their total weight where ``add`` would make one each. A secure round's survivors all carry its
+        unmasked mean."""
+        weights = [float(u.weight) for u in updates]
+        if any(w < 0 for w in weights):
+            raise ValueError(f"update weights must be >= 0, got {weights}")
+        self._sum.add_(params, alpha=sum(weights))
+        self._weight += sum(weights)
+        self._count += len(updates)
+        for update, weight in zip(updates, weights, strict=True):
+            self._metrics.add(shown(update), weight)
 
     def merge(self, other: Aggregator) -> None:
         other = _same_kind(self, other)

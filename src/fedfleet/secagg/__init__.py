@@ -14,9 +14,9 @@ Public API (``from fedfleet.secagg import ...``):
 - ``SecAggServer(session, round, config, parties, graph_seed, *, length=None)``: ``receive_advert``,
   ``rosters()``, ``receive_shares(party, shares)``, ``inboxes()``, ``receive_masked_input``,
   ``unmask_requests()``, ``receive_unmask_reply``, ``result() -> SecAggResult``.
-- ``SecAggResult(sum, factors, weight, survivors, total, sum_bound, factors_bound, clip)``: the dequantised
-  sum of f_i * clip(x_i), sum of f_i, sum of capped weights, who is in it, the exact ring sum, error bounds;
-  ``.mean()`` and ``.mean_bound()``.
+- ``SecAggResult(total, factors, weight, survivors, sum_bound, factors_bound, clip, bits)``: the exact ring
+  sum, sum of f_i, sum of capped weights, who is in it, error bounds; ``.sum`` (the dequantised sum of
+  f_i * clip(x_i)), ``.mean()``, ``.mean_of(start, out)`` (a slice of the mean) and ``.mean_bound()``.
 - Messages: ``Advertise``, ``Roster``, ``EncryptedShare``, ``MaskedInput``, ``UnmaskRequest``, ``UnmaskReply``.
 - ``run_round(inputs, weights, config, session="s", round=0, drop=None, seed=0) -> SecAggResult`` and
   ``Stage`` (ADVERTISE, SHARE, MASKED_INPUT, UNMASK, DURING_UNMASK): the whole round in memory.

@@ -29,7 +29,7 @@ from fedfleet.core.update import Aggregate, Update
 from fedfleet.errors import ConfigError
 from fedfleet.secagg.config import SecAggConfig
 from fedfleet.secagg.party import SecAggParty
-from fedfleet.secagg.server import SecAggServer
+from fedfleet.secagg.server import SecAggResult, SecAggServer
 
 ADVERT_BYTES = 64  # two X25519 public keys
 SHARE_BYTES = 2 * 66 + 28  # two Shamir shares over GF(2**521 - 1), AES-GCM nonce and tag
@@ -101,7 +101,7 @@ class InProcessSecureSum:
             if self.clients[i] not in gone:
                 self.server.receive_unmask_reply(self._timed(i, lambda p=self.parties[i], r=request: p.unmask(r)))
         result = self.server.result()
-        params = unflatten(result.mean(), self.like)
+        params = mean_params(result, self.like)
         survivors = [self.clients[i] for i in sorted(result.survivors)]
         aggregate = Aggregate(params, result.weight, len(survivors), self.metrics.means())
         aggregate.overhead_s = self._overhead(survivors)
@@ -136,15 +136,18 @@ def flatten(params: FlatParams) -> np.ndarray:
     return torch.cat([b.float().cpu() for b in buffers]).numpy()
 
 
-def unflatten(vector: np.ndarray, like: FlatParams) -> FlatParams:
-    """``flatten``'s inverse: the vector's values in new params of ``like``'s layout."""
+def mean_params(result: SecAggResult, like: FlatParams, chunk: int = 1 << 15) -> FlatParams:
+    """``result.mean()`` in new params of ``like``'s layout (``flatten``'s order), the same numbers, dequantised a
+    chunk at a time straight into them: no model-sized float64 vectors, where ``mean()`` makes two."""
     out = like.zeros_like()
+    scratch = np.empty(chunk)
     offset = 0
     for dtype in sorted(out.buffers, key=str):
-        buffer = out.buffers[dtype]
-        n = buffer.numel()
-        buffer.copy_(torch.from_numpy(vector[offset : offset + n]).reshape(buffer.shape).to(buffer.dtype))
-        offset += n
+        flat = out.buffers[dtype].reshape(-1)
+        for lo in range(0, flat.numel(), chunk):
+            piece = flat[lo : lo + chunk]
+            piece.copy_(torch.from_numpy(result.mean_of(offset + lo, scratch[: piece.numel()])))
+        offset += flat.numel()
     return out
 
 

@@ -19,30 +19,39 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 CHUNK_BYTES = 1 << 18
 _ZERO_COUNTER = bytes(16)
+_ZEROS = np.zeros(CHUNK_BYTES, dtype=np.uint8)  # CTR encrypts zeros into the bare keystream
+_ZEROS.setflags(write=False)
 
 
-def _stream(key: bytes):
-    return Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER)).encryptor()
+class Keystream:
+    """One AES-CTR stream (counter from zero), read in consecutive pieces into buffers the caller owns."""
+
+    def __init__(self, key: bytes) -> None:
+        self._encryptor = Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER)).encryptor()
+
+    def fill(self, out: np.ndarray) -> None:
+        """The stream's next ``out.nbytes`` bytes into ``out`` (contiguous), as they come: read them through a
+        little-endian dtype for the same numbers on every machine."""
+        raw = out.reshape(-1).view(np.uint8)
+        for lo in range(0, raw.size, CHUNK_BYTES):
+            piece = raw[lo : lo + CHUNK_BYTES]
+            self._encryptor.update_into(_ZEROS[: piece.size], piece)
 
 
 def add_masks(acc: np.ndarray, masks: Iterable[tuple[bytes, int]], chunk_bytes: int = CHUNK_BYTES) -> None:
     """acc += sum of sign * PRG(key) over ``masks`` (pairs of key and sign +1 / -1), in acc's ring, in place."""
     if acc.dtype not in (np.uint32, np.uint64) or acc.ndim != 1 or not acc.flags.c_contiguous:
         raise ValueError(f"masks go into a flat contiguous uint32 / uint64 vector, got {acc.dtype} {acc.shape}")
-    streams = [(_stream(key), sign) for key, sign in masks]
+    streams = [(Keystream(key), sign) for key, sign in masks]
     if not streams:
         return
-    lanes = acc.dtype.newbyteorder("<")  # the keystream's byte order, whatever the machine's
     per_chunk = max(1, chunk_bytes // acc.itemsize)
-    zeros = np.zeros(per_chunk * acc.itemsize, dtype=np.uint8)
-    buf = np.empty_like(zeros)
+    buf = np.empty(per_chunk, dtype=acc.dtype.newbyteorder("<"))  # the keystream's byte order, whatever the machine's
     for lo in range(0, acc.size, per_chunk):
         part = acc[lo : lo + per_chunk]
-        nbytes = part.size * acc.itemsize
-        out = buf[:nbytes]
-        ks = out.view(lanes)
-        for enc, sign in streams:
-            enc.update_into(zeros[:nbytes], out)
+        ks = buf[: part.size]
+        for stream, sign in streams:
+            stream.fill(ks)
             if sign > 0:
                 np.add(part, ks, out=part)
             else:

@@ -115,14 +115,18 @@ class SecAggParty:
         return out
 
     # stage 3
-    def masked_input(self, values: np.ndarray, weight: float, inbox: list[EncryptedShare]) -> MaskedInput:
+    def masked_input(
+        self, values: np.ndarray, weight: float, inbox: list[EncryptedShare], out: np.ndarray | None = None
+    ) -> MaskedInput:
         """Quantise f * clip(values) and f (f = min(weight, max_weight) / max_weight), then add the self mask and
-        a pairwise mask with every neighbour whose share is in the inbox (+ when this party's id is the lower)."""
+        a pairwise mask with every neighbour whose share is in the inbox (+ when this party's id is the lower).
+        ``out``: a buffer for the masked input (values.size + 1 of the plan's dtype) to write instead of a new
+        one, e.g. the last round's once its upload is done (a fresh model-sized buffer pays its page faults)."""
         self._expect("shared")
         flat = np.asarray(values)
         if flat.ndim != 1 or flat.dtype.kind != "f":
             raise ValueError(f"party {self.party}: values must be a flat float vector, got {flat.dtype} {flat.shape}")
-        if not np.isfinite(flat).all():
+        if not _all_finite(flat):
             raise ValueError(f"party {self.party}: the update holds NaN or inf (the server cannot see it under masks)")
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
             raise ValueError(f"party {self.party}: the weight must be a finite number > 0, got {weight!r}")
@@ -133,7 +137,13 @@ class SecAggParty:
             raise
         cfg, plan = self.config, self.plan
         factor = min(float(weight), cfg.max_weight) / cfg.max_weight
-        data = np.empty(flat.size + 1, dtype=plan.dtype)
+        if out is None:
+            data = np.empty(flat.size + 1, dtype=plan.dtype)
+        elif out.shape == (flat.size + 1,) and out.dtype == plan.dtype and out.flags.c_contiguous:
+            data = out
+        else:
+            raise ValueError(f"party {self.party}: out must be a flat {flat.size + 1} x {plan.dtype}, got {out.dtype} "
+                             f"{out.shape}")  # fmt: skip
         quantize(flat, cfg.clip, cfg.bits, plan.dtype, self._rng, scale=factor, out=data[:-1])
         data[-1:] = quantize_weight(factor, plan.weight_levels, plan.dtype, self._rng)
         masks = [(crypto.derive(self._self_seed, self.session, self.round, (self.party,), crypto.SELF_MASK), 1)]
@@ -241,6 +251,11 @@ class SecAggParty:
     def _advance(self, stage: str, to: str) -> None:
         self._expect(stage)
         self._stage = to
+
+
+def _all_finite(values: np.ndarray, chunk: int = 1 << 16) -> bool:
+    """np.isfinite(values).all() a chunk at a time: no model-sized temporary."""
+    return all(np.isfinite(values[lo : lo + chunk]).all() for lo in range(0, values.size, chunk))
 
 
 def pair_sign(party: int, peer: int) -> int:

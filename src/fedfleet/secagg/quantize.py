@@ -1,9 +1,14 @@
 """Fixed-point encoding of updates for the masking ring, with unbiased stochastic rounding.
 
 A value v in [-clip, clip] maps to (v + clip) * L / (2 * clip) with L = 2**bits - 1 levels, rounded down or up
-at random with the probability that makes the expectation exact. Sums of quantised values are then sums of
-integers, which the masks leave exact in the ring (uint32 or uint64 arithmetic wraps mod 2**ring_bits, and the
-plan picks a ring that n parties' sum cannot wrap).
+at random with the probability that makes the expectation exact (to 2**-32 of a step: the draws are 32-bit).
+Sums of quantised values are then sums of integers, which the masks leave exact in the ring (uint32 or uint64
+arithmetic wraps mod 2**ring_bits, and the plan picks a ring that n parties' sum cannot wrap).
+
+The draws are AES-128-CTR keystream under a key drawn from the caller's generator, so they repeat with its
+seed. They need not be secret (the masks hide the rounded values), only uniform; AES is used because it is the
+fastest uniform source here: numpy's float64 ``Generator.random`` took 40% of the quantiser's time
+(benchmarks/secagg.py measures both).
 
 Error bound: one quantisation step, step = 2 * clip / (2**bits - 1), per element and per party. The dequantised
 sum of ``count`` parties is within count * step of the true sum of their clipped values, element by element
@@ -13,6 +18,8 @@ sum of ``count`` parties is within count * step of the true sum of their clipped
 from __future__ import annotations
 
 import numpy as np
+
+from fedfleet.secagg.masks import Keystream
 
 CHUNK = (
     1 << 15
@@ -56,7 +63,9 @@ def quantize(
     # clip(v) * mul + off == clip(v * mul + off) to these bounds; also kept in 0..top against rounding
     lo_bound, hi_bound = max(off - clip * mul, 0.0), min(off + clip * mul, float(top))
     size = min(CHUNK, flat.size)
-    x, low, draw, up = np.empty(size), np.empty(size), np.empty(size), np.empty(size, dtype=bool)
+    x, low, up = np.empty(size), np.empty(size), np.empty(size, dtype=bool)
+    draw = np.empty(size, dtype=np.dtype("<u4"))
+    draws_from = Keystream(rng.bytes(16))
     for lo in range(0, flat.size, CHUNK):
         n = min(CHUNK, flat.size - lo)
         xs, lows, draws, ups, outs = x[:n], low[:n], draw[:n], up[:n], out[lo : lo + n]
@@ -64,8 +73,9 @@ def quantize(
         xs += off
         np.clip(xs, lo_bound, hi_bound, out=xs)
         np.floor(xs, out=lows)
-        xs -= lows  # the fraction: round up with this probability
-        rng.random(out=draws)
+        xs -= lows  # the fraction: round up with this probability,
+        xs *= 2.0**32  # here in units of 2**-32, the draws' resolution: P(u < f * 2**32) - f is in [0, 2**-32)
+        draws_from.fill(draws)
         np.less(draws, xs, out=ups)
         outs[...] = lows
         outs += ups

@@ -35,25 +35,39 @@ from fedfleet.secagg.quantize import dequantize, dequantize_weight, step
 
 @dataclass(frozen=True, eq=False)
 class SecAggResult:
-    """``sum`` = sum of f_i * clip(x_i) over the survivors (float64), f_i = min(w_i, max_weight) / max_weight;
-    ``factors`` = sum of f_i; ``weight`` = factors * max_weight (the survivors' capped weights summed);
-    ``total``: the unmasked ring sum itself (the params' quantised sum, then the weights'), exact integers.
+    """``total``: the unmasked ring sum itself (the params' quantised sum, then the weights'), exact integers, of
+    the ``survivors``; ``factors`` = sum of f_i, f_i = min(w_i, max_weight) / max_weight; ``weight`` = factors *
+    max_weight (the survivors' capped weights summed). ``sum`` dequantises it: sum of f_i * clip(x_i) (float64).
 
     Error bounds, per element (quantize.py): |sum - true sum| < ``sum_bound`` = count * step, with
-    step = 2 * clip / (2**bits - 1); |factors - true factors| <= count / weight_levels; hence ``mean_bound()``."""
+    step = 2 * clip / (2**bits - 1); |factors - true factors| <= count / weight_levels; hence ``mean_bound()``.
+    ``mean_of`` dequantises a slice at a time, so a model's mean can be written into its params without a
+    model-sized float64 vector (two of them for ``mean()``)."""
 
-    sum: np.ndarray
+    total: np.ndarray
     factors: float
     weight: float
     survivors: frozenset[int]
-    total: np.ndarray
     sum_bound: float
     factors_bound: float
     clip: float
+    bits: int
+
+    @property
+    def sum(self) -> np.ndarray:
+        return dequantize(self.total[:-1], len(self.survivors), self.clip, self.bits)
 
     def mean(self) -> np.ndarray:
         """The weighted mean of the survivors' clipped updates: sum f_i x_i / sum f_i."""
         return self.sum / self.factors
+
+    def mean_of(self, start: int, out: np.ndarray) -> np.ndarray:
+        """``mean()[start : start + out.size]`` written into ``out`` (float64), the same float64 operations in
+        the same order (the same numbers, bit for bit)."""
+        np.multiply(self.total[start : start + out.size], step(self.clip, self.bits), out=out, dtype=np.float64)
+        out -= len(self.survivors) * self.clip
+        out /= self.factors
+        return out
 
     def mean_bound(self) -> float:
         """Per element, |mean() - the exact weighted mean of the clipped updates| is below this: the sum's error
@@ -234,9 +248,8 @@ class SecAggServer:
         self._sum = None
         cfg, count = self.config, len(alive)
         factors = dequantize_weight(int(total[-1]), self.plan.weight_levels)
-        values = dequantize(total[:-1], count, cfg.clip, cfg.bits)
         bounds = (count * step(cfg.clip, cfg.bits), count / self.plan.weight_levels)
-        return SecAggResult(values, factors, factors * cfg.max_weight, alive, total, *bounds, cfg.clip)
+        return SecAggResult(total, factors, factors * cfg.max_weight, alive, *bounds, cfg.clip, cfg.bits)
 
     def _rebuild(self, party: int, shares: dict[int, int]) -> bytes:
         if len(shares) < self.threshold:

@@ -18,6 +18,7 @@ from fedfleet.jobs.deploy import Access, build_arbiter
 from fedfleet.jobs.simulation import Simulation
 from fedfleet.runtime.grpc import Party
 from fedfleet.runtime.grpc.wire import PROTOCOL, Failure, Reject, Welcome
+from fedfleet.secagg import SecAggParty
 from tests.rogue import RawStream, wait_for
 from tests.runtime.grpc.secure_helpers import FOUR, PARTIES4, secure_federation, secure_job
 from tests.runtime.grpc.test_hostile_party import join_frame
@@ -27,9 +28,25 @@ def largest_difference(a, b) -> float:
     return max((a.buffers[d] - b.buffers[d]).abs().max().item() for d in a.buffers)
 
 
-def test_a_secure_grpc_round_ends_at_the_simulated_secure_model_and_near_the_plain_one(tmp_path):
+def test_a_secure_grpc_round_ends_at_the_simulated_secure_model_and_near_the_plain_one(tmp_path, monkeypatch):
+    buffers = []  # (party, the buffer it was given for its masked input, the one it masked into)
+    masked_input = SecAggParty.masked_input
+
+    def recorded(self, values, weight, inbox, out=None):
+        masked = masked_input(self, values, weight, inbox, out=out)
+        buffers.append((self.party, out, masked.data))
+        return masked
+
+    monkeypatch.setattr(SecAggParty, "masked_input", recorded)
     fed = secure_federation(tmp_path, ["rounds=3"])
     history = fed.run()
+    # from round 2 on, each party masks into its last round's buffer: its upload was done (and the model is
+    # still the simulation's below, so nothing read it while it was rewritten)
+    assert len(buffers) == 12
+    for party in range(1, 5):
+        given = [out for p, out, _ in buffers if p == party]
+        filled = [data for p, _, data in buffers if p == party]
+        assert given[0] is None and given[1] is filled[0] and given[2] is filled[0] and filled[2] is filled[0]
     for record in history:
         m = record.metrics
         assert m["clients"] == 4.0 and m["rejected"] == 0.0

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from fedfleet.runtime.grpc import secure_wire as sw
+from fedfleet.runtime.grpc.chunks import iter_chunks
 from fedfleet.runtime.grpc.wire import SecAggAdvert, SecAggRoster, SecAggSetup, WireError, decode, encode
 from fedfleet.secagg import SecAggConfig
 from fedfleet.secagg.messages import EncryptedShare, Roster, UnmaskReply, UnmaskRequest
@@ -45,7 +46,22 @@ def test_a_masked_input_travels_as_the_same_bytes_in_a_signed_integer_layout():
         params = sw.as_params(data)
         assert params.spec == sw.masked_spec(3, ring_bits)
         assert np.array_equal(sw.ring_vector(params), data)
+        assert np.shares_memory(sw.ring_vector(params), data)  # views both ways: the masked model is never copied
     assert SecAggConfig().validate(4).ring_bits == 32
+
+
+def test_a_lent_masked_input_is_free_again_only_when_no_chunk_of_its_upload_is_left():
+    data = np.arange(10_001, dtype=np.uint32)
+    params, read = sw.lend(data)
+    chunks = iter_chunks(params, chunk_bytes=4096)
+    first = next(chunks)
+    del params
+    assert read() is not None  # the upload is under way
+    rest = list(chunks)  # every chunk made, some still held (queued for the network)
+    del chunks, first
+    assert read() is not None
+    del rest
+    assert read() is None
 
 
 @pytest.mark.parametrize(

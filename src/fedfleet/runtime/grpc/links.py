@@ -48,6 +48,9 @@ class Outbox:
                     if self.closed.is_set():
                         return
                     yield msg
+            # hold nothing sent while waiting for the next: a chunk's payload is a view of the params it came from,
+            # which their owner may reuse once no chunk of them is left (secure_party.py)
+            item = msg = None
 
 
 class PartyLink:

@@ -51,7 +51,7 @@ from fedfleet.runtime.grpc.wire import Result, SecAggInbox, SecAggRoster, SecAgg
 from fedfleet.runtime.sim.sequential import client_seed
 from fedfleet.secagg.config import SecAggConfig
 from fedfleet.secagg.errors import SecAggRefused
-from fedfleet.secagg.in_process import graph_seed, unflatten
+from fedfleet.secagg.in_process import graph_seed, mean_params
 from fedfleet.secagg.messages import MaskedInput, UnmaskReply
 from fedfleet.secagg.server import SecAggResult, SecAggServer
 
@@ -223,21 +223,22 @@ class SecureRound:
         self.server._warn(name, "secure round %d refused %s's message: %s", self.round + 1, name, reason)
 
     def _partial(self, result: SecAggResult, global_params: FlatParams) -> Partial:
-        """The unmasked weighted sum as the strategy's own weighted mean of the survivors: each survivor folds
-        the mean with its share of the unmasked weight, so the sum, the weight and the count are the round's."""
-        mean = unflatten(result.mean(), global_params)
+        """The unmasked weighted sum as the strategy's own weighted mean of the survivors: each survivor carries
+        the mean with its share of the unmasked weight, so the sum, the weight and the count are the round's
+        (folded with one multiply-add for all of them)."""
+        mean = mean_params(result, global_params)
         survivors = [self.names[i] for i in sorted(result.survivors)]
         capped = {name: min(float(self.headers[name].weight), self.config.max_weight) for name in survivors}
         scale = result.weight / sum(capped.values())
-        folded = WeightedMean(global_params)
-        reports = []
+        updates = []
         for name in survivors:
             header = self.headers[name]
             stats = TrainStats.from_wire(header.stats)  # checked by the gate
-            update = Update(mean, capped[name] * scale, self.rt._shown(header.metrics), self.server.index[name],
-                            stats=stats)  # fmt: skip
-            folded.add(update)
-            reports.append(Report(update.client_id, update.weight, update.metrics, stats))
+            updates.append(Update(mean, capped[name] * scale, self.rt._shown(header.metrics), self.server.index[name],
+                                  stats=stats))  # fmt: skip
+        folded = WeightedMean(global_params)
+        folded.add_same(mean, updates)
+        reports = [Report(u.client_id, u.weight, u.metrics, u.stats) for u in updates]
         return Partial(folded, reports)
 
     def metrics(self) -> dict[str, float]:

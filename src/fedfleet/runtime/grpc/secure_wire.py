@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +57,17 @@ def masked_spec(numel: int, ring_bits: int) -> ParamSpec:
 
 def as_params(data: np.ndarray) -> FlatParams:
     """A ring vector (uint32 / uint64) as the params of its ``masked_spec``: a view, no copy."""
+    return lend(data)[0]
+
+
+def lend(data: np.ndarray) -> tuple[FlatParams, weakref.ref]:
+    """``as_params(data)``, and a weak reference that is dead once nothing made from those params can read
+    ``data`` any more: the tensor's storage, which every view and upload chunk of it holds, holds the array the
+    tensor was made from, and only it does."""
     signed = data.view(np.int32 if data.dtype == np.uint32 else np.int64)
-    return FlatParams.from_tensors({MASKED_NAME: torch.from_numpy(signed)})
+    tensor = torch.from_numpy(signed)
+    # the tensor is the buffer itself (from_tensors would copy the masked model into a new zeroed buffer)
+    return FlatParams(ParamSpec.of({MASKED_NAME: tensor}), {tensor.dtype: tensor}), weakref.ref(signed)
 
 
 def ring_vector(params: FlatParams) -> np.ndarray:

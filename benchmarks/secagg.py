@@ -4,8 +4,10 @@
     AES-128-CTR as the protocol derives its mask keys, and AES-256-CTR beside it) in GB/s of fp32 params, beside the
     raw AES-128-CTR and AES-256-CTR keystream speeds and numpy's PCG64 generator (Generator.integers, uint32)
     measured in the same run; the keystream ceiling for 9 masks is keystream / 9.
-    Then the whole masked_input (quantise + masks + key agreements), the mask chunk size that add_masks
-    defaults to, and the upload expansion (MaskedInput bytes / fp32 bytes).
+    Then the quantiser (AES-CTR draws, floor(x + u)) beside the same quantiser drawing from numpy's float64
+    Generator.random (floor, fraction, compare: fedfleet's until 2026-12), the whole masked_input (quantise +
+    masks + key agreements), the mask chunk size that add_masks defaults to, and the upload expansion
+    (MaskedInput bytes / fp32 bytes).
 (b) A whole round in memory (fedfleet.secagg.run_round's steps, timed per stage): 1,000 clients x 100K params,
     k = 2 log2(n) rounded, 5% of the parties dropping out, once after their masked input (the issue's case:
     their inputs count, their unmask replies are missing) and once after their shares but before their masked
@@ -75,6 +77,30 @@ def pcg64_gbps(count: int, repeats: int) -> float:
     return count * 4 / best(lambda: rng.integers(0, 2**32, size=count, dtype=np.uint32), repeats) / 1e9
 
 
+def generator_quantize(values: np.ndarray, clip: float, bits: int, rng: np.random.Generator, scale: float):
+    """The alternative to quantize(): the same clipping and chunking, with stochastic rounding from numpy's
+    float64 Generator.random (floor, fraction, compare), as fedfleet's quantiser drew until 2026-12."""
+    flat, top = values.reshape(-1), 2**bits - 1
+    mul, off = scale * top / (2.0 * clip), top / 2.0
+    lo_bound, hi_bound = max(off - clip * mul, 0.0), min(off + clip * mul, float(top))
+    out = np.empty(flat.size, np.uint32)
+    size = DEFAULT_QUANTISE_CHUNK
+    x, low, draw, up = np.empty(size), np.empty(size), np.empty(size), np.empty(size, dtype=bool)
+    for lo in range(0, flat.size, size):
+        n = min(size, flat.size - lo)
+        xs, lows, draws, ups, outs = x[:n], low[:n], draw[:n], up[:n], out[lo : lo + n]
+        np.multiply(flat[lo : lo + n], mul, out=xs, dtype=np.float64)
+        xs += off
+        np.clip(xs, lo_bound, hi_bound, out=xs)
+        np.floor(xs, out=lows)
+        xs -= lows
+        rng.random(out=draws)
+        np.less(draws, xs, out=ups)
+        outs[...] = lows
+        outs += ups
+    return out
+
+
 def masked_party(m: int, k: int) -> tuple[SecAggParty, list, SecAggConfig]:
     """Party 1 of a complete graph of k + 1 parties, up to its masked input: k neighbours, as in SecAgg+."""
     config = SecAggConfig(neighbours=k)
@@ -107,6 +133,7 @@ def party_side(m: int, k: int, repeats: int) -> dict:
         quant[chunk >> 10] = m * 4 / best(lambda: quantize(values, 1.0, 16, np.uint32, rng, scale=0.5), repeats) / 1e9
     quantize_module.CHUNK = DEFAULT_QUANTISE_CHUNK
     quant_gbps = quant[DEFAULT_QUANTISE_CHUNK >> 10]
+    generator_gbps = m * 4 / best(lambda: generator_quantize(values, 1.0, 16, rng, 0.5), repeats) / 1e9
     full = []
     for _ in range(repeats):
         party, inbox, _ = masked_party(m, k)
@@ -131,6 +158,8 @@ def party_side(m: int, k: int, repeats: int) -> dict:
         "chunk_KiB_to_params_GBps": {str(c): round(v, 3) for c, v in chunks.items()},
         "quantise_params_GBps": round(quant_gbps, 3),
         "quantise_chunk_Kelements_to_params_GBps": {str(c): round(v, 3) for c, v in quant.items()},
+        "quantise_generator_random_params_GBps": round(generator_gbps, 3),
+        "quantise_vs_generator_random": round(quant_gbps / generator_gbps, 3),
         "masked_input_s": round(min(full), 4),
         "masked_input_params_GBps": round(m * 4 / min(full) / 1e9, 3),
         "upload_expansion": round(masked.data.nbytes / (m * 4), 6),

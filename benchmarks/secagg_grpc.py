@@ -7,14 +7,16 @@ the protocol's (keys, shares, masking at the party, unmasking at the arbiter). B
 (the runtime's updates, or its one unmasked Partial, into a WeightedMean). Plaintext (no TLS) on both sides:
 TLS costs both the same per byte, and the masked upload is the plaintext's size plus one element.
 
-    python benchmarks/secagg_grpc.py            # 10 parties x 10M params, k = 8, 3 rounds each (one warm-up)
+    python benchmarks/secagg_grpc.py            # 10 parties x 10M params, k = 8, 6 rounds each (one warm-up)
     python benchmarks/secagg_grpc.py --quick    # 4 parties x 2M params, k = 3 (under a minute)
 
 All n parties share this machine's cores, so the secure round measured here pays for the n parties' masking
 one after another (two cores: n / 2 maskings in a row, while the arbiter receives), where deployed parties
 mask at once, each on its own machine. Beside the measured ratio the script prints the parts: the key stages
 and the unmasking as the arbiter timed them, one party's masking measured alone, and their sum with the
-plaintext round as an estimate for a party per machine (labelled as such).
+plaintext round as an estimate for a party per machine (labelled as such), and the CPU seconds each round
+took in the arbiter's process and in the party processes together (from /proc): on a machine the n parties
+share, the secure round's extra wall time is the parties' extra CPU (their masking) over the cores.
 
 The last line printed is one JSON object: the median rounds, the parts, the measured ratio and the estimate.
 """
@@ -25,6 +27,7 @@ import argparse
 import json
 import logging
 import multiprocessing
+import os
 import socket
 import statistics
 import sys
@@ -69,11 +72,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_s(pids: list[int]) -> float | None:
+    """CPU seconds (user + system) the processes ``pids`` have used so far, from /proc (None where it is absent)."""
+    total = 0
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat(5))
+    except (OSError, IndexError, ValueError):
+        return None
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def one_side(
     n: int, numel: int, config: SecAggConfig | None, rounds: int, port: int, threads: bool = False
 ) -> list[dict[str, float]]:
     """Each of ``rounds`` rounds with n party processes (``threads``: threads of this one), secure when ``config``
-    is given: its wall time ``round_s`` and the runtime's round metrics (a secure round's keys_s and unmask_s)."""
+    is given: its wall time ``round_s``, the CPU time the arbiter's process (``arbiter_cpu_s``) and the party
+    processes (``parties_cpu_s``, all together) used in it, and the runtime's round metrics (a secure round's
+    keys_s and unmask_s)."""
     spec = FlatParams.from_tensors({"w": torch.zeros(numel)}).spec
     names = [f"party-{i}" for i in range(n)]
     kwargs = dict(session=SESSION, parties=names, spec=spec, address=f"127.0.0.1:{port}", credentials=None)
@@ -93,8 +111,9 @@ def one_side(
     times = []
     try:
         glob = FlatParams.zeros(spec)
+        pids = [] if threads else [worker.pid for worker in workers]
         for r in range(rounds):
-            began = time.perf_counter()
+            began, arbiter_began, parties_began = time.perf_counter(), time.process_time(), cpu_s(pids)
             folded = WeightedMean(glob)
             for item in runtime.fit(glob, list(range(n)), FitConfig(round=r)):
                 if isinstance(item, Partial):
@@ -102,7 +121,10 @@ def one_side(
                 else:
                     folded.add(item)
             aggregate = folded.finish()
-            times.append({"round_s": time.perf_counter() - began, **runtime.round_metrics()})
+            parties_now = cpu_s(pids)
+            times.append({"round_s": time.perf_counter() - began, "arbiter_cpu_s": time.process_time() - arbiter_began,
+                          **({} if threads or parties_now is None else {"parties_cpu_s": parties_now - parties_began}),
+                          **runtime.round_metrics()})  # fmt: skip
             assert aggregate.count == n, aggregate.count
     finally:
         runtime.finish()
@@ -147,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parties", type=int)
     parser.add_argument("--params", type=int)
     parser.add_argument("--neighbours", type=int)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per side; the first is a warm-up")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per side; the first is a warm-up")
     parser.add_argument("--threads", action="store_true", help="parties as threads of this process, not processes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -166,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         kept = rounds[1:] or rounds
         results[label] = {key: statistics.median(r[key] for r in kept) for key in kept[0]}
         walls = ", ".join(f"{r['round_s']:.2f}" for r in rounds)
-        print(f"{label:>9}: rounds {walls} s; median after warm-up "
-              f"{results[label]['round_s']:.2f} s", flush=True)  # fmt: skip
+        cpu = results[label]
+        spent = (f"; CPU per round: arbiter {cpu['arbiter_cpu_s']:.2f} s, parties {cpu['parties_cpu_s']:.2f} s"
+                 if "parties_cpu_s" in cpu else "")  # fmt: skip
+        print(f"{label:>9}: rounds {walls} s; median after warm-up {cpu['round_s']:.2f} s{spent}", flush=True)
     plain, secure = results["plaintext"]["round_s"], results["secure"]
     ratio = secure["round_s"] / plain
     alone = mask_alone(n, numel, config)
@@ -184,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                       "plaintext_round_s": round(plain, 3), "secure_round_s": round(secure["round_s"], 3),
                       "keys_s": round(secure["secagg_keys_s"], 4), "unmask_s": round(secure["secagg_unmask_s"], 3),
                       "mask_one_party_s": round(alone, 3), "ratio": round(ratio, 3),
+                      "cpu_s_per_round": {label: {key: round(value, 3) for key, value in side.items()
+                                                  if key.endswith("cpu_s")} for label, side in results.items()},
+                      "load_avg_1min_end": round(os.getloadavg()[0], 2),
                       "ratio_party_per_machine_estimate": round(deployed / plain, 3)}))  # fmt: skip
     return 0
 

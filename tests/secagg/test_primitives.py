@@ -25,6 +25,17 @@ def test_stochastic_rounding_is_unbiased_and_within_one_step():
     assert abs(back.mean() - 0.123) < 0.1 * step(1.0, 8)
 
 
+@pytest.mark.parametrize("bits", [20, 21, 40, 48])
+def test_fine_levels_round_up_no_further_than_the_top_level(bits):
+    # from 2**20 levels up float64 cannot hold x + u exactly: the top clip value must still stay on the top level
+    top = 2**bits - 1
+    q = quantize(np.full(100_000, 1.0), 1.0, bits, np.uint64, np.random.default_rng(4))
+    assert q.max() == top and q.min() == top
+    x = np.full(100_000, 0.3)
+    back = dequantize(quantize(x, 1.0, bits, np.uint64, np.random.default_rng(5)), 1, 1.0, bits)
+    assert np.abs(back - x).max() < step(1.0, bits) * 1.01
+
+
 def test_the_sum_of_many_parties_dequantises_within_count_steps():
     rng = np.random.default_rng(2)
     xs = rng.uniform(-2, 2, size=(30, 5000))

@@ -1,7 +1,8 @@
 """Fixed-point encoding of updates for the masking ring, with unbiased stochastic rounding.
 
 A value v in [-clip, clip] maps to (v + clip) * L / (2 * clip) with L = 2**bits - 1 levels, rounded down or up
-at random with the probability that makes the expectation exact (to 2**-32 of a step: the draws are 32-bit).
+at random with the probability that makes the expectation exact (to about 2**-32 of a step: the draws are
+32-bit): floor(x + u), u uniform in [0, 1), is floor(x) + 1 with probability frac(x).
 Sums of quantised values are then sums of integers, which the masks leave exact in the ring (uint32 or uint64
 arithmetic wraps mod 2**ring_bits, and the plan picks a ring that n parties' sum cannot wrap).
 
@@ -63,22 +64,21 @@ def quantize(
     # clip(v) * mul + off == clip(v * mul + off) to these bounds; also kept in 0..top against rounding
     lo_bound, hi_bound = max(off - clip * mul, 0.0), min(off + clip * mul, float(top))
     size = min(CHUNK, flat.size)
-    x, low, up = np.empty(size), np.empty(size), np.empty(size, dtype=bool)
+    x, u = np.empty(size), np.empty(size)
     draw = np.empty(size, dtype=np.dtype("<u4"))
     draws_from = Keystream(rng.bytes(16))
     for lo in range(0, flat.size, CHUNK):
         n = min(CHUNK, flat.size - lo)
-        xs, lows, draws, ups, outs = x[:n], low[:n], draw[:n], up[:n], out[lo : lo + n]
+        xs, us, draws = x[:n], u[:n], draw[:n]
         np.multiply(flat[lo : lo + n], mul, out=xs, dtype=np.float64)  # float64 even for float32 input
         xs += off
         np.clip(xs, lo_bound, hi_bound, out=xs)
-        np.floor(xs, out=lows)
-        xs -= lows  # the fraction: round up with this probability,
-        xs *= 2.0**32  # here in units of 2**-32, the draws' resolution: P(u < f * 2**32) - f is in [0, 2**-32)
         draws_from.fill(draws)
-        np.less(draws, xs, out=ups)
-        outs[...] = lows
-        outs += ups
+        np.multiply(draws, 2.0**-32, out=us)  # exact: u = j / 2**32, j uniform in 0..2**32 - 1
+        xs += us
+        if top >= 2**20:  # below 2**20 float64 holds x + u exactly enough that it stays under top + 1
+            np.minimum(xs, top, out=xs)
+        out[lo : lo + n] = xs  # truncation: the floor, as x + u >= 0
     return out
 
 

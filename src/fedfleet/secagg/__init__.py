@@ -10,7 +10,9 @@ Public API (``from fedfleet.secagg import ...``):
   ``neighbourhood(m)`` for m advertisers).
 - ``SecAggParty(party, session, round, config, plan, *, seed=None)``: one party for one round:
   ``advertise() -> Advertise``, ``share_keys(Roster) -> list[EncryptedShare]``,
-  ``masked_input(values, weight, inbox) -> MaskedInput``, ``unmask(UnmaskRequest) -> UnmaskReply``.
+  ``masked_input(values, weight, inbox, out=None) -> MaskedInput``, ``unmask(UnmaskRequest) -> UnmaskReply``;
+  ``prepare_masks(inbox, length, out=None)`` before the update is there sums the masks ahead (``prepared(n)``
+  says whether ``masked_input`` of n values will use them).
 - ``SecAggServer(session, round, config, parties, graph_seed, *, length=None)``: ``receive_advert``,
   ``rosters()``, ``receive_shares(party, shares)``, ``inboxes()``, ``receive_masked_input``,
   ``unmask_requests()``, ``receive_unmask_reply``, ``result() -> SecAggResult``.

@@ -38,8 +38,11 @@ class Keystream:
             self._encryptor.update_into(_ZEROS[: piece.size], piece)
 
 
-def add_masks(acc: np.ndarray, masks: Iterable[tuple[bytes, int]], chunk_bytes: int = CHUNK_BYTES) -> None:
-    """acc += sum of sign * PRG(key) over ``masks`` (pairs of key and sign +1 / -1), in acc's ring, in place."""
+def add_masks(
+    acc: np.ndarray, masks: Iterable[tuple[bytes, int]], chunk_bytes: int = CHUNK_BYTES, *, overwrite: bool = False
+) -> None:
+    """acc += sum of sign * PRG(key) over ``masks`` (pairs of key and sign +1 / -1), in acc's ring, in place;
+    with ``overwrite``, acc = that sum (acc's old values are not read: no zeroing pass first)."""
     if acc.dtype not in (np.uint32, np.uint64) or acc.ndim != 1 or not acc.flags.c_contiguous:
         raise ValueError(f"masks go into a flat contiguous uint32 / uint64 vector, got {acc.dtype} {acc.shape}")
     streams = [(Keystream(key), sign) for key, sign in masks]
@@ -50,9 +53,13 @@ def add_masks(acc: np.ndarray, masks: Iterable[tuple[bytes, int]], chunk_bytes: 
     for lo in range(0, acc.size, per_chunk):
         part = acc[lo : lo + per_chunk]
         ks = buf[: part.size]
-        for stream, sign in streams:
+        for n, (stream, sign) in enumerate(streams):
             stream.fill(ks)
-            if sign > 0:
+            if overwrite and n == 0 and sign > 0:
+                np.copyto(part, ks)
+            elif overwrite and n == 0:
+                np.negative(ks, out=part)
+            elif sign > 0:
                 np.add(part, ks, out=part)
             else:
                 np.subtract(part, ks, out=part)

@@ -1,6 +1,10 @@
 """One party's side of one SecAgg+ round: a state machine a runtime drives, stage by stage.
 
-advertise -> share_keys(roster) -> masked_input(values, weight, inbox) -> unmask(request) [-> unmask(...) again]
+advertise -> share_keys(roster) -> [prepare_masks(inbox, length)] -> masked_input(values, weight, inbox)
+          -> unmask(request) [-> unmask(...) again]
+
+The masks depend on the keys and the inbox only, so ``prepare_masks`` can sum them while the update is still
+being trained (or downloaded); ``masked_input`` then quantises the update into that sum, one add per element.
 
 The object lives for one round and draws fresh keys when it is made: two X25519 key pairs (share encryption,
 pairwise masks) and a 32-byte self-mask seed, all from the OS's cryptographic source. The optional ``seed``
@@ -64,6 +68,7 @@ class SecAggParty:
         self._mask_pks: dict[int, bytes] = {}
         self._held: dict[int, tuple[int, int]] = {}  # sender -> its (self-seed share, mask-key share) for me
         self._revealed: dict[int, str] = {}  # peer -> the one kind of share this party has revealed for it
+        self._prepared: tuple[list[EncryptedShare], np.ndarray] | None = None  # the inbox, and its masks' sum
 
     # stage 1
     def advertise(self) -> Advertise:
@@ -115,13 +120,33 @@ class SecAggParty:
         return out
 
     # stage 3
+    def prepare_masks(self, inbox: list[EncryptedShare], length: int, out: np.ndarray | None = None) -> None:
+        """The sum of the masks ``masked_input(values, weight, inbox)`` adds, made ahead for ``length`` values
+        (and the weight), into ``out`` if given (as for ``masked_input``). The inbox is checked as there: a bad
+        one withdraws the party (SecAggRefused)."""
+        self._expect("shared")
+        self._accept_or_withdraw(inbox)
+        data = self._buffer(length + 1, out)
+        add_masks(data, self._masks(), overwrite=True)
+        self._prepared = (list(inbox), data)
+        self._stage = "prepared"
+
+    def prepared(self, count: int) -> bool:
+        """Whether masks for ``count`` values are made ahead (``masked_input`` of that many then uses them)."""
+        return self._prepared is not None and self._prepared[1].size == count + 1
+
     def masked_input(
         self, values: np.ndarray, weight: float, inbox: list[EncryptedShare], out: np.ndarray | None = None
     ) -> MaskedInput:
         """Quantise f * clip(values) and f (f = min(weight, max_weight) / max_weight), then add the self mask and
         a pairwise mask with every neighbour whose share is in the inbox (+ when this party's id is the lower).
         ``out``: a buffer for the masked input (values.size + 1 of the plan's dtype) to write instead of a new
-        one, e.g. the last round's once its upload is done (a fresh model-sized buffer pays its page faults)."""
+        one, e.g. the last round's once its upload is done (a fresh model-sized buffer pays its page faults).
+        After ``prepare_masks`` with this inbox and values.size, the values go into the masks made there (and
+        ``out`` is not used); after it with another size, the masks are made again here."""
+        prepared, self._prepared = self._prepared, None
+        if self._stage == "prepared":
+            self._stage = "shared"
         self._expect("shared")
         flat = np.asarray(values)
         if flat.ndim != 1 or flat.dtype.kind != "f":
@@ -130,30 +155,18 @@ class SecAggParty:
             raise ValueError(f"party {self.party}: the update holds NaN or inf (the server cannot see it under masks)")
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
             raise ValueError(f"party {self.party}: the weight must be a finite number > 0, got {weight!r}")
-        try:
-            self._accept(inbox)
-        except SecAggRefused:
-            self._stage = "withdrawn"
-            raise
         cfg, plan = self.config, self.plan
         factor = min(float(weight), cfg.max_weight) / cfg.max_weight
-        if out is None:
-            data = np.empty(flat.size + 1, dtype=plan.dtype)
-        elif out.shape == (flat.size + 1,) and out.dtype == plan.dtype and out.flags.c_contiguous:
-            data = out
+        if prepared is not None and prepared[0] == list(inbox) and prepared[1].size == flat.size + 1:
+            data = prepared[1]  # the inbox was accepted there
+            quantize(flat, cfg.clip, cfg.bits, plan.dtype, self._rng, scale=factor, out=data[:-1], add=True)
+            data[-1:] += quantize_weight(factor, plan.weight_levels, plan.dtype, self._rng)
         else:
-            raise ValueError(f"party {self.party}: out must be a flat {flat.size + 1} x {plan.dtype}, got {out.dtype} "
-                             f"{out.shape}")  # fmt: skip
-        quantize(flat, cfg.clip, cfg.bits, plan.dtype, self._rng, scale=factor, out=data[:-1])
-        data[-1:] = quantize_weight(factor, plan.weight_levels, plan.dtype, self._rng)
-        masks = [(crypto.derive(self._self_seed, self.session, self.round, (self.party,), crypto.SELF_MASK), 1)]
-        for j in sorted(self._held):
-            secret = crypto.agree(self._mask_sk, self._mask_pks[j])
-            pair = (min(self.party, j), max(self.party, j))
-            masks.append(
-                (crypto.derive(secret, self.session, self.round, pair, crypto.PAIR_MASK), pair_sign(self.party, j))
-            )
-        add_masks(data, masks)
+            self._accept_or_withdraw(inbox)
+            data = self._buffer(flat.size + 1, out)
+            quantize(flat, cfg.clip, cfg.bits, plan.dtype, self._rng, scale=factor, out=data[:-1])
+            data[-1:] = quantize_weight(factor, plan.weight_levels, plan.dtype, self._rng)
+            add_masks(data, self._masks())
         # the secrets live on only as shares now: a party compromised later reveals nothing of this round
         self._self_seed = b""
         self._mask_sk = self._cipher_sk = None
@@ -207,6 +220,32 @@ class SecAggParty:
             self_shares={j: self._held[j][0] for j in sorted(alive - {me})},
             key_shares={j: self._held[j][1] for j in sorted(dropped)},
         )
+
+    def _masks(self) -> list[tuple[bytes, int]]:
+        """The self mask's key, then each inbox sender's pairwise mask key, with the sign this party adds it."""
+        masks = [(crypto.derive(self._self_seed, self.session, self.round, (self.party,), crypto.SELF_MASK), 1)]
+        for j in sorted(self._held):
+            secret = crypto.agree(self._mask_sk, self._mask_pks[j])
+            pair = (min(self.party, j), max(self.party, j))
+            masks.append(
+                (crypto.derive(secret, self.session, self.round, pair, crypto.PAIR_MASK), pair_sign(self.party, j))
+            )
+        return masks
+
+    def _buffer(self, size: int, out: np.ndarray | None) -> np.ndarray:
+        if out is None:
+            return np.empty(size, dtype=self.plan.dtype)
+        if out.shape == (size,) and out.dtype == self.plan.dtype and out.flags.c_contiguous:
+            return out
+        raise ValueError(f"party {self.party}: out must be a flat {size} x {self.plan.dtype}, got {out.dtype} "
+                         f"{out.shape}")  # fmt: skip
+
+    def _accept_or_withdraw(self, inbox: list[EncryptedShare]) -> None:
+        try:
+            self._accept(inbox)
+        except SecAggRefused:
+            self._stage = "withdrawn"
+            raise
 
     def _accept(self, inbox: list[EncryptedShare]) -> None:
         held: dict[int, tuple[int, int]] = {}

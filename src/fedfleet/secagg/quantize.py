@@ -48,13 +48,17 @@ def quantize(
     *,
     scale: float = 1.0,
     out: np.ndarray | None = None,
+    add: bool = False,
 ) -> np.ndarray:
     """Flat float values clipped to [-clip, clip], then multiplied by ``scale`` in [0, 1] (a party's weight
     factor; it keeps them in range), as ring integers in 0..2**bits - 1; written into ``out`` if given (a
-    slice of the masked vector, sparing a copy of the model)."""
+    slice of the masked vector, sparing a copy of the model), or with ``add`` added to it in its ring (into
+    masks made ahead of the update)."""
     if not 0.0 <= scale <= 1.0:
         raise ValueError(f"scale must be in [0, 1], got {scale}")
     flat = np.asarray(values).reshape(-1)
+    if out is None and add:
+        raise ValueError("add=True adds the quantised values into out: give out")
     if out is None:
         out = np.empty(flat.size, dtype=dtype)
     elif out.shape != flat.shape or out.dtype != np.dtype(dtype):
@@ -66,6 +70,7 @@ def quantize(
     size = min(CHUNK, flat.size)
     x, u = np.empty(size), np.empty(size)
     draw = np.empty(size, dtype=np.dtype("<u4"))
+    levels = np.empty(size, dtype=out.dtype) if add else None
     draws_from = Keystream(rng.bytes(16))
     for lo in range(0, flat.size, CHUNK):
         n = min(CHUNK, flat.size - lo)
@@ -78,7 +83,11 @@ def quantize(
         xs += us
         if top >= 2**20:  # below 2**20 float64 holds x + u exactly enough that it stays under top + 1
             np.minimum(xs, top, out=xs)
-        out[lo : lo + n] = xs  # truncation: the floor, as x + u >= 0
+        if levels is None:
+            out[lo : lo + n] = xs  # truncation: the floor, as x + u >= 0
+        else:
+            levels[:n] = xs
+            np.add(out[lo : lo + n], levels[:n], out=out[lo : lo + n])  # wraps in the ring, as masks do
     return out
 
 

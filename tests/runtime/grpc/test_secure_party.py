@@ -5,6 +5,7 @@ message, plays the party's three neighbours with real protocol state, and tries 
 import dataclasses
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -202,3 +203,49 @@ def test_a_party_sends_no_plain_update_and_accepts_no_weaker_settings(session):
     assert "the arbiter asks for secure aggregation" in arbiter.receive(Failure).reason
     arbiter.send(SecAggSetup(**{**HEADER, "session": "another"}, n=4, config=sw.config_values(CONFIG)))
     assert "for session 'another'" in arbiter.receive(Failure).reason
+
+
+@pytest.mark.parametrize("ahead", [True, False], ids=["masks-made-ahead", "masks-made-at-fit"])
+def test_an_inbox_that_fails_its_tag_withdraws_the_party_and_no_masked_input_goes(
+    session, tmp_path, monkeypatch, ahead
+):
+    arbiter, party, job = session
+    prepared = []
+    prepare_masks = SecAggParty.prepare_masks
+    monkeypatch.setattr(
+        SecAggParty, "prepare_masks", lambda self, *a, **k: prepared.append(1) or prepare_masks(self, *a, **k)
+    )
+    party.secure.prepare_masks = ahead
+    party.secure._length = party.spec.numel  # as after a first round: the masks are made once the inbox is in
+    peers, rosters, answer = set_up_and_share(arbiter, party, job, tmp_path / "certs")
+    peers.server.receive_shares(1, sw.decode_shares(answer.payload, "test-session", 0, 1, 4, 3))
+    for j, peer in peers.peers.items():
+        peers.server.receive_shares(j, peer.share_keys(rosters[j]))
+    inbox = peers.server.inboxes()[1]
+    forged = [dataclasses.replace(inbox[0], ciphertext=bytes(len(inbox[0].ciphertext))), *inbox[1:]]
+    arbiter.send(SecAggInbox(**HEADER, payload=sw.encode_shares(forged, by_sender=True)))
+    arbiter.send(Task(task_id="t1", round=0, task=TaskKind.FIT, config=dataclasses.asdict(FitConfig(epochs=1))))
+    arbiter.send(list(iter_chunks(FlatParams.zeros(party.spec))))
+    refusal = arbiter.receive(Failure)
+    assert refusal.reason == "secure aggregation: a sealed message failed its AES-GCM tag check"
+    assert len(prepared) == int(ahead)
+    time.sleep(1.0)  # and nothing after the refusal: no Result, no chunk
+    while not arbiter.received.empty():
+        assert isinstance(arbiter.received.get(), Heartbeat)
+
+
+def test_a_second_inbox_for_one_round_is_refused_and_the_first_one_counts(session, tmp_path):
+    arbiter, party, job = session
+    party.secure._length = party.spec.numel  # the masks are in the making when the second inbox comes
+    peers, rosters, answer = set_up_and_share(arbiter, party, job, tmp_path / "certs")
+    peers.server.receive_shares(1, sw.decode_shares(answer.payload, "test-session", 0, 1, 4, 3))
+    for j, peer in peers.peers.items():
+        peers.server.receive_shares(j, peer.share_keys(rosters[j]))
+    inbox = peers.server.inboxes()[1]
+    arbiter.send(SecAggInbox(**HEADER, payload=sw.encode_shares(inbox, by_sender=True)))
+    arbiter.send(SecAggInbox(**HEADER, payload=sw.encode_shares(inbox[:1], by_sender=True)))
+    assert "a second inbox for this round" in arbiter.receive(Failure).reason
+    arbiter.send(Task(task_id="t1", round=0, task=TaskKind.FIT, config=dataclasses.asdict(FitConfig(epochs=1))))
+    arbiter.send(list(iter_chunks(FlatParams.zeros(party.spec))))
+    header = arbiter.receive(Result)
+    assert header.secagg_party == 1

@@ -17,6 +17,7 @@ from fedfleet.errors import ConfigError
 from fedfleet.jobs.deploy import Access, build_arbiter
 from fedfleet.jobs.simulation import Simulation
 from fedfleet.runtime.grpc import Party
+from fedfleet.runtime.grpc.secure_party import SecureStages
 from fedfleet.runtime.grpc.wire import PROTOCOL, Failure, Reject, Welcome
 from fedfleet.secagg import SecAggParty
 from tests.rogue import RawStream, wait_for
@@ -28,25 +29,35 @@ def largest_difference(a, b) -> float:
     return max((a.buffers[d] - b.buffers[d]).abs().max().item() for d in a.buffers)
 
 
-def test_a_secure_grpc_round_ends_at_the_simulated_secure_model_and_near_the_plain_one(tmp_path, monkeypatch):
-    buffers = []  # (party, the buffer it was given for its masked input, the one it masked into)
-    masked_input = SecAggParty.masked_input
+@pytest.mark.parametrize("ahead", [True, False], ids=["masks-made-ahead", "masks-made-at-fit"])
+def test_a_secure_grpc_round_ends_at_the_simulated_secure_model_and_near_the_plain_one(tmp_path, monkeypatch, ahead):
+    calls = []  # (party, what, the buffer it was given, the one it filled)
+    masked_input, prepare_masks = SecAggParty.masked_input, SecAggParty.prepare_masks
 
     def recorded(self, values, weight, inbox, out=None):
         masked = masked_input(self, values, weight, inbox, out=out)
-        buffers.append((self.party, out, masked.data))
+        calls.append((self.party, "input", out, masked.data))
         return masked
 
+    def recorded_prepare(self, inbox, length, out=None):
+        prepare_masks(self, inbox, length, out=out)
+        calls.append((self.party, "prepare", out, self._prepared[1]))
+
     monkeypatch.setattr(SecAggParty, "masked_input", recorded)
+    monkeypatch.setattr(SecAggParty, "prepare_masks", recorded_prepare)
+    monkeypatch.setattr(SecureStages, "prepare_masks", ahead)
     fed = secure_federation(tmp_path, ["rounds=3"])
     history = fed.run()
-    # from round 2 on, each party masks into its last round's buffer: its upload was done (and the model is
-    # still the simulation's below, so nothing read it while it was rewritten)
-    assert len(buffers) == 12
+    # from round 2 on, each party masks into its last round's buffer (ahead of the update, or at fit): its
+    # upload was done (and the model is still the simulation's below, so nothing read it while it was rewritten)
     for party in range(1, 5):
-        given = [out for p, out, _ in buffers if p == party]
-        filled = [data for p, _, data in buffers if p == party]
-        assert given[0] is None and given[1] is filled[0] and given[2] is filled[0] and filled[2] is filled[0]
+        mine = [(what, out, data) for p, what, out, data in calls if p == party]
+        (_, _, first), given = mine[0], [out for _, out, _ in mine[1:]]
+        expected = ["input", "prepare", "input", "prepare", "input"] if ahead else ["input"] * 3
+        assert [what for what, _, _ in mine] == expected
+        assert mine[0][1] is None and all(data is first for _, _, data in mine)
+        assert all(out is first for out in given if out is not None)
+        assert [out is None for out in given] == ([False, True] * 2 if ahead else [False, False])
     for record in history:
         m = record.metrics
         assert m["clients"] == 4.0 and m["rejected"] == 0.0

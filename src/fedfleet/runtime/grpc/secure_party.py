@@ -2,7 +2,9 @@
 
     setup   -> check the settings against this party's own job, draw fresh keys, send the signed advert
     roster  -> check the neighbours' signatures against the job's CA, send the sealed shares
-    inbox   -> keep the shares sealed for this party until the fit task's update is ready
+    inbox   -> keep the shares sealed for this party until the fit task's update is ready; from the second
+               round on, sum the masks meanwhile in a thread of their own (for as many values as the last
+               round's update had), so that the update, once trained, is only quantised into them
     fit     -> (``Party``) train, then mask the update delta and send it as the masked params (party-paced: the
                sync task, answered by ``SyncParty.sync`` at the training loop's next sync point)
     unmask  -> reveal the one kind of share per neighbour the request allows, or refuse
@@ -17,6 +19,7 @@ reveal both kinds of share of one peer) is answered with a ``Failure``, and the 
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,12 +70,16 @@ class _Round:
     plan: Plan
     protocol: SecAggParty
     inbox: list[EncryptedShare] | None = None
+    preparing: threading.Thread | None = None  # summing the masks ahead of the update
+    refused: SecAggRefused | None = None  # why the inbox was refused there
 
 
 class SecureStages:
     """``config``: this party's job's settings (the arbiter's must equal them); ``seed``: the job's seed, which
     drives only the quantiser's stochastic rounding (as in the simulation); ``signer`` / ``verifier``: this
     party's certificate and the job's CA (None on ``--insecure``); ``parties``: the job's party names."""
+
+    prepare_masks = True  # sum the masks before the update is there (benchmarks/secagg_grpc.py measures both)
 
     def __init__(
         self,
@@ -88,6 +95,8 @@ class SecureStages:
         self.signer, self.verifier = signer, verifier
         self.current: _Round | None = None
         self._last: tuple[np.ndarray, weakref.ref] | None = None  # the last masked input, and whether it is read
+        self._spare_lock = threading.Lock()  # a spare buffer goes to one round only
+        self._length: int | None = None  # the last masked update's number of values
         # the arbiter's stage messages and their handlers (a table, not a chain of type tests)
         self._handlers: dict[type, Callable[[Any, Outbox], None]] = {
             SecAggSetup: self._setup,
@@ -113,12 +122,14 @@ class SecureStages:
     def _spare(self, size: int, r: _Round) -> np.ndarray | None:
         """The last masked input's buffer once nothing can read it any more (its upload's chunks are gone), for
         this one: a fresh model-sized buffer every round pays its page faults (benchmarks/secagg_grpc.py)."""
-        if self._last is None:
-            return None
-        data, read = self._last
-        if read() is not None or data.shape != (size,) or data.dtype != r.plan.dtype:
-            return None
-        return data
+        with self._spare_lock:
+            if self._last is None:
+                return None
+            data, read = self._last
+            if read() is not None or data.shape != (size,) or data.dtype != r.plan.dtype:
+                return None
+            self._last = None
+            return data
 
     def ready(self, task: Task) -> bool:
         """Whether ``task`` is the fit task of the secure round set up, with its inbox in."""
@@ -133,7 +144,13 @@ class SecureStages:
         if not update.is_delta:
             raise SecAggRefused("secure aggregation sums update deltas; this trainer sent full params")
         values = flatten(update.params)
-        masked = r.protocol.masked_input(values, float(update.weight), r.inbox, out=self._spare(values.size + 1, r))
+        if r.preparing is not None:
+            r.preparing.join()
+        if r.refused is not None:
+            raise r.refused
+        self._length = values.size
+        out = None if r.protocol.prepared(values.size) else self._spare(values.size + 1, r)
+        masked = r.protocol.masked_input(values, float(update.weight), r.inbox, out=out)
         params, read = secure_wire.lend(masked.data)
         self._last = (masked.data, read)
         header = Result(
@@ -189,7 +206,23 @@ class SecureStages:
 
     def _inbox(self, msg: SecAggInbox, outbox: Outbox) -> None:
         r = self._round_of(msg)
+        if r.inbox is not None:  # its masks may be in the making: one inbox per round, as the arbiter sends
+            raise SecAggRefused("a second inbox for this round")
         r.inbox = secure_wire.decode_inbox(msg.payload, self.session, r.round, r.party, r.n, r.plan.degree)
+        if self.prepare_masks and self._length is not None:
+            r.preparing = threading.Thread(target=self._prepare, args=(r, self._length), daemon=True,
+                                           name=f"{self.name}-masks-round-{r.round + 1}")  # fmt: skip
+            r.preparing.start()
+
+    def _prepare(self, r: _Round, length: int) -> None:
+        """The round's masks for ``length`` values, while the fit task trains (in a thread of its own)."""
+        assert r.inbox is not None
+        try:
+            r.protocol.prepare_masks(r.inbox, length, out=self._spare(length + 1, r))
+        except SecAggRefused as exc:  # the inbox does not verify: the party withdraws, as masked_input would
+            r.refused = exc
+        except Exception:  # e.g. out of memory: masked_input makes the masks itself
+            log.warning("%s: secure round %d: the masks could not be made ahead", self.name, r.round + 1, exc_info=True)
 
     def _unmask(self, msg: SecAggUnmask, outbox: Outbox) -> None:
         r = self._round_of(msg)

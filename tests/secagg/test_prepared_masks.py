@@ -18,7 +18,9 @@ def keyed_round(n: int, m: int, config: SecAggConfig, seed: int = 0):
     parties = {i: SecAggParty(i, "s", 0, config, server.plan, seed=(0, 0, i)) for i in inputs}
     for party in parties.values():
         server.receive_advert(party.advertise())
-    return inputs, weights, server, parties
+    for i, roster in server.rosters().items():
+        server.receive_shares(i, parties[i].share_keys(roster))
+    return inputs, weights, server, parties, server.inboxes()
 
 
 def finish(server, parties):
@@ -39,10 +41,8 @@ def test_overwriting_masks_equals_adding_them_into_zeros(first_sign):
 
 def test_prepared_and_unprepared_parties_sum_exactly_with_dropouts_after_shares():
     config = SecAggConfig(neighbours=6)  # t = 4: the pairwise masks of the dropped parties are rebuilt
-    inputs, weights, server, parties = keyed_round(10, 3000, config, seed=3)
-    for i, roster in server.rosters().items():
-        server.receive_shares(i, parties[i].share_keys(roster))
-    inboxes, dropped = server.inboxes(), {4, 7}
+    inputs, weights, server, parties, inboxes = keyed_round(10, 3000, config, seed=3)
+    dropped = {4, 7}
     parties[1].prepare_masks(inboxes[1], 3000, out=np.full(3001, 99, dtype=np.uint32))
     parties[2].prepare_masks(inboxes[2], 3000)
     parties[3].prepare_masks(inboxes[3], 2999)  # a size the update does not have: masked again at input
@@ -59,10 +59,7 @@ def test_prepared_and_unprepared_parties_sum_exactly_with_dropouts_after_shares(
 
 def test_a_bad_inbox_withdraws_the_party_at_preparation_and_the_round_survives_it():
     config = SecAggConfig(neighbours=4)
-    inputs, weights, server, parties = keyed_round(6, 500, config)
-    for i, roster in server.rosters().items():
-        server.receive_shares(i, parties[i].share_keys(roster))
-    inboxes = server.inboxes()
+    inputs, weights, server, parties, inboxes = keyed_round(6, 500, config)
     forged = [dataclasses.replace(s, ciphertext=bytes(len(s.ciphertext))) for s in inboxes[2]]
     with pytest.raises(SecAggRefused):
         parties[2].prepare_masks(forged, 500)
@@ -77,10 +74,7 @@ def test_a_bad_inbox_withdraws_the_party_at_preparation_and_the_round_survives_i
 
 def test_a_prepared_party_prepares_once_and_reveals_nothing_before_its_input():
     config = SecAggConfig(neighbours=4)
-    inputs, weights, server, parties = keyed_round(6, 200, config)
-    for i, roster in server.rosters().items():
-        server.receive_shares(i, parties[i].share_keys(roster))
-    inboxes = server.inboxes()
+    inputs, weights, server, parties, inboxes = keyed_round(6, 200, config)
     parties[1].prepare_masks(inboxes[1], 200)
     with pytest.raises(SecAggRefused, match="'prepared'"):
         parties[1].prepare_masks(inboxes[1], 200)

@@ -137,14 +137,19 @@ def set_up_and_share(arbiter, party, job, certs, forge=None):
     return peers, rosters, arbiter.received.get(timeout=30)
 
 
+def inbox_for_the_party(peers, rosters, answer):
+    """The party's shares (its ``answer`` to the roster) and its neighbours' in; the party's inbox out."""
+    peers.server.receive_shares(1, sw.decode_shares(answer.payload, "test-session", 0, 1, 4, 3))
+    for j, peer in peers.peers.items():
+        peers.server.receive_shares(j, peer.share_keys(rosters[j]))
+    return peers.server.inboxes()[1]
+
+
 def test_a_party_never_reveals_both_kinds_of_share_of_one_peer_whatever_the_arbiter_asks(session, tmp_path):
     arbiter, party, job = session
     peers, rosters, answer = set_up_and_share(arbiter, party, job, tmp_path / "certs")
     assert isinstance(answer, SecAggShares), answer
-    peers.server.receive_shares(1, sw.decode_shares(answer.payload, "test-session", 0, 1, 4, 3))
-    for j, peer in peers.peers.items():
-        peers.server.receive_shares(j, peer.share_keys(rosters[j]))
-    inbox = peers.server.inboxes()[1]
+    inbox = inbox_for_the_party(peers, rosters, answer)
     arbiter.send(SecAggInbox(**HEADER, payload=sw.encode_shares(inbox, by_sender=True)))
     arbiter.send(Task(task_id="t1", round=0, task=TaskKind.FIT, config=dataclasses.asdict(FitConfig(epochs=1))))
     arbiter.send(list(iter_chunks(FlatParams.zeros(party.spec))))
@@ -218,10 +223,7 @@ def test_an_inbox_that_fails_its_tag_withdraws_the_party_and_no_masked_input_goe
     party.secure.prepare_masks = ahead
     party.secure._length = party.spec.numel  # as after a first round: the masks are made once the inbox is in
     peers, rosters, answer = set_up_and_share(arbiter, party, job, tmp_path / "certs")
-    peers.server.receive_shares(1, sw.decode_shares(answer.payload, "test-session", 0, 1, 4, 3))
-    for j, peer in peers.peers.items():
-        peers.server.receive_shares(j, peer.share_keys(rosters[j]))
-    inbox = peers.server.inboxes()[1]
+    inbox = inbox_for_the_party(peers, rosters, answer)
     forged = [dataclasses.replace(inbox[0], ciphertext=bytes(len(inbox[0].ciphertext))), *inbox[1:]]
     arbiter.send(SecAggInbox(**HEADER, payload=sw.encode_shares(forged, by_sender=True)))
     arbiter.send(Task(task_id="t1", round=0, task=TaskKind.FIT, config=dataclasses.asdict(FitConfig(epochs=1))))
@@ -238,10 +240,7 @@ def test_a_second_inbox_for_one_round_is_refused_and_the_first_one_counts(sessio
     arbiter, party, job = session
     party.secure._length = party.spec.numel  # the masks are in the making when the second inbox comes
     peers, rosters, answer = set_up_and_share(arbiter, party, job, tmp_path / "certs")
-    peers.server.receive_shares(1, sw.decode_shares(answer.payload, "test-session", 0, 1, 4, 3))
-    for j, peer in peers.peers.items():
-        peers.server.receive_shares(j, peer.share_keys(rosters[j]))
-    inbox = peers.server.inboxes()[1]
+    inbox = inbox_for_the_party(peers, rosters, answer)
     arbiter.send(SecAggInbox(**HEADER, payload=sw.encode_shares(inbox, by_sender=True)))
     arbiter.send(SecAggInbox(**HEADER, payload=sw.encode_shares(inbox[:1], by_sender=True)))
     assert "a second inbox for this round" in arbiter.receive(Failure).reason

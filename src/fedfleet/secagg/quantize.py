@@ -8,8 +8,8 @@ arithmetic wraps mod 2**ring_bits, and the plan picks a ring that n parties' sum
 
 The draws are AES-128-CTR keystream under a key drawn from the caller's generator, so they repeat with its
 seed. They need not be secret (the masks hide the rounded values), only uniform; AES is used because it is the
-fastest uniform source here: numpy's float64 ``Generator.random`` took 40% of the quantiser's time
-(benchmarks/secagg.py measures both).
+fastest uniform source here: with numpy's float64 ``Generator.random`` and floor / fraction / compare the same
+quantiser is 1.25-1.49x slower (benchmarks/secagg.py measures both; RESULTS.md, 2026-12-06).
 
 Error bound: one quantisation step, step = 2 * clip / (2**bits - 1), per element and per party. The dequantised
 sum of ``count`` parties is within count * step of the true sum of their clipped values, element by element

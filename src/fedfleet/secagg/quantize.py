@@ -24,7 +24,7 @@ from fedfleet.secagg.masks import Keystream
 
 CHUNK = (
     1 << 15
-)  # elements per pass: four float64 temporaries of 256 KiB stay in cache (fastest in benchmarks/secagg.py)
+)  # elements per pass: two float64 temporaries of 256 KiB stay in cache (fastest in benchmarks/secagg.py)
 
 
 def step(clip: float, bits: int) -> float:

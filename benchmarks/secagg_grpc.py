@@ -9,14 +9,19 @@ TLS costs both the same per byte, and the masked upload is the plaintext's size 
 
     python benchmarks/secagg_grpc.py            # 10 parties x 10M params, k = 8, 6 rounds each (one warm-up)
     python benchmarks/secagg_grpc.py --quick    # 4 parties x 2M params, k = 3 (under a minute)
+    python benchmarks/secagg_grpc.py --train-s 0.5   # each party's fit sleeps 0.5 s, as if it trained elsewhere
+
+The secure side runs twice: with the parties making their masks ahead, once their inbox is in (the default,
+SecureStages.prepare_masks), and with them making the masks at fit, after the update is there.
 
 All n parties share this machine's cores, so the secure round measured here pays for the n parties' masking
 one after another (two cores: n / 2 maskings in a row, while the arbiter receives), where deployed parties
 mask at once, each on its own machine. Beside the measured ratio the script prints the parts: the key stages
-and the unmasking as the arbiter timed them, one party's masking measured alone, and their sum with the
-plaintext round as an estimate for a party per machine (labelled as such), and the CPU seconds each round
-took in the arbiter's process and in the party processes together (from /proc): on a machine the n parties
-share, the secure round's extra wall time is the parties' extra CPU (their masking) over the cores.
+and the unmasking as the arbiter timed them, one party's masking measured alone (at fit; and ahead, then
+after the update), their sum with the plaintext round as an estimate for a party per machine (labelled as
+such), and the CPU seconds each round took in the arbiter's process and in the party processes together (from
+/proc): on a machine the n parties share, the secure round's extra wall time is the parties' extra CPU (their
+masking) over the cores.
 
 The last line printed is one JSON object: the median rounds, the parts, the measured ratio and the estimate.
 """

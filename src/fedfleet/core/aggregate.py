@@ -61,12 +61,7 @@ class WeightedMean:
         self._metrics = MetricMean()
 
     def add(self, update: Update) -> None:
-        if update.weight < 0:
-            raise ValueError(f"update weight must be >= 0, got {update.weight}")
-        self._sum.add_(update.params, alpha=float(update.weight))
-        self._weight += float(update.weight)
-        self._count += 1
-        self._metrics.add(shown(update), float(update.weight))
+        self.add_same(update.params, [update])
 
     def add_same(self, params: FlatParams, updates: Sequence[Update]) -> None:
         """``add`` of each of ``updates``, which all carry ``params`` (their own are not read): one multiply-add
@@ -75,8 +70,9 @@ class WeightedMean:
         weights = [float(u.weight) for u in updates]
         if any(w < 0 for w in weights):
             raise ValueError(f"update weights must be >= 0, got {weights}")
-        self._sum.add_(params, alpha=sum(weights))
-        self._weight += sum(weights)
+        total = sum(weights)
+        self._sum.add_(params, alpha=total)
+        self._weight += total
         self._count += len(updates)
         for update, weight in zip(updates, weights, strict=True):
             self._metrics.add(shown(update), weight)

@@ -22,9 +22,7 @@ import numpy as np
 
 from fedfleet.secagg.masks import Keystream
 
-CHUNK = (
-    1 << 15
-)  # elements per pass: two float64 temporaries of 256 KiB stay in cache (fastest in benchmarks/secagg.py)
+CHUNK = 1 << 15  # elements per pass: two float64 temporaries of 256 KiB stay in cache (fastest in benchmarks/secagg.py)
 
 
 def step(clip: float, bits: int) -> float:
@@ -91,9 +89,12 @@ def quantize(
     return out
 
 
-def dequantize(total: np.ndarray, count: int, clip: float, bits: int) -> np.ndarray:
-    """The float64 sum of ``count`` parties' values from the ring sum of their quantised values."""
-    return np.asarray(total).astype(np.float64) * step(clip, bits) - count * clip
+def dequantize(total: np.ndarray, count: int, clip: float, bits: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The float64 sum of ``count`` parties' values from the ring sum of their quantised values (into ``out``,
+    float64 of total's size, if given: the same numbers)."""
+    out = np.multiply(np.asarray(total), step(clip, bits), out=out, dtype=np.float64)
+    out -= count * clip
+    return out
 
 
 def quantize_weight(factor: float, levels: int, dtype: np.dtype | type, rng: np.random.Generator) -> np.ndarray:

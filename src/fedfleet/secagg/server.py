@@ -64,8 +64,7 @@ class SecAggResult:
     def mean_of(self, start: int, out: np.ndarray) -> np.ndarray:
         """``mean()[start : start + out.size]`` written into ``out`` (float64), the same float64 operations in
         the same order (the same numbers, bit for bit)."""
-        np.multiply(self.total[start : start + out.size], step(self.clip, self.bits), out=out, dtype=np.float64)
-        out -= len(self.survivors) * self.clip
+        dequantize(self.total[start : start + out.size], len(self.survivors), self.clip, self.bits, out=out)
         out /= self.factors
         return out
 

@@ -43,7 +43,7 @@ def test_stage_messages_and_their_bodies_round_trip():
 def test_a_masked_input_travels_as_the_same_bytes_in_a_signed_integer_layout():
     for ring_bits, dtype in ((32, np.uint32), (64, np.uint64)):
         data = np.array([0, 1, np.iinfo(dtype).max, 2**31], dtype=dtype)
-        params = sw.as_params(data)
+        params, _ = sw.lend(data)
         assert params.spec == sw.masked_spec(3, ring_bits)
         assert np.array_equal(sw.ring_vector(params), data)
         assert np.shares_memory(sw.ring_vector(params), data)  # views both ways: the masked model is never copied

@@ -55,15 +55,11 @@ def masked_spec(numel: int, ring_bits: int) -> ParamSpec:
     return ParamSpec([(MASKED_NAME, (numel + 1,), torch.int32 if ring_bits == 32 else torch.int64)])
 
 
-def as_params(data: np.ndarray) -> FlatParams:
-    """A ring vector (uint32 / uint64) as the params of its ``masked_spec``: a view, no copy."""
-    return lend(data)[0]
-
-
 def lend(data: np.ndarray) -> tuple[FlatParams, weakref.ref]:
-    """``as_params(data)``, and a weak reference that is dead once nothing made from those params can read
-    ``data`` any more: the tensor's storage, which every view and upload chunk of it holds, holds the array the
-    tensor was made from, and only it does."""
+    """A ring vector (uint32 / uint64) as the params of its ``masked_spec`` (a view, no copy), and a weak
+    reference that is dead once nothing made from those params can read ``data`` any more: the tensor's
+    storage, which every view and upload chunk of it holds, holds the array the tensor was made from, and only
+    it does."""
     signed = data.view(np.int32 if data.dtype == np.uint32 else np.int64)
     tensor = torch.from_numpy(signed)
     # the tensor is the buffer itself (from_tensors would copy the masked model into a new zeroed buffer)

@@ -189,9 +189,9 @@ def mask_alone(n: int, numel: int, config: SecAggConfig) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 parties x 2M params (under a minute)")
-    parser.add_argument("--parties", type=int)
-    parser.add_argument("--params", type=int)
-    parser.add_argument("--neighbours", type=int)
+    parser.add_argument("--parties", type=int, help="parties (default 10; 4 with --quick)")
+    parser.add_argument("--params", type=int, help="float32 params of the model (default 10M; 2M with --quick)")
+    parser.add_argument("--neighbours", type=int, help="k, the share graph's degree (default 8; 3 with --quick)")
     parser.add_argument("--rounds", type=int, default=6, help="rounds per side; the first is a warm-up")
     parser.add_argument("--threads", action="store_true", help="parties as threads of this process, not processes")
     parser.add_argument(
